@@ -1,0 +1,226 @@
+"""Conformance: a generated ctypes module against the C compiler's facts.
+
+Everything compared here comes from two sides that share no code: ctypes'
+own view of the generated classes (sizeof, alignment, field descriptors) and
+what gcc printed or rejected. Coverage is checked against gcc too: its -dM
+macro list and the struct tags in its preprocessed output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import itertools
+import keyword
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from .arches import Arch
+from .headers import HeaderSet
+from .preprocess import DEFINES, TOP_HEADER, compiler_for
+
+_counter = itertools.count()
+
+
+@dataclass
+class Report:
+    version: str
+    arch: str
+    counts: dict[str, int] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
+        return (f"{self.arch} Linux {self.version}: checked {counts}; "
+                f"{len(self.mismatches)} mismatches")
+
+
+def _py(name: str) -> str:
+    return name + "_" if keyword.iskeyword(name) else name
+
+
+def _member_type(t, name: str):
+    """The ctypes type of member `name` of t, looking through anonymous members."""
+    anonymous = getattr(t, "_anonymous_", ())
+    for entry in t._fields_:
+        if entry[0] == name:
+            return entry[1], entry[2] if len(entry) > 2 else None
+    for entry in t._fields_:
+        if entry[0] in anonymous:
+            found = _member_type(entry[1], name)
+            if found is not None:
+                return found
+    return None
+
+
+def resolve(cls, path: str):
+    """(byte offset, ctypes type, bit offset or None, bit width or None) of a C member path."""
+    offset, t, bit, width = 0, cls, None, None
+    for part in re.findall(r"\[\d+\]|\w+", path):
+        if part.startswith("["):
+            t = t._type_
+            offset += int(part[1:-1]) * ctypes.sizeof(t)
+            continue
+        descr = getattr(t, _py(part))
+        found = _member_type(t, _py(part))
+        if found is None:
+            raise KeyError(f"{t.__name__} has no member {part}")
+        t, bits = found
+        offset += descr.offset
+        if bits is not None:
+            if hasattr(descr, "bit_offset"):
+                bit, width = descr.bit_offset, descr.bit_size
+            else:  # before 3.14: size packs (width << 16) | bit offset
+                bit, width = descr.size & 0xFFFF, descr.size >> 16
+    return offset, t, bit, width
+
+
+def compare(mod: ModuleType, facts: dict, report: Report) -> None:
+    bad = report.mismatches
+    c = {"types": 0, "fields": 0, "bitfields": 0, "constants": 0, "ioctls": 0, "enum members": 0}
+    for name, (size, align) in facts["types"].items():
+        cls = mod.C_TYPES.get(name)
+        c["types"] += 1
+        if cls is None:
+            bad.append(f"{name}: no ctypes class")
+            continue
+        got = (ctypes.sizeof(cls), max(ctypes.alignment(cls), getattr(cls, "_align_", 0)))
+        if got != (size, align):
+            bad.append(f"{name}: ctypes size/align {got}, C {(size, align)}")
+    for root, paths in facts["member_types"].items():
+        for path, (size, align) in paths.items():
+            c["types"] += 1
+            _, t, _, _ = resolve(mod.C_TYPES[root], path)
+            got = (ctypes.sizeof(t), max(ctypes.alignment(t), getattr(t, "_align_", 0)))
+            if got != (size, align):
+                bad.append(f"{root} {path}: ctypes size/align {got}, C {(size, align)}")
+    for root, paths in facts["fields"].items():
+        for path, (offset, size) in paths.items():
+            c["fields"] += 1
+            try:
+                got_off, t, _, _ = resolve(mod.C_TYPES[root], path)
+            except (KeyError, AttributeError) as e:
+                bad.append(f"{root}.{path}: {e}")
+                continue
+            if (got_off, ctypes.sizeof(t)) != (offset, size):
+                bad.append(f"{root}.{path}: ctypes offset/size {(got_off, ctypes.sizeof(t))}, "
+                           f"C {(offset, size)}")
+    for root, paths in facts["bitfields"].items():
+        for path, (bit, width) in paths.items():
+            c["bitfields"] += 1
+            off, _, b, w = resolve(mod.C_TYPES[root], path)
+            got = (off * 8 + (b or 0), w)
+            if got != (bit, width):
+                bad.append(f"{root}.{path}: ctypes bit offset/width {got}, C {(bit, width)}")
+    for name, value in facts["constants"].items():
+        c["constants"] += 1
+        if getattr(mod, name, None) != value:
+            bad.append(f"{name}: module has {getattr(mod, name, None)!r}, C has {value!r}")
+    k = facts["constants"]
+    dirs = {k["_IOC_NONE"]: "none", k["_IOC_WRITE"]: "write", k["_IOC_READ"]: "read",
+            k["_IOC_READ"] | k["_IOC_WRITE"]: "readwrite"}
+    for name, io in mod.IOCTLS.items():
+        c["ioctls"] += 1
+        number = k.get(name)
+        if io.number != number:
+            bad.append(f"ioctl {name}: number {io.number:#x}, C {number!r}")
+            continue
+        direction = (number >> k["_IOC_DIRSHIFT"]) & k["_IOC_DIRMASK"]
+        size = (number >> k["_IOC_SIZESHIFT"]) & k["_IOC_SIZEMASK"]
+        if (io.direction, io.size) != (dirs[direction], size):
+            bad.append(f"ioctl {name}: says {io.direction}/{io.size}, its number encodes "
+                       f"{dirs[direction]}/{size}")
+        if io.arg_type is not None and ctypes.sizeof(io.arg_type) != size:
+            bad.append(f"ioctl {name}: argument {io.arg_c} is {ctypes.sizeof(io.arg_type)} bytes, "
+                       f"the number encodes {size}")
+    enums = importlib.import_module(mod.__name__ + "_enums")
+    from codegen.families import FAMILIES
+    for fam in FAMILIES:
+        cls = getattr(enums, fam.name, None)
+        for member in cls or ():
+            c["enum members"] += 1
+            cname = fam.prefix + member.name.lstrip("_")
+            if k.get(cname) != member.value:
+                bad.append(f"{fam.name}.{member.name} = {member.value}, C {cname} = {k.get(cname)}")
+    report.counts.update(c)
+
+
+def check_coverage(mod: ModuleType, facts: dict, hs: HeaderSet, arch: Arch, report: Report) -> None:
+    """Nothing silently dropped: gcc's own lists of macros and struct tags."""
+    cc = compiler_for(arch)
+    flags = ["-nostdinc", "-x", "c", "-"] + DEFINES + [f"-I{d}" for d in hs.include_dirs]
+
+    def run(src: str, *extra: str) -> str:
+        return subprocess.run([cc, "-E", *extra, *flags], input=src, capture_output=True,
+                              text=True, check=True).stdout
+
+    def macros(text: str) -> dict[str, str]:
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r"#define (\w+)(\(?)(.*)", line)
+            if m:
+                out[m.group(1)] = m.group(2) + m.group(3)
+        return out
+
+    base = macros(run("", "-dM"))
+    mine = macros(run(f"#include <{TOP_HEADER}>\n", "-dM"))
+    unexpressed = {u[0]: u[1] for u in mod.UNEXPRESSED}
+    n = 0
+    for name, body in mine.items():
+        if name in base and base[name] == body:
+            continue
+        n += 1
+        if hasattr(mod, name) or name in mod.EMPTY_MACROS:
+            continue
+        if name in unexpressed:
+            if unexpressed[name] == "function-like macro" and not body.startswith("("):
+                bad = f"{name} is listed as function-like but gcc defines it object-like"
+                report.mismatches.append(bad)
+            continue
+        report.mismatches.append(f"macro {name} is in the headers but not in the module")
+    rejected = set(facts["rejected"])
+    for name, kind in unexpressed.items():
+        if kind == "macro" and name not in rejected:
+            report.mismatches.append(f"{name} is listed as unevaluable but gcc evaluates it")
+    report.counts["header macros"] = n
+    text = run(f"#include <{TOP_HEADER}>\n")
+    tags = set(re.findall(r"\b((?:struct|union)\s+\w+)\s*\{", text))
+    for tag in sorted(tags):
+        if re.sub(r"\s+", " ", tag) not in mod.C_TYPES:
+            report.mismatches.append(f"{tag} is defined in the headers but has no class")
+    report.counts["struct/union tags"] = len(tags)
+
+
+def load_generated(files: dict[str, str], arch: Arch) -> ModuleType:
+    """Import a freshly generated set of files as a throwaway package."""
+    tmp = Path(tempfile.mkdtemp(prefix="kvmgen-"))
+    pkg = f"kvmgen_check_{next(_counter)}"
+    (tmp / pkg).mkdir()
+    (tmp / pkg / "__init__.py").write_text("")
+    for name, text in files.items():
+        if name.startswith(arch.name):
+            (tmp / pkg / name).write_text(text)
+    sys.path.insert(0, str(tmp))
+    try:
+        return importlib.import_module(f"{pkg}.{arch.name}")
+    finally:
+        sys.path.remove(str(tmp))
+
+
+def run(hs: HeaderSet, arch: Arch) -> Report:
+    """Generate one version x arch, probe it with gcc, and compare."""
+    import json
+
+    from .pipeline import generate
+    files = generate(hs, arch, with_facts=True)
+    facts = json.loads(files[f"{arch.name}_facts.json"])
+    mod = load_generated(files, arch)
+    report = Report(hs.version, arch.name)
+    compare(mod, facts, report)
+    check_coverage(mod, facts, hs, arch, report)
+    return report

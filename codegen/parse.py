@@ -1,0 +1,284 @@
+"""Stage 2: parse the preprocessed headers with pycparser.
+
+pycparser reads standard C only, so the GCC extensions that change layout are
+lifted out first and kept as data: __attribute__((aligned(N))) and packed,
+located by the declarator or struct they belong to, and __int128 spelled as a
+typedef the model knows. Any other attribute is an error, never a silent drop.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pycparser import c_ast, c_parser
+
+from .errors import GeneratorError
+from .preprocess import Preprocessed
+
+INT128 = "__kvmgen_int128"
+UINT128 = "__kvmgen_uint128"
+PRELUDE_FILE = "<kvmgen-prelude>"
+_PRELUDE = (f'# 1 "{PRELUDE_FILE}"\ntypedef int {INT128}; typedef unsigned int {UINT128};\n')
+
+_TOKEN = re.compile(r'''
+    (?P<marker>^\#[^\n]*$)
+  | (?P<ws>[ \t\r\n]+)
+  | (?P<id>[A-Za-z_]\w*)
+  | (?P<num>\.?\d(?:[\w.]|[eEpP][+-])*)
+  | (?P<str>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+  | (?P<punct>.)
+''', re.X | re.M)
+
+_INT128_SPELLINGS = [
+    (re.compile(r"\bunsigned\s+__int128\b|\b__uint128_t\b"), UINT128),
+    (re.compile(r"\b(?:signed\s+)?__int128\b|\b__int128_t\b"), INT128),
+]
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """A layout attribute and the declarator or record it applies to."""
+
+    kind: str            # "aligned" or "packed"
+    value: int | None    # the alignment for aligned (None: the target's largest)
+    target: str          # "decl" (a declarator, by its name's position) or "record"
+    file: str
+    line: int
+    column: int
+
+
+@dataclass
+class Parsed:
+    ast: c_ast.FileAST
+    attributes: list[Attribute]
+    text: str
+
+
+class _Positions:
+    """Maps offsets in the preprocessed text to pycparser's (file, line, column)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        self.map: list[tuple[str, int]] = []   # per physical line: (file, logical line)
+        cur_file, cur_line = "<unknown>", 1
+        for start in self.line_starts:
+            end = text.find("\n", start)
+            line = text[start:] if end < 0 else text[start:end]
+            m = re.match(r'^# (\d+) "([^"]*)"', line)
+            if m:
+                self.map.append((cur_file, 0))
+                cur_file, cur_line = m.group(2), int(m.group(1))
+                continue
+            self.map.append((cur_file, cur_line))
+            cur_line += 1
+
+    def at(self, offset: int) -> tuple[str, int, int]:
+        import bisect
+        i = bisect.bisect_right(self.line_starts, offset) - 1
+        f, ln = self.map[i]
+        return f, ln, offset - self.line_starts[i] + 1
+
+    def line_text(self, offset: int) -> str:
+        import bisect
+        i = bisect.bisect_right(self.line_starts, offset) - 1
+        end = self.text.find("\n", self.line_starts[i])
+        return self.text[self.line_starts[i]:end if end >= 0 else None]
+
+
+def _tokens(text: str) -> list[tuple[str, str, int]]:
+    return [(m.lastgroup or "", m.group(), m.start()) for m in _TOKEN.finditer(text)
+            if m.lastgroup not in ("ws", "marker")]
+
+
+def _balanced(toks: list[tuple[str, str, int]], i: int) -> int:
+    """Index just past the parenthesised group that starts at toks[i]."""
+    depth = 0
+    for j in range(i, len(toks)):
+        if toks[j][1] == "(":
+            depth += 1
+        elif toks[j][1] == ")":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    raise IndexError
+
+
+def _split_attributes(inner: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in inner:
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+            continue
+        depth += ch == "("
+        depth -= ch == ")"
+        cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
+
+
+def lift_attributes(text: str) -> tuple[str, list[Attribute]]:
+    """Blank out every __attribute__ and say what each one applied to."""
+    pos = _Positions(text)
+    toks = _tokens(text)
+    out = list(text)
+    attrs: list[Attribute] = []
+    i = 0
+    while i < len(toks):
+        kind, val, off = toks[i]
+        if val not in ("__attribute__", "__attribute"):
+            i += 1
+            continue
+        f, ln, _ = pos.at(off)
+        try:
+            end = _balanced(toks, i + 1)
+        except IndexError:
+            raise GeneratorError("unbalanced __attribute__", f, ln, pos.line_text(off)) from None
+        stop = toks[end - 1][2] + 1
+        inner = text[toks[i + 1][2]:stop].strip()
+        if not (inner.startswith("((") and inner.endswith("))")):
+            raise GeneratorError("malformed __attribute__", f, ln, pos.line_text(off))
+        target = _attribute_target(toks, i, pos)
+        for spec in _split_attributes(inner[2:-2]):
+            attrs.append(_attribute(spec, target, f, ln, pos.line_text(off)))
+        for k in range(off, stop):
+            if out[k] != "\n":
+                out[k] = " "
+        i = end
+    return "".join(out), attrs
+
+
+def _attribute(spec: str, target: tuple[str, str, int, int], f: str, ln: int,
+               line: str) -> Attribute:
+    m = re.fullmatch(r"(?:__)?(\w+?)(?:__)?\s*(?:\((.*)\))?", spec, re.S)
+    name = m.group(1) if m else spec
+    if name == "packed" and not (m and m.group(2)):
+        return Attribute("packed", None, *target)
+    if name == "aligned":
+        arg = m.group(2) if m else None
+        if arg is None:
+            return Attribute("aligned", None, *target)
+        try:
+            return Attribute("aligned", int(arg.strip().rstrip("uUlL"), 0), *target)
+        except ValueError:
+            raise GeneratorError(f"aligned() with a non-literal argument {arg!r} is not supported",
+                                 f, ln, line) from None
+    raise GeneratorError(f"unsupported attribute {spec!r}: the generator does not know how it "
+                         f"changes layout", f, ln, line)
+
+
+def _attribute_target(toks: list[tuple[str, str, int]], i: int,
+                      pos: _Positions) -> tuple[str, str, int, int]:
+    """The declarator name or record keyword an attribute at toks[i] belongs to."""
+    j = i - 1
+    while j >= 0 and toks[j][1] in ("]",):
+        depth = 0
+        while j >= 0:  # skip back over [..] groups to the declarator name
+            depth += toks[j][1] == "]"
+            depth -= toks[j][1] == "["
+            j -= 1
+            if depth == 0:
+                break
+    if j >= 0 and toks[j][0] == "id" and toks[j][1] not in ("struct", "union", "enum"):
+        # "struct tag __attribute__" marks the record, "type name __attribute__" the declarator
+        if j > 0 and toks[j - 1][1] in ("struct", "union"):
+            return ("record", *pos.at(toks[j][2]))
+        return ("decl", *pos.at(toks[j][2]))
+    if j >= 0 and toks[j][1] in ("struct", "union"):
+        k = i + 1
+        k = _balanced(toks, k)
+        if k < len(toks) and toks[k][0] == "id":  # struct __attribute__((x)) tag {
+            return ("record", *pos.at(toks[k][2]))
+        return ("record", *pos.at(toks[k][2]))
+    if j >= 0 and toks[j][1] == "}":
+        depth = 0
+        while j >= 0:
+            depth += toks[j][1] == "}"
+            depth -= toks[j][1] == "{"
+            if depth == 0:
+                break
+            j -= 1
+        k = j - 1
+        if k >= 0 and toks[k][0] == "id" and toks[k][1] not in ("struct", "union"):
+            return ("record", *pos.at(toks[k][2]))   # the tag
+        return ("record", *pos.at(toks[j][2]))       # anonymous: its brace
+    f, ln, _ = pos.at(toks[i][2])
+    raise GeneratorError("__attribute__ in a position the generator does not support",
+                         f, ln, pos.line_text(toks[i][2]))
+
+
+def spell_int128(text: str) -> str:
+    for pattern, name in _INT128_SPELLINGS:
+        text = pattern.sub(name, text)
+    return text
+
+
+def _parse(text: str) -> c_ast.FileAST:
+    return c_parser.CParser().parse(text, "<kvmgen>")
+
+
+def _parse_error(e: c_parser.ParseError, lookup) -> GeneratorError:
+    m = re.match(r"^(.*?):(\d+)(?::\d+)?: (.*)$", str(e), re.S)
+    if not m:
+        return GeneratorError(f"cannot parse: {e}")
+    f, ln = m.group(1), int(m.group(2))
+    return GeneratorError(f"cannot parse: {m.group(3)}", f, ln, lookup(f, ln))
+
+
+def parse(pp: Preprocessed, source_line) -> Parsed:
+    """Parse the translation unit; source_line(file, line) gives text for messages."""
+    text, attrs = lift_attributes(spell_int128(pp.tu))
+    text = _PRELUDE + text
+    try:
+        ast = _parse(text)
+    except c_parser.ParseError as e:
+        raise _parse_error(e, source_line) from None
+    return Parsed(ast, attrs, text)
+
+
+def parse_expressions(expansions: dict[str, str], typedef_names: list[str]
+                      ) -> tuple[dict[str, c_ast.Node], dict[str, str]]:
+    """Parse each macro expansion as a C expression.
+
+    Returns (name -> expression, name -> reason it is not an expression).
+    """
+    bad: dict[str, str] = {}
+    names = []
+    for name, exp in expansions.items():
+        if "__attribute__" in exp:
+            bad[name] = f"expands to a type with attributes, not a value: {exp}"
+        else:
+            names.append(name)
+    head = "".join(f"typedef int {t};\n" for t in typedef_names)
+
+    def try_parse(idx: list[int]) -> c_ast.FileAST | None:
+        lines = [f"long __kvmgen_{i} = ({spell_int128(expansions[names[i]])});" for i in idx]
+        try:
+            return _parse(head + "\n".join(lines))
+        except c_parser.ParseError:
+            return None
+
+    def bad_lines(idx: list[int]) -> list[int]:
+        # pycparser does not always say where an expression went wrong: bisect.
+        if try_parse(idx) is not None:
+            return []
+        if len(idx) == 1:
+            return idx
+        half = len(idx) // 2
+        return bad_lines(idx[:half]) + bad_lines(idx[half:])
+
+    ast = try_parse(list(range(len(names))))
+    if ast is None:
+        for i in bad_lines(list(range(len(names)))):
+            bad[names[i]] = f"does not expand to a C expression: {expansions[names[i]]}"
+        names = [n for n in names if n not in bad]
+        ast = try_parse(list(range(len(names))))
+        assert ast is not None
+    exprs = {}
+    for node in ast.ext:
+        if isinstance(node, c_ast.Decl) and node.name.startswith("__kvmgen_"):
+            exprs[names[int(node.name[len("__kvmgen_"):])]] = node.init
+    return exprs, bad

@@ -1,0 +1,199 @@
+"""The stages put together: headers -> model -> rendered files."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from pycparser import c_ast, c_generator
+
+from . import families, parse, preprocess
+from .arches import ARCHES, Arch, SHIPPED_ARCHES
+from .errors import GeneratorError
+from .evaluate import Evaluator, Unevaluable
+from .headers import ROOT, HeaderSet, sha256_file
+from .layout import Layout
+from .model import Builder, Constant, Ioctl, Model, Skipped
+
+ABI_DIR = ROOT / "kvm_bindings" / "abi"
+
+
+class _EvalTypes:
+    """Resolves a Typename inside a macro expansion against the model, never adding to it."""
+
+    def __init__(self, builder: Builder) -> None:
+        self.builder = builder
+
+    def __call__(self, tn: c_ast.Typename):
+        for node in _walk(tn):
+            if isinstance(node, (c_ast.Struct, c_ast.Union)) and node.decls is None:
+                rec = self.builder.m.records.get(node.name)
+                if rec is None or rec.fields is None:
+                    kind = "struct" if isinstance(node, c_ast.Struct) else "union"
+                    raise Unevaluable(f"names {kind} {node.name}, which these headers do not "
+                                      f"define for {self.builder.m.arch.name}")
+            if isinstance(node, c_ast.IdentifierType):
+                n = " ".join(node.names)
+                if len(node.names) == 1 and n not in self.builder.m.typedefs and \
+                        n not in ("int", "char", "long", "short", "void", "unsigned", "signed"):
+                    raise Unevaluable(f"names the type {n}, which these headers do not define")
+        try:
+            return self.builder.type_of(tn, owner=None, hint=None)
+        except GeneratorError as e:
+            raise Unevaluable(e.message) from None
+
+
+def _walk(node):
+    yield node
+    for _, child in node.children():
+        yield from _walk(child)
+
+
+def build_model(hs: HeaderSet, arch: Arch) -> tuple[Model, Layout]:
+    pp = preprocess.preprocess(hs, arch)
+
+    def source_line(file: str, line: int) -> str | None:
+        return preprocess._source_line(hs, file, line)
+
+    parsed = parse.parse(pp, source_line)
+    model = Model(arch, hs.version, hs.source)
+    for rel in pp.files:
+        for d in hs.include_dirs:
+            if (d / rel).exists():
+                model.files[rel] = sha256_file(d / rel)
+                break
+    layout = Layout(model)
+    evaluator = Evaluator(model, layout)
+
+    def strict_eval(node):
+        try:
+            return evaluator(node)
+        except Unevaluable as e:
+            coord = node.coord
+            raise GeneratorError(f"cannot evaluate: {e}", coord.file if coord else None,
+                                 coord.line if coord else None,
+                                 source_line(coord.file, coord.line) if coord else None) from None
+
+    builder = Builder(model, parsed, lambda m: strict_eval)
+    evaluator.type_of = _EvalTypes(builder)
+    builder.build()
+    _check_layouts(model, layout)
+    _macros(model, pp, evaluator, builder)
+    return model, layout
+
+
+def _check_layouts(model: Model, layout: Layout) -> None:
+    for key, rec in model.records.items():
+        if rec.fields is None:
+            model.skipped.append(Skipped(rec.c_name or key, "type",
+                                         "declared but never defined: it has no layout",
+                                         rec.file, rec.line))
+        else:
+            layout.record(key)
+
+
+def _macros(model: Model, pp: preprocess.Preprocessed, ev: Evaluator, builder: Builder) -> None:
+    exprs, bad = parse.parse_expressions(pp.expansions, list(model.typedefs))
+    gen = c_generator.CGenerator()
+    directions = {}
+    for name, m in pp.macros.items():
+        model.macro_order.append(name)
+        if m.params is not None:
+            model.skipped.append(Skipped(name, "function-like macro",
+                                         "takes arguments; the macros that use it are expanded",
+                                         m.file, m.line))
+            continue
+        if not m.body:
+            model.empty_macros.append(name)
+            continue
+        if name in bad:
+            model.skipped.append(Skipped(name, "macro", bad[name], m.file, m.line))
+            continue
+        ev.ioc = None
+        try:
+            v = ev.eval(exprs[name])
+        except Unevaluable as e:
+            model.skipped.append(Skipped(name, "macro", str(e), m.file, m.line))
+            continue
+        model.constants[name] = Constant(name, v.value, v.type, m.file, m.line)
+        root = exprs[name]
+        if ev.ioc is not None and isinstance(root, c_ast.FuncCall):
+            if not directions:
+                directions = {_value(model, k): d for k, d in
+                              (("_IOC_NONE", "none"), ("_IOC_WRITE", "write"),
+                               ("_IOC_READ", "read"))}
+                directions[_value(model, "_IOC_READ") | _value(model, "_IOC_WRITE")] = "readwrite"
+            ioc = ev.ioc
+            arg_type = ev.type_of(ioc.arg) if ioc.arg is not None else None
+            model.ioctls[name] = Ioctl(name, int(v.value), directions[ioc.dir], ioc.type, ioc.nr,
+                                       ioc.size, arg_type,
+                                       gen.visit(ioc.arg) if ioc.arg is not None else None,
+                                       m.file, m.line)
+
+
+def _value(model: Model, name: str) -> int:
+    c = model.constants.get(name)
+    if c is None or not isinstance(c.value, int):
+        raise GeneratorError(f"{name} is needed to decode ioctl directions but is not defined")
+    return c.value
+
+
+def generate(hs: HeaderSet, arch: Arch, with_facts: bool = True) -> dict[str, str]:
+    """Every file of one arch's bindings: {file name: text}."""
+    from . import render
+    model, layout = build_model(hs, arch)
+    files = {f"{arch.name}.py": render.render_module(model, layout),
+             f"{arch.name}_enums.py": render.render_enums(model)}
+    if with_facts:
+        from . import probe
+        files[f"{arch.name}_facts.json"] = probe.facts_json(probe.run_probe(model, layout, hs))
+    return files
+
+
+def package_init(arches) -> dict[str, str]:
+    from . import render
+    return {"__init__.py": render.render_init(arches)}
+
+
+def write_files(out: Path, files: dict[str, str]) -> None:
+    """Write all files or none: each goes to a temp file first, then all are renamed."""
+    out.mkdir(parents=True, exist_ok=True)
+    staged = []
+    try:
+        for name, text in files.items():
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            staged.append((tmp, out / name))
+    except BaseException:
+        for tmp, _ in staged:
+            os.unlink(tmp)
+        raise
+    for tmp, dest in staged:
+        os.replace(tmp, dest)
+
+
+def check() -> list[str]:
+    """Regenerate into a temp dir; list every committed file that differs."""
+    from . import headers
+    files: dict[str, str] = {}
+    for name in SHIPPED_ARCHES:
+        arch = ARCHES[name]
+        files.update(generate(headers.from_manifest(headers.shipped_version(), arch), arch))
+    files.update(package_init(SHIPPED_ARCHES))
+    diffs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_files(Path(tmp), files)
+        for name in sorted(files):
+            committed = ABI_DIR / name
+            if not committed.exists():
+                diffs.append(f"missing: kvm_bindings/abi/{name}")
+            elif not filecmp.cmp(committed, Path(tmp) / name, shallow=False):
+                diffs.append(f"differs: kvm_bindings/abi/{name}")
+    for p in sorted(ABI_DIR.glob("*")):
+        if p.is_file() and p.name not in files and re.search(r"\.(py|json)$", p.name):
+            diffs.append(f"not generated: kvm_bindings/abi/{p.name}")
+    return diffs

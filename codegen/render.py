@@ -1,0 +1,301 @@
+"""Stage 5: render the model as a ctypes module (jinja2 templates in templates/).
+
+ctypes lays structs out by its own rules, which match C's for plain members
+but cannot express GCC's larger alignments (aligned(16), __int128) before
+Python 3.13. So this stage simulates where ctypes would put each member and
+inserts explicit padding wherever the C layout (from layout.py) differs;
+_align_ is set as well, for the Pythons that honour it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import jinja2
+
+from . import GENERATOR_VERSION
+from .errors import GeneratorError
+from .families import FAMILIES, FLEX_COUNT_FIELDS
+from .layout import Layout, round_up
+from .model import Aligned, Array, Function, Int, Model, Pointer, RecordRef, Type, Void
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("codegen", "templates"),
+    keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+    undefined=jinja2.StrictUndefined)
+
+
+@dataclass
+class CtField:
+    name: str
+    ctype: str
+    bits: int | None = None
+    annotation: str | None = None
+
+
+@dataclass
+class CtRecord:
+    name: str
+    base: str
+    doc: str
+    fields: list[CtField] = field(default_factory=list)
+    anonymous: list[str] = field(default_factory=list)
+    align: int | None = None
+    pack: int | None = None
+    annotations: list[tuple[str, str]] = field(default_factory=list)
+    flex: tuple[str, str, str | None] | None = None   # (field, element ctype, count field)
+
+
+class _Renderer:
+    def __init__(self, model: Model, layout: Layout) -> None:
+        self.m = model
+        self.layout = layout
+        self.ct_align: dict[str, int] = {}
+
+    # -- types
+    def ctype(self, t: Type) -> tuple[str, int, str]:
+        """(ctypes expression, ctypes' own alignment for it, Python annotation)."""
+        if isinstance(t, Aligned):
+            return self.ctype(t.inner)
+        if isinstance(t, Int):
+            if t.size == 16:
+                return "ctypes.c_uint64 * 2", 8, "ctypes.Array[ctypes.c_uint64]"
+            if t.cname == "char":
+                return "ctypes.c_char", 1, "bytes"
+            if t.cname == "_Bool":
+                return "ctypes.c_bool", 1, "bool"
+            return f"ctypes.c_{'' if t.signed else 'u'}int{t.size * 8}", t.size, "int"
+        if isinstance(t, Pointer):
+            return "ctypes.c_void_p", self.m.arch.size("pointer"), "int | None"
+        if isinstance(t, Array):
+            elem, align, ann = self.ctype(t.element)
+            elem_ann = elem if ann in ("int", "bytes", "bool") else ann
+            if " " in elem:
+                elem = f"({elem})"
+            return f"{elem} * {t.length or 0}", align, f"ctypes.Array[{elem_ann}]"
+        if isinstance(t, RecordRef):
+            return t.key, self.ct_align[t.key], t.key
+        if isinstance(t, (Void, Function)):
+            raise GeneratorError("a void or function member has no ctypes form")
+        raise TypeError(t)
+
+    # -- records
+    def record(self, key: str) -> CtRecord:
+        rec = self.m.records[key]
+        lay = self.layout.record(key)
+        union = rec.kind == "union"
+        c_desc = rec.c_name or f"anonymous {rec.kind} in {rec.parent}"
+        doc = f"{c_desc} ({rec.file}:{rec.line}), {lay.size} bytes."
+        out = CtRecord(key, "ctypes.Union" if union else "ctypes.Structure", doc)
+        if rec.packed:
+            out.pack = 1
+        cur = 0                      # where ctypes has got to (structs)
+        ct_align = 1
+        unit: tuple[int, int] | None = None   # current bitfield unit (offset, size)
+        npad = 0
+        for fl in lay.fields:
+            f = fl.field
+            name = f.py_name or f.name
+            if name is None:   # an unnamed bitfield
+                name = f"_bits{npad}"
+                npad += 1
+            expr, align, ann = self.ctype(f.type)
+            if rec.packed:
+                align = 1
+            if f.bits is not None:
+                if unit is not None and unit[0] == fl.offset and not union:
+                    out.fields.append(CtField(name, expr, f.bits))
+                    self._annotate(out, f, name, ann)
+                    continue
+                if not union:
+                    if round_up(cur, align) != fl.offset:
+                        cur = self._pad(out, cur, fl.offset, align, rec)
+                    unit = (fl.offset, fl.size)
+                    cur = fl.offset + fl.size
+                out.fields.append(CtField(name, expr, f.bits))
+                ct_align = max(ct_align, align)
+                self._annotate(out, f, name, ann)
+                continue
+            unit = None
+            if not union and round_up(cur, align) != fl.offset:
+                cur = self._pad(out, cur, fl.offset, align, rec)
+            out.fields.append(CtField(name, expr))
+            ct_align = max(ct_align, align)
+            if f.name is None:
+                out.anonymous.append(name)
+                self._annotate_anonymous(out, f.type)
+            else:
+                self._annotate(out, f, name, ann)
+            if not union:
+                cur = fl.offset + fl.size
+        if union:
+            natural = max([self.layout.size_align(f.field.type)[0] for f in lay.fields] + [0])
+            if round_up(natural, ct_align) != lay.size:
+                out.fields.append(CtField("_pad_size", f"ctypes.c_uint8 * {lay.size}"))
+        elif round_up(cur, ct_align) != lay.size:
+            if round_up(cur, ct_align) > lay.size:
+                raise GeneratorError(f"ctypes cannot express the layout of {c_desc}",
+                                     rec.file, rec.line)
+            out.fields.append(CtField("_pad_end", f"ctypes.c_uint8 * {lay.size - cur}"))
+        if lay.align > ct_align:
+            out.align = lay.align
+        self.ct_align[key] = ct_align if out.pack is None else 1
+        out.flex = self._flex(key)
+        if out.flex:
+            out.base = "_FlexibleStructure" if not union else out.base
+        return out
+
+    def _pad(self, out: CtRecord, cur: int, offset: int, align: int, rec) -> int:
+        if offset < cur or round_up(offset, align) != offset:
+            raise GeneratorError(f"ctypes cannot place a member of "
+                                 f"{rec.c_name or rec.key} at offset {offset}", rec.file, rec.line)
+        if round_up(cur, align) != offset:
+            out.fields.append(CtField(f"_pad{len(out.fields)}", f"ctypes.c_uint8 * {offset - cur}"))
+        return offset
+
+    def _annotate(self, out: CtRecord, f, name: str, ann: str) -> None:
+        out.annotations.append((name, ann))
+
+    def _annotate_anonymous(self, out: CtRecord, t: Type) -> None:
+        """ctypes lifts an anonymous member's fields into the parent: say so to type checkers."""
+        assert isinstance(t, RecordRef)
+        inner = self.m.records[t.key]
+        for f in inner.fields or []:
+            if f.name is None and isinstance(f.type, RecordRef):
+                self._annotate_anonymous(out, f.type)
+            elif f.name is not None:
+                out.annotations.append((f.py_name or f.name, self.ctype(f.type)[2]))
+
+    def _flex(self, key: str) -> tuple[str, str, str | None] | None:
+        """(member, element ctype, count member) if the record ends in a flexible array."""
+        rec = self.m.records[key]
+        if rec.kind != "struct" or not rec.fields:
+            return None
+        last = rec.fields[-1]
+        while last.name is None and isinstance(last.type, RecordRef):
+            inner = self.m.records[last.type.key]
+            if not inner.fields:
+                return None
+            last = inner.fields[-1]
+        if not (isinstance(last.type, Array) and not last.type.length and last.name):
+            return None
+        count = FLEX_COUNT_FIELDS.get(key)
+        if count is not None and not any(f.name == count for f in rec.fields):
+            raise GeneratorError(f"families.FLEX_COUNT_FIELDS names {key}.{count}, which does "
+                                 f"not exist")
+        return last.py_name or last.name, self.ctype(last.type.element)[0], count
+
+    def order(self) -> list[str]:
+        """Records with every by-value dependency before its user."""
+        done: list[str] = []
+        seen: set[str] = set()
+
+        def deps(t: Type):
+            while isinstance(t, (Aligned, Array)):
+                t = t.inner if isinstance(t, Aligned) else t.element
+            if isinstance(t, RecordRef):
+                yield t.key
+
+        def visit(key: str) -> None:
+            if key in seen:
+                return
+            seen.add(key)
+            for f in self.m.records[key].fields or []:
+                for d in deps(f.type):
+                    visit(d)
+            done.append(key)
+
+        for key, rec in self.m.records.items():
+            if rec.fields is not None:
+                visit(key)
+        return done
+
+
+def _families(model: Model) -> list[dict]:
+    out = []
+    for fam in FAMILIES:
+        members = []
+        for name in model.macro_order:
+            c = model.constants.get(name)
+            if c is None or not name.startswith(fam.prefix) or not isinstance(c.value, int):
+                continue
+            if any(re.fullmatch(x, name) for x in fam.exclude):
+                continue
+            member = name[len(fam.prefix):]
+            if not member.isidentifier() or member[0].isdigit():
+                member = "_" + member
+            members.append((member, c.value, name))
+        for e in model.enums:   # C enum members with the prefix count too
+            for name, value in e.members:
+                if name.startswith(fam.prefix) and name not in model.constants and \
+                        not any(re.fullmatch(x, name) for x in fam.exclude):
+                    members.append((name[len(fam.prefix):], value, name))
+        if not members:
+            continue
+        if fam.unique:
+            seen: dict[int, str] = {}
+            for _, value, name in members:
+                if value in seen:
+                    raise GeneratorError(f"enum family {fam.name}: {name} and {seen[value]} are both "
+                                         f"{value}; add an exclusion to codegen/families.py")
+                seen[value] = name
+        out.append({"name": fam.name, "doc": fam.doc, "flag": fam.flag, "members": members})
+    return out
+
+
+def _c_enums(model: Model) -> list[dict]:
+    out = []
+    for e in model.enums:
+        if e.tag is None or not e.members:
+            continue
+        out.append({"name": "".join(p.capitalize() for p in e.tag.split("_")), "tag": e.tag,
+                    "file": e.file, "line": e.line, "members": e.members})
+    return out
+
+
+def _py_value(v: int | str) -> str:
+    if isinstance(v, str):
+        return repr(v)
+    return hex(v) if v > 9 else str(v)
+
+
+def render_module(model: Model, layout: Layout) -> str:
+    r = _Renderer(model, layout)
+    records = [r.record(k) for k in r.order()]
+    declared = [k for k, rec in model.records.items() if rec.fields is not None]
+    by_name = {rec.name: rec for rec in records}
+    c_types = sorted((rec.c_name, key) for key, rec in model.records.items()
+                     if rec.c_name and rec.fields is not None)
+    ioctls = []
+    for io in model.ioctls.values():
+        arg = None
+        if io.arg_type is not None:
+            try:
+                arg = r.ctype(io.arg_type)[0]
+            except GeneratorError:
+                arg = None
+        ioctls.append({"name": io.name, "number": io.number, "direction": io.direction,
+                       "size": io.size, "arg": arg, "arg_c": io.arg_c})
+    constants = [(c.name, _py_value(c.value)) for c in model.constants.values()]
+    enum_consts = [(n, v) for e in model.enums for n, v in e.members if n not in model.constants]
+    return render_template("abi.py.j2",
+        m=model, gen_version=GENERATOR_VERSION, records=[by_name[k] for k in declared],
+        ordered=records, constants=constants, enum_consts=enum_consts,
+        families=_families(model), c_enums=_c_enums(model), ioctls=ioctls, c_types=c_types,
+        skipped=model.skipped, empty=model.empty_macros, files=sorted(model.files.items()),
+        py_value=_py_value)
+
+
+def render_template(name: str, **kw) -> str:
+    return _ENV.get_template(name).render(**kw)
+
+
+def render_enums(model: Model) -> str:
+    return render_template("enums.py.j2", m=model, gen_version=GENERATOR_VERSION,
+                           families=_families(model), c_enums=_c_enums(model), py_value=_py_value)
+
+
+def render_init(arches) -> str:
+    return _ENV.get_template("init.py.j2").render(arches=list(arches),
+                                                  gen_version=GENERATOR_VERSION)

@@ -1,0 +1,1 @@
+"""kvm-bindings: the Linux KVM API for Python, generated from the kernel's headers."""
