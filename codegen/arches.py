@@ -27,6 +27,7 @@ class Arch:
     machines: tuple[str, ...]  # platform.machine() values of a host of this arch
     cross_compilers: tuple[str, ...]  # compilers to use when the host is another arch
     char_signed: bool
+    byteorder: str = "little"
 
     @property
     def is_host(self) -> bool:

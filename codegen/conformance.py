@@ -80,6 +80,23 @@ def resolve(cls, path: str):
     return offset, t, bit, width
 
 
+def set_bits(cls, path: str) -> tuple[int, int]:
+    """Set one member to all ones in a zeroed instance: (first set bit, bits set).
+
+    The same experiment the C probe runs, so no layout arithmetic is shared.
+    """
+    obj = cls()
+    parts = re.findall(r"\[\d+\]|\w+", path)
+    target = obj
+    for part in parts[:-1]:
+        target = target[int(part[1:-1])] if part.startswith("[") else getattr(target, _py(part))
+    setattr(target, _py(parts[-1]), -1)
+    raw = int.from_bytes(bytes(obj), "little")
+    if raw == 0:
+        return -1, 0
+    return (raw & -raw).bit_length() - 1, bin(raw).count("1")
+
+
 def compare(mod: ModuleType, facts: dict, report: Report) -> None:
     bad = report.mismatches
     c = {"types": 0, "fields": 0, "bitfields": 0, "constants": 0, "ioctls": 0, "enum members": 0}
@@ -113,10 +130,10 @@ def compare(mod: ModuleType, facts: dict, report: Report) -> None:
     for root, paths in facts["bitfields"].items():
         for path, (bit, width) in paths.items():
             c["bitfields"] += 1
-            off, _, b, w = resolve(mod.C_TYPES[root], path)
-            got = (off * 8 + (b or 0), w)
+            got = set_bits(mod.C_TYPES[root], path)
             if got != (bit, width):
-                bad.append(f"{root}.{path}: ctypes bit offset/width {got}, C {(bit, width)}")
+                bad.append(f"{root}.{path}: setting it to all ones in ctypes sets bits "
+                           f"{got} (first, count), in C {(bit, width)}")
     for name, value in facts["constants"].items():
         c["constants"] += 1
         if getattr(mod, name, None) != value:

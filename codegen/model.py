@@ -114,6 +114,7 @@ class Constant:
     ctype: Int | None           # None for string constants
     file: str
     line: int
+    hex: bool = False           # the header writes it in hex (so will we)
 
 
 @dataclass

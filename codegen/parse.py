@@ -173,6 +173,14 @@ def _attribute(spec: str, target: tuple[str, str, int, int], f: str, ln: int,
 def _attribute_target(toks: list[tuple[str, str, int]], i: int,
                       pos: _Positions) -> tuple[str, str, int, int]:
     """The declarator name or record keyword an attribute at toks[i] belongs to."""
+    # Among the specifiers ("__u64 __attribute__((aligned(8))) name;"), it belongs
+    # to the declarator that follows.
+    after = _balanced(toks, i + 1)
+    while after < len(toks) and toks[after][1] == "*":
+        after += 1
+    if after < len(toks) and toks[after][0] == "id" and i > 0 and toks[i - 1][0] == "id" \
+            and toks[i - 1][1] not in ("struct", "union", "enum"):
+        return ("decl", *pos.at(toks[after][2]))
     j = i - 1
     while j >= 0 and toks[j][1] in ("]",):
         depth = 0

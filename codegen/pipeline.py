@@ -118,8 +118,9 @@ def _macros(model: Model, pp: preprocess.Preprocessed, ev: Evaluator, builder: B
         except Unevaluable as e:
             model.skipped.append(Skipped(name, "macro", str(e), m.file, m.line))
             continue
-        model.constants[name] = Constant(name, v.value, v.type, m.file, m.line)
         root = exprs[name]
+        model.constants[name] = Constant(name, v.value, v.type, m.file, m.line,
+                                         hex=ev.ioc is not None or "0x" in m.body.lower())
         if ev.ioc is not None and isinstance(root, c_ast.FuncCall):
             if not directions:
                 directions = {_value(model, k): d for k, d in
@@ -167,6 +168,7 @@ def write_files(out: Path, files: dict[str, str]) -> None:
             fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
             with os.fdopen(fd, "w") as f:
                 f.write(text)
+            os.chmod(tmp, 0o644)
             staged.append((tmp, out / name))
     except BaseException:
         for tmp, _ in staged:

@@ -102,6 +102,10 @@ def probe_source(model: Model, layout: Layout) -> str:
     for c in model.constants.values():
         macro = "KVMGEN_S" if isinstance(c.value, str) else "KVMGEN_C"
         lines.append(f'    {macro}("{c.name}", {c.name});')
+    for e in model.enums:
+        for name, _ in e.members:
+            if name not in model.constants:
+                lines.append(f'    KVMGEN_C("{name}", {name});')
     lines += ["    return 0;", "}", ""]
     return "\n".join(lines)
 

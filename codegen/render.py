@@ -45,6 +45,8 @@ class CtRecord:
     pack: int | None = None
     annotations: list[tuple[str, str]] = field(default_factory=list)
     flex: tuple[str, str, str | None] | None = None   # (field, element ctype, count field)
+    # bitfields ctypes cannot lay out: (name, storage member, bit offset in it, width, signed)
+    properties: list[tuple[str, str, int, int, bool]] = field(default_factory=list)
 
 
 class _Renderer:
@@ -92,32 +94,25 @@ class _Renderer:
             out.pack = 1
         cur = 0                      # where ctypes has got to (structs)
         ct_align = 1
-        unit: tuple[int, int] | None = None   # current bitfield unit (offset, size)
         npad = 0
-        for fl in lay.fields:
+        for item in _runs(lay.fields, union):
+            if isinstance(item, list):   # a run of bitfields in a struct
+                cur, ct_align, npad = self._bit_run(out, item, cur, ct_align, npad, rec)
+                continue
+            fl = item
             f = fl.field
-            name = f.py_name or f.name
-            if name is None:   # an unnamed bitfield
-                name = f"_bits{npad}"
-                npad += 1
             expr, align, ann = self.ctype(f.type)
             if rec.packed:
                 align = 1
-            if f.bits is not None:
-                if unit is not None and unit[0] == fl.offset and not union:
-                    out.fields.append(CtField(name, expr, f.bits))
-                    self._annotate(out, f, name, ann)
-                    continue
-                if not union:
-                    if round_up(cur, align) != fl.offset:
-                        cur = self._pad(out, cur, fl.offset, align, rec)
-                    unit = (fl.offset, fl.size)
-                    cur = fl.offset + fl.size
+            if f.bits is not None:   # a bitfield in a union: ctypes puts it at bit 0 too
+                name = f.py_name or f.name or f"_bits{npad}"
+                npad += f.name is None
                 out.fields.append(CtField(name, expr, f.bits))
                 ct_align = max(ct_align, align)
                 self._annotate(out, f, name, ann)
                 continue
-            unit = None
+            name = f.py_name or f.name
+            assert name is not None
             if not union and round_up(cur, align) != fl.offset:
                 cur = self._pad(out, cur, fl.offset, align, rec)
             out.fields.append(CtField(name, expr))
@@ -146,6 +141,40 @@ class _Renderer:
             out.base = "_FlexibleStructure" if not union else out.base
         return out
 
+    def _bit_run(self, out: CtRecord, run: list, cur: int, ct_align: int, npad: int, rec):
+        """Lay out consecutive bitfields: as ctypes bitfields where ctypes packs them
+        as GCC does (one type, no zero-width or unnamed members), else as a byte
+        array with a property per bitfield."""
+        types = {self.ctype(fl.field.type)[0] for fl in run}
+        if len(types) == 1 and all(fl.field.name and fl.field.bits for fl in run) and not rec.packed:
+            expr, align, ann = self.ctype(run[0].field.type)
+            first_unit = run[0].offset
+            if cur <= first_unit and first_unit % align == 0 and run[0].bit_offset == first_unit * 8:
+                if round_up(cur, align) != first_unit:
+                    cur = self._pad(out, cur, first_unit, align, rec)
+                for fl in run:
+                    name = fl.field.py_name or fl.field.name
+                    out.fields.append(CtField(name, expr, fl.field.bits))
+                    self._annotate(out, fl.field, name, ann)
+                last = run[-1]
+                return last.offset + last.size, max(ct_align, align), npad
+        start = min(fl.bit_offset for fl in run) // 8
+        end = (max(fl.bit_offset + fl.bit_size for fl in run) + 7) // 8
+        if start < cur:
+            raise GeneratorError(f"ctypes cannot place the bitfields of "
+                                 f"{rec.c_name or rec.key} at byte {start}", rec.file, rec.line)
+        if start > cur:
+            out.fields.append(CtField(f"_pad{len(out.fields)}", f"ctypes.c_uint8 * {start - cur}"))
+        storage = f"_bits{npad}"
+        out.fields.append(CtField(storage, f"ctypes.c_uint8 * {end - start}"))
+        for fl in run:
+            if fl.field.name:
+                t = fl.field.type
+                signed = isinstance(t, Int) and t.signed
+                out.properties.append((fl.field.py_name or fl.field.name, storage,
+                                       fl.bit_offset - start * 8, fl.bit_size, signed))
+        return end, ct_align, npad + 1
+
     def _pad(self, out: CtRecord, cur: int, offset: int, align: int, rec) -> int:
         if offset < cur or round_up(offset, align) != offset:
             raise GeneratorError(f"ctypes cannot place a member of "
@@ -170,7 +199,7 @@ class _Renderer:
     def _flex(self, key: str) -> tuple[str, str, str | None] | None:
         """(member, element ctype, count member) if the record ends in a flexible array."""
         rec = self.m.records[key]
-        if rec.kind != "struct" or not rec.fields:
+        if rec.kind != "struct" or not rec.fields or rec.c_name is None:
             return None
         last = rec.fields[-1]
         while last.name is None and isinstance(last.type, RecordRef):
@@ -212,6 +241,21 @@ class _Renderer:
         return done
 
 
+def _runs(fields, union: bool):
+    """Members one by one, except that a struct's consecutive bitfields come as a list."""
+    run: list = []
+    for fl in fields:
+        if fl.field.bits is not None and not union:
+            run.append(fl)
+            continue
+        if run:
+            yield run
+            run = []
+        yield fl
+    if run:
+        yield run
+
+
 def _families(model: Model) -> list[dict]:
     out = []
     for fam in FAMILIES:
@@ -225,17 +269,18 @@ def _families(model: Model) -> list[dict]:
             member = name[len(fam.prefix):]
             if not member.isidentifier() or member[0].isdigit():
                 member = "_" + member
-            members.append((member, c.value, name))
+            members.append((member, _py_value(c.value, c.hex), name))
         for e in model.enums:   # C enum members with the prefix count too
             for name, value in e.members:
                 if name.startswith(fam.prefix) and name not in model.constants and \
                         not any(re.fullmatch(x, name) for x in fam.exclude):
-                    members.append((name[len(fam.prefix):], value, name))
+                    members.append((name[len(fam.prefix):], str(value), name))
         if not members:
             continue
         if fam.unique:
             seen: dict[int, str] = {}
             for _, value, name in members:
+                value = int(value, 0)
                 if value in seen:
                     raise GeneratorError(f"enum family {fam.name}: {name} and {seen[value]} are both "
                                          f"{value}; add an exclusion to codegen/families.py")
@@ -254,10 +299,10 @@ def _c_enums(model: Model) -> list[dict]:
     return out
 
 
-def _py_value(v: int | str) -> str:
+def _py_value(v: int | str, as_hex: bool = False) -> str:
     if isinstance(v, str):
         return repr(v)
-    return hex(v) if v > 9 else str(v)
+    return hex(v) if as_hex and v > 9 else str(v)
 
 
 def render_module(model: Model, layout: Layout) -> str:
@@ -277,13 +322,14 @@ def render_module(model: Model, layout: Layout) -> str:
                 arg = None
         ioctls.append({"name": io.name, "number": io.number, "direction": io.direction,
                        "size": io.size, "arg": arg, "arg_c": io.arg_c})
-    constants = [(c.name, _py_value(c.value)) for c in model.constants.values()]
+    constants = [(c.name, _py_value(c.value, c.hex)) for c in model.constants.values()]
     enum_consts = [(n, v) for e in model.enums for n, v in e.members if n not in model.constants]
     return render_template("abi.py.j2",
         m=model, gen_version=GENERATOR_VERSION, records=[by_name[k] for k in declared],
         ordered=records, constants=constants, enum_consts=enum_consts,
         families=_families(model), c_enums=_c_enums(model), ioctls=ioctls, c_types=c_types,
         skipped=model.skipped, empty=model.empty_macros, files=sorted(model.files.items()),
+        byteorder=model.arch.byteorder,
         py_value=_py_value)
 
 
