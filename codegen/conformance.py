@@ -139,8 +139,9 @@ def compare(mod: ModuleType, facts: dict, report: Report) -> None:
         if getattr(mod, name, None) != value:
             bad.append(f"{name}: module has {getattr(mod, name, None)!r}, C has {value!r}")
     k = facts["constants"]
-    dirs = {k["_IOC_NONE"]: "none", k["_IOC_WRITE"]: "write", k["_IOC_READ"]: "read",
-            k["_IOC_READ"] | k["_IOC_WRITE"]: "readwrite"}
+    if mod.IOCTLS:
+        dirs = {k["_IOC_NONE"]: "none", k["_IOC_WRITE"]: "write", k["_IOC_READ"]: "read",
+                k["_IOC_READ"] | k["_IOC_WRITE"]: "readwrite"}
     for name, io in mod.IOCTLS.items():
         c["ioctls"] += 1
         number = k.get(name)

@@ -18,8 +18,17 @@ from pathlib import Path
 
 from .arches import ARCHES
 from .errors import GeneratorError
-from .headers import (HEADERS_DIR, MANIFEST, STAMP, describe_source, load_manifest,
-                      read_version, sha256_file, version_dir, version_key)
+from .headers import (
+    HEADERS_DIR,
+    MANIFEST,
+    STAMP,
+    describe_source,
+    load_manifest,
+    read_version,
+    sha256_file,
+    version_dir,
+    version_key,
+)
 
 WHEEL_PLATFORM = "manylinux_2_12_x86_64"  # headers are the same in every platform's wheel
 ZIG_INCLUDE = "ziglang/lib/libc/include/"

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import keyword
 from dataclasses import dataclass, field
-from typing import Union
 
 from pycparser import c_ast
 
 from .arches import Arch
 from .errors import GeneratorError
 from .parse import INT128, PRELUDE_FILE, UINT128, Attribute, Parsed
-
 
 # ---- types ---------------------------------------------------------------
 
@@ -29,12 +27,12 @@ class Int:
 
 @dataclass(frozen=True)
 class Pointer:
-    target: "Type"
+    target: Type
 
 
 @dataclass(frozen=True)
 class Array:
-    element: "Type"
+    element: Type
     length: int | None    # None: a flexible array member
 
 
@@ -57,12 +55,12 @@ class Function:
 class Aligned:
     """A type with a GCC aligned attribute. exact: from a typedef, which may also lower it."""
 
-    inner: "Type"
+    inner: Type
     align: int
     exact: bool
 
 
-Type = Union[Int, Pointer, Array, RecordRef, Void, Function, Aligned]
+Type = Int | Pointer | Array | RecordRef | Void | Function | Aligned
 
 
 def strip_aligned(t: Type) -> Type:

@@ -224,26 +224,38 @@ def spell_int128(text: str) -> str:
     return text
 
 
-def _parse(text: str) -> c_ast.FileAST:
-    return c_parser.CParser().parse(text, "<kvmgen>")
+def _parse(text: str, parser: c_parser.CParser | None = None) -> c_ast.FileAST:
+    return (parser or c_parser.CParser()).parse(text, "<kvmgen>")
 
 
-def _parse_error(e: c_parser.ParseError, lookup) -> GeneratorError:
+def _parse_error(e: c_parser.ParseError, parser: c_parser.CParser, lookup) -> GeneratorError:
     m = re.match(r"^(.*?):(\d+)(?::\d+)?: (.*)$", str(e), re.S)
-    if not m:
-        return GeneratorError(f"cannot parse: {e}")
-    f, ln = m.group(1), int(m.group(2))
-    return GeneratorError(f"cannot parse: {m.group(3)}", f, ln, lookup(f, ln))
+    msg = m.group(3) if m else str(e).split(": ", 1)[-1]
+    f, ln = (m.group(1), int(m.group(2))) if m else (None, None)
+    # pycparser does not always say where it stopped; the token it stopped at does.
+    try:
+        tok = parser._peek()
+        after = parser._peek(2)
+    except Exception:  # a private API: fall back to pycparser's own message
+        tok = after = None
+    if tok is not None and getattr(tok, "lineno", None):
+        f, ln = tok.filename, tok.lineno
+        if tok.type == "ID" and after is not None and after.type in ("ID", "TIMES"):
+            msg = f"unknown type name {tok.value!r}"
+    if f is None or ln is None:
+        return GeneratorError(f"cannot parse: {msg}")
+    return GeneratorError(f"cannot parse: {msg}", f, ln, lookup(f, ln))
 
 
 def parse(pp: Preprocessed, source_line) -> Parsed:
     """Parse the translation unit; source_line(file, line) gives text for messages."""
     text, attrs = lift_attributes(spell_int128(pp.tu))
     text = _PRELUDE + text
+    parser = c_parser.CParser()
     try:
-        ast = _parse(text)
+        ast = _parse(text, parser)
     except c_parser.ParseError as e:
-        raise _parse_error(e, source_line) from None
+        raise _parse_error(e, parser, source_line) from None
     return Parsed(ast, attrs, text)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pycparser import c_ast, c_generator
 
-from . import families, parse, preprocess
-from .arches import ARCHES, Arch, SHIPPED_ARCHES
+from . import parse, preprocess
+from .arches import ARCHES, SHIPPED_ARCHES, Arch
 from .errors import GeneratorError
 from .evaluate import Evaluator, Unevaluable
 from .headers import ROOT, HeaderSet, sha256_file

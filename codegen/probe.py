@@ -83,7 +83,7 @@ def _walk(model: Model, root: str, key: str, prefix: str):
 
 def probe_source(model: Model, layout: Layout) -> str:
     lines = [_PRELUDE, "int main(void)", "{"]
-    for key, rec in model.records.items():
+    for _key, rec in model.records.items():
         if rec.c_name and rec.fields is not None:
             n = rec.c_name
             lines.append(f'    printf("T\\t%s\\t%zu\\t%zu\\n", "{n}", sizeof({n}), _Alignof({n}));')
