@@ -118,7 +118,9 @@ class Evaluator:
             candidates = [c for c in candidates if not c.signed]
         elif decimal and digits != "0":
             candidates = [c for c in candidates if c.signed]
-        for c in candidates:
+        # Past the last signed type a decimal literal becomes unsigned, as gcc does (with a warning).
+        fallback = [c for c in (self.ULONG, self.ULLONG) if c not in candidates]
+        for c in candidates + fallback:
             lim = 1 << (c.size * 8 - (1 if c.signed else 0))
             if value < lim:
                 return Value(value, c)

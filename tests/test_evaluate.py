@@ -41,7 +41,8 @@ def _expr(children):
 expression = st.recursive(literal, _expr, max_leaves=6)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(expression, min_size=20, max_size=40))
 def test_random_expressions_evaluate_as_gcc_does(tmp_path_factory, header_set, exprs):
     real = header_set(headers.shipped_version())
