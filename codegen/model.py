@@ -155,6 +155,7 @@ class Model:
     empty_macros: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     macro_order: list[str] = field(default_factory=list)
+    exit_members: dict[str, str] = field(default_factory=dict)  # KVM_EXIT_* -> kvm_run member
 
 
 # ---- building ------------------------------------------------------------

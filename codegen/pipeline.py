@@ -82,7 +82,36 @@ def build_model(hs: HeaderSet, arch: Arch) -> tuple[Model, Layout]:
     builder.build()
     _check_layouts(model, layout)
     _macros(model, pp, evaluator, builder)
+    _exit_members(model, hs)
     return model, layout
+
+
+def _exit_members(model: Model, hs: HeaderSet) -> None:
+    from .comments import exit_members
+    top = next((d / preprocess.TOP_HEADER for d in hs.include_dirs
+                if (d / preprocess.TOP_HEADER).exists()), None)
+    run = model.records.get("kvm_run")
+    if top is None or run is None:
+        return
+    names = _member_names(model, "kvm_run")
+    for reason, member in exit_members(top.read_text()).items():
+        if member not in names:
+            raise GeneratorError(f"a comment in struct kvm_run names {reason} for member "
+                                 f"{member!r}, which kvm_run does not have", preprocess.TOP_HEADER)
+        if reason in model.constants:
+            model.exit_members[reason] = member
+
+
+def _member_names(model: Model, key: str) -> set[str]:
+    out = set()
+    for f in model.records[key].fields or []:
+        if f.name is None:
+            from .model import RecordRef
+            if isinstance(f.type, RecordRef):
+                out |= _member_names(model, f.type.key)
+        else:
+            out.add(f.name)
+    return out
 
 
 def _check_layouts(model: Model, layout: Layout) -> None:

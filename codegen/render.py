@@ -329,7 +329,7 @@ def render_module(model: Model, layout: Layout) -> str:
         ordered=records, constants=constants, enum_consts=enum_consts,
         families=_families(model), c_enums=_c_enums(model), ioctls=ioctls, c_types=c_types,
         skipped=model.skipped, empty=model.empty_macros, files=sorted(model.files.items()),
-        byteorder=model.arch.byteorder,
+        byteorder=model.arch.byteorder, exit_members=model.exit_members,
         py_value=_py_value)
 
 

@@ -16,7 +16,8 @@ _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64":
 HOST_ARCH = _MACHINES.get(_os.uname().machine.lower())
 if HOST_ARCH == "x86_64":
     from .x86_64 import *  # noqa: F401,F403
-    from .x86_64 import ARCH, C_TYPES, EMPTY_MACROS, IOCTLS, KERNEL_VERSION, UNEXPRESSED  # noqa: F401
+    from .x86_64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
+                         KERNEL_VERSION, UNEXPRESSED)
     from .x86_64 import __getattr__  # the enum classes, built on first use  # noqa: F401
 else:
     # Submodules stay importable by name; only the host re-export is missing.

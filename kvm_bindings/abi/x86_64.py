@@ -4335,6 +4335,44 @@ IOCTLS: dict[str, Ioctl] = {
     "KVM_PRE_FAULT_MEMORY": Ioctl("KVM_PRE_FAULT_MEMORY", 0xc040aed5, "readwrite", 64, kvm_pre_fault_memory, "struct kvm_pre_fault_memory"),
 }
 
+# Which kvm_run union member each exit reason fills, as the comments in struct kvm_run say.
+EXIT_MEMBERS: dict[str, str] = {
+    "KVM_EXIT_UNKNOWN": "hw",
+    "KVM_EXIT_FAIL_ENTRY": "fail_entry",
+    "KVM_EXIT_EXCEPTION": "ex",
+    "KVM_EXIT_IO": "io",
+    "KVM_EXIT_DEBUG": "debug",
+    "KVM_EXIT_MMIO": "mmio",
+    "KVM_EXIT_LOONGARCH_IOCSR": "iocsr_io",
+    "KVM_EXIT_HYPERCALL": "hypercall",
+    "KVM_EXIT_TPR_ACCESS": "tpr_access",
+    "KVM_EXIT_S390_SIEIC": "s390_sieic",
+    "KVM_EXIT_S390_RESET": "s390_reset_flags",
+    "KVM_EXIT_S390_UCONTROL": "s390_ucontrol",
+    "KVM_EXIT_DCR": "dcr",
+    "KVM_EXIT_INTERNAL_ERROR": "internal",
+    "KVM_EXIT_OSI": "osi",
+    "KVM_EXIT_PAPR_HCALL": "papr_hcall",
+    "KVM_EXIT_S390_TSCH": "s390_tsch",
+    "KVM_EXIT_EPR": "epr",
+    "KVM_EXIT_SYSTEM_EVENT": "system_event",
+    "KVM_EXIT_S390_STSI": "s390_stsi",
+    "KVM_EXIT_IOAPIC_EOI": "eoi",
+    "KVM_EXIT_HYPERV": "hyperv",
+    "KVM_EXIT_ARM_NISV": "arm_nisv",
+    "KVM_EXIT_ARM_LDST64B": "arm_nisv",
+    "KVM_EXIT_X86_RDMSR": "msr",
+    "KVM_EXIT_X86_WRMSR": "msr",
+    "KVM_EXIT_XEN": "xen",
+    "KVM_EXIT_RISCV_SBI": "riscv_sbi",
+    "KVM_EXIT_RISCV_CSR": "riscv_csr",
+    "KVM_EXIT_NOTIFY": "notify",
+    "KVM_EXIT_MEMORY_FAULT": "memory_fault",
+    "KVM_EXIT_TDX": "tdx",
+    "KVM_EXIT_ARM_SEA": "arm_sea",
+    "KVM_EXIT_SNP_REQ_CERTS": "snp_req_certs",
+}
+
 # C spelling -> ctypes class, for every struct and union the headers name.
 C_TYPES: dict[str, Any] = {
     "__kernel_fd_set": __kernel_fd_set,

@@ -1,0 +1,289 @@
+"""Decoded KVM_RUN exits: one small object per exit, carrying its kvm_run member's fields.
+
+Which member each exit reason fills comes from the header itself (abi.EXIT_MEMBERS,
+read from the comments in struct kvm_run). IO and MMIO exits are decoded with
+precomputed unpackers and hand the guest's data out as memoryviews into the
+shared kvm_run page, so a handler answers an IN or an MMIO read in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Any
+
+from . import abi
+from ._layout import member, offset_of, unpacker
+
+ExitReason = abi.ExitReason
+
+
+class Exit:
+    """Base of every exit: .reason is an ExitReason (or a plain int for UnknownExit)."""
+
+    __slots__ = ("reason",)
+    reason: Any
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in _all_slots(type(self))
+                           if n not in ("reason", "_vcpu", "_payload"))
+        name = getattr(self.reason, "name", self.reason)
+        return f"<{type(self).__name__} {name}{': ' + fields if fields else ''}>"
+
+
+def _all_slots(cls: type) -> list[str]:
+    out: list[str] = []
+    for c in reversed(cls.__mro__):
+        out += [s for s in getattr(c, "__slots__", ()) if s not in out]
+    return out
+
+
+class IoExit(Exit):
+    """KVM_EXIT_IO: port I/O. data holds size*count bytes (all elements of a rep string op)
+    and is writable for IN, where the handler's bytes become the guest's input."""
+
+    __slots__ = ("port", "size", "count", "is_write", "data")
+    port: int
+    size: int
+    count: int
+    is_write: bool
+    data: memoryview
+
+
+class MmioExit(Exit):
+    """KVM_EXIT_MMIO: an access to guest-physical memory no slot backs (or a write to a
+    read-only slot). data is exactly len bytes, writable for reads."""
+
+    __slots__ = ("phys_addr", "is_write", "data")
+    phys_addr: int
+    is_write: bool
+    data: memoryview
+
+
+class PayloadExit(Exit):
+    """An exit whose kvm_run member is copied out as a ctypes struct: .payload, and its
+    fields as attributes (exit.pc, exit.suberror, ...)."""
+
+    __slots__ = ("_payload", "_vcpu")
+    _payload: Any
+    _vcpu: Any
+
+    @property
+    def payload(self) -> Any:
+        return self._payload
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return getattr(self._payload, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}") from None
+
+    def _write_back(self, **fields: int) -> None:
+        """Set fields of this exit's kvm_run member in the live kvm_run: the answer
+        the kernel reads on the next KVM_RUN."""
+        live = self._vcpu._run_member(self.reason)
+        for k, v in fields.items():
+            setattr(live, k, v)
+            setattr(self._payload, k, v)
+
+    def __repr__(self) -> str:
+        p = self._payload
+        fields = ", ".join(f"{name}={_plain(getattr(p, name))}" for name, *_ in p._fields_
+                           if not name.startswith("_")) if p is not None else ""
+        return f"<{type(self).__name__} {self.reason.name}{': ' + fields if fields else ''}>"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, ctypes.Array):
+        return repr(list(value))
+    if isinstance(value, (ctypes.Structure, ctypes.Union)):
+        return "{...}"
+    return repr(value)
+
+
+class FailEntryExit(PayloadExit):
+    """KVM_EXIT_FAIL_ENTRY: VM entry failed; hardware_entry_failure_reason says why."""
+    __slots__ = ()
+
+
+class InternalErrorExit(PayloadExit):
+    """KVM_EXIT_INTERNAL_ERROR: suberror (abi.InternalError) and ndata words of data."""
+    __slots__ = ()
+
+    @property
+    def suberror(self) -> Any:
+        try:
+            return abi.InternalError(self._payload.suberror)
+        except ValueError:
+            return int(self._payload.suberror)
+
+    @property
+    def data(self) -> list[int]:
+        return [int(x) for x in self._payload.data[:self._payload.ndata]]
+
+
+class SystemEventExit(PayloadExit):
+    """KVM_EXIT_SYSTEM_EVENT: shutdown, reset, crash... (abi.SystemEvent) with ndata words."""
+    __slots__ = ()
+
+    @property
+    def type(self) -> Any:
+        try:
+            return abi.SystemEvent(self._payload.type)
+        except ValueError:
+            return int(self._payload.type)
+
+    @property
+    def data(self) -> list[int]:
+        return [int(x) for x in self._payload.data[:self._payload.ndata]]
+
+
+class DebugExit(PayloadExit):
+    """KVM_EXIT_DEBUG: a single-step, breakpoint or watchpoint (arch fields in .arch)."""
+    __slots__ = ()
+
+
+class MsrExit(PayloadExit):
+    """KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR (KVM_CAP_X86_USER_SPACE_MSR): .index,
+    .data, .reason; answer with reply() before the next run."""
+    __slots__ = ()
+
+    def reply(self, data: int | None = None, error: bool = False) -> None:
+        """For RDMSR, the value the guest reads; error=True injects #GP instead."""
+        if data is not None:
+            self._write_back(data=data, error=int(error))
+        else:
+            self._write_back(error=int(error))
+
+
+class HypercallExit(PayloadExit):
+    """KVM_EXIT_HYPERCALL: nr and args; reply(ret) sets the guest's return value."""
+    __slots__ = ()
+
+    def reply(self, ret: int) -> None:
+        self._write_back(ret=ret)
+
+
+class MemoryFaultExit(PayloadExit):
+    """KVM_EXIT_MEMORY_FAULT: gpa, size and flags (e.g. private vs shared mismatch)."""
+    __slots__ = ()
+
+
+class SimpleExit(Exit):
+    """An exit that carries nothing but its reason (HLT, SHUTDOWN, IRQ_WINDOW_OPEN, ...)."""
+    __slots__ = ()
+
+
+class InterruptedExit(SimpleExit):
+    """KVM_RUN returned EINTR: a signal, kick() or immediate_exit. Run again to continue."""
+    __slots__ = ()
+
+
+class UnknownExit(Exit):
+    """An exit reason these bindings do not know (a newer kernel's): .reason is the int."""
+    __slots__ = ()
+
+
+_SPECIAL: dict[str, type[PayloadExit]] = {
+    "FAIL_ENTRY": FailEntryExit, "INTERNAL_ERROR": InternalErrorExit,
+    "SYSTEM_EVENT": SystemEventExit, "DEBUG": DebugExit, "X86_RDMSR": MsrExit,
+    "X86_WRMSR": MsrExit, "HYPERCALL": HypercallExit, "MEMORY_FAULT": MemoryFaultExit,
+}
+
+
+def _class_name(reason: Any) -> str:
+    return "".join(p.capitalize() for p in reason.name.split("_")) + "Exit"
+
+
+# One class per exit reason, so isinstance() and repr() say which exit it was.
+EXIT_CLASSES: dict[int, type[Exit]] = {}
+for _reason in ExitReason:
+    if _reason.name == "IO":
+        EXIT_CLASSES[_reason] = IoExit
+    elif _reason.name == "MMIO":
+        EXIT_CLASSES[_reason] = MmioExit
+    elif _reason.name == "INTR":
+        EXIT_CLASSES[_reason] = InterruptedExit
+    elif f"KVM_EXIT_{_reason.name}" in abi.EXIT_MEMBERS:
+        base = _SPECIAL.get(_reason.name, PayloadExit)
+        EXIT_CLASSES[_reason] = type(_class_name(_reason), (base,), {"__slots__": ()})
+    else:
+        EXIT_CLASSES[_reason] = type(_class_name(_reason), (SimpleExit,), {"__slots__": ()})
+globals().update({c.__name__: c for c in EXIT_CLASSES.values()})
+HltExit: type[Exit] = EXIT_CLASSES[ExitReason.HLT]
+ShutdownExit: type[Exit] = EXIT_CLASSES[ExitReason.SHUTDOWN]
+
+
+class Decoder:
+    """Turns the kvm_run page of one vCPU into Exit objects."""
+
+    _io_off = offset_of(abi.kvm_run, "io")
+    _io = unpacker(member(abi.kvm_run, "io")[1], ("direction", "size", "port", "count", "data_offset"))
+    _mmio_off = offset_of(abi.kvm_run, "mmio")
+    _mmio_type = member(abi.kvm_run, "mmio")[1]
+    _mmio = unpacker(_mmio_type, ("phys_addr",))
+    _mmio_len_off = _mmio_off + member(_mmio_type, "len")[0]
+    _mmio_tail = unpacker(_mmio_type, ("len", "is_write"))
+    _mmio_data_off = _mmio_off + member(_mmio_type, "data")[0]
+    _reason_at = offset_of(abi.kvm_run, "exit_reason")
+    _reason_fmt = struct.Struct("<I")
+    _io_out = abi.KVM_EXIT_IO_OUT
+
+    def __init__(self, vcpu: Any, page: Any) -> None:
+        self.vcpu = vcpu
+        self.page = page
+        self.rw = memoryview(page)
+        self.ro = self.rw.toreadonly()
+        self.members = {int(ExitReason[r[len("KVM_EXIT_"):]]): (offset_of(abi.kvm_run, m),
+                                                               member(abi.kvm_run, m)[1])
+                        for r, m in abi.EXIT_MEMBERS.items() if r[len("KVM_EXIT_"):] in
+                        ExitReason.__members__}
+        self.reasons = {int(r): r for r in ExitReason}
+
+    def release(self) -> None:
+        self.ro.release()
+        self.rw.release()
+
+    def reason(self) -> int:
+        return int(self._reason_fmt.unpack_from(self.page, self._reason_at)[0])
+
+    def decode(self, reason: int) -> Exit:
+        if reason == _IO:
+            direction, size, port, count, data_offset = self._io.unpack_from(self.page, self._io_off)
+            e: Any = IoExit.__new__(IoExit)
+            e.reason, e.port, e.size, e.count = ExitReason.IO, port, size, count
+            e.is_write = direction == self._io_out
+            end = data_offset + size * count
+            e.data = (self.ro if e.is_write else self.rw)[data_offset:end]
+            return e  # type: ignore[no-any-return]
+        if reason == _MMIO:
+            (phys,) = self._mmio.unpack_from(self.page, self._mmio_off)
+            length, is_write = self._mmio_tail.unpack_from(self.page, self._mmio_off)[-2:]
+            m: Any = MmioExit.__new__(MmioExit)
+            m.reason, m.phys_addr, m.is_write = ExitReason.MMIO, phys, bool(is_write)
+            start = self._mmio_data_off
+            m.data = (self.ro if is_write else self.rw)[start:start + length]
+            return m  # type: ignore[no-any-return]
+        known = self.reasons.get(reason)
+        if known is None:
+            u = UnknownExit.__new__(UnknownExit)
+            u.reason = reason
+            return u
+        cls = EXIT_CLASSES[known]
+        obj: Any = cls.__new__(cls)
+        obj.reason = known
+        if isinstance(obj, PayloadExit):
+            off, t = self.members[reason]
+            obj._payload = t.from_buffer_copy(self.page, off)
+            obj._vcpu = self.vcpu
+        return obj  # type: ignore[no-any-return]
+
+    def live_member(self, reason: int) -> Any:
+        off, t = self.members[int(reason)]
+        return t.from_buffer(self.page, off)
+
+
+_IO = int(ExitReason.IO)
+_MMIO = int(ExitReason.MMIO)

@@ -1,0 +1,168 @@
+"""Guest memory: host mappings registered as KVM memory slots, addressed by GPA."""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+from typing import BinaryIO
+
+from .errors import GuestMemoryError
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+def _host_address(mm: mmap.mmap) -> int:
+    anchor = ctypes.c_char.from_buffer(mm)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor   # release the buffer export at once, so the mapping can be closed later
+
+
+class MemoryRegion:
+    """One memory slot: a host mapping and where the guest sees it.
+
+    slot, guest_phys_addr, size and flags are what KVM was given
+    (struct kvm_userspace_memory_region / kvm_userspace_memory_region2).
+    """
+
+    __slots__ = ("slot", "guest_phys_addr", "size", "flags", "host_addr", "guest_memfd",
+                 "guest_memfd_offset", "_mmap", "_view")
+
+    def __init__(self, slot: int, guest_phys_addr: int, size: int, flags: int,
+                 backing: mmap.mmap, guest_memfd: int | None = None,
+                 guest_memfd_offset: int = 0) -> None:
+        self.slot = slot
+        self.guest_phys_addr = guest_phys_addr
+        self.size = size
+        self.flags = flags
+        self._mmap: mmap.mmap | None = backing
+        self.host_addr = _host_address(backing)
+        self._view = memoryview(backing)
+        self.guest_memfd = guest_memfd
+        self.guest_memfd_offset = guest_memfd_offset
+
+    @property
+    def end(self) -> int:
+        return self.guest_phys_addr + self.size
+
+    def view(self) -> memoryview:
+        """The whole region, zero-copy."""
+        if self._mmap is None:
+            raise ValueError(f"memory slot {self.slot} was removed")
+        return self._view
+
+    def _unmap(self) -> None:
+        if self._mmap is None:
+            return
+        self._view.release()
+        mm, self._mmap = self._mmap, None
+        try:
+            mm.close()
+        except BufferError:
+            # A caller still holds a view into it: the mapping lives until that view
+            # goes, rather than leaving the view pointing at unmapped memory.
+            pass
+
+    def __repr__(self) -> str:
+        return (f"<MemoryRegion slot={self.slot} gpa={self.guest_phys_addr:#x} "
+                f"size={self.size:#x} flags={self.flags:#x}>")
+
+
+class GuestMemory:
+    """Every memory region of a VM, addressed by guest-physical address (GPA).
+
+    Reads and writes may span adjacent regions; a range any byte of which no
+    region backs raises GuestMemoryError and touches nothing.
+    """
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._regions: list[MemoryRegion] = []
+
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        return tuple(self._regions)
+
+    def _add(self, region: MemoryRegion) -> None:
+        i = bisect.bisect(self._starts, region.guest_phys_addr)
+        self._starts.insert(i, region.guest_phys_addr)
+        self._regions.insert(i, region)
+
+    def _remove(self, region: MemoryRegion) -> None:
+        i = self._regions.index(region)
+        del self._starts[i], self._regions[i]
+
+    def overlapping(self, gpa: int, size: int) -> MemoryRegion | None:
+        for r in self._regions:
+            if r.guest_phys_addr < gpa + size and gpa < r.end:
+                return r
+        return None
+
+    def region_at(self, gpa: int) -> MemoryRegion | None:
+        i = bisect.bisect(self._starts, gpa) - 1
+        if i >= 0 and gpa < self._regions[i].end:
+            return self._regions[i]
+        return None
+
+    def _pieces(self, gpa: int, size: int) -> list[tuple[MemoryRegion, int, int]]:
+        if gpa < 0 or size < 0:
+            raise GuestMemoryError(f"negative GPA or size ({gpa:#x}, {size})")
+        out, cur, end = [], gpa, gpa + size
+        while cur < end:
+            r = self.region_at(cur)
+            if r is None:
+                raise GuestMemoryError(
+                    f"GPA range {gpa:#x}..{end:#x} is not fully backed by guest memory: "
+                    f"{cur:#x} is outside every memory region ({self._describe()})")
+            n = min(end, r.end) - cur
+            out.append((r, cur - r.guest_phys_addr, n))
+            cur += n
+        return out
+
+    def _describe(self) -> str:
+        if not self._regions:
+            return "the VM has no memory; add some with vm.add_memory()"
+        return "regions: " + ", ".join(f"{r.guest_phys_addr:#x}..{r.end:#x}" for r in self._regions)
+
+    def read(self, gpa: int, size: int) -> bytes:
+        return b"".join(bytes(r.view()[off:off + n]) for r, off, n in self._pieces(gpa, size))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        pieces = self._pieces(gpa, len(data))   # check the whole range before writing any of it
+        pos = 0
+        for r, off, n in pieces:
+            r.view()[off:off + n] = data[pos:pos + n]
+            pos += n
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A zero-copy, writable view of guest memory; the range must lie in one region."""
+        pieces = self._pieces(gpa, size)
+        if len(pieces) > 1:
+            raise GuestMemoryError(f"GPA range {gpa:#x}..{gpa + size:#x} spans memory regions; "
+                                   f"use read()/write(), which copy")
+        r, off, n = pieces[0]
+        return r.view()[off:off + n]
+
+    def read_int(self, gpa: int, size: int) -> int:
+        return int.from_bytes(self.read(gpa, size), "little")
+
+    def write_int(self, gpa: int, size: int, value: int) -> None:
+        self.write(gpa, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def load(self, gpa: int, source: str | os.PathLike[str] | BinaryIO) -> int:
+        """Copy a file (a path or a binary file object) into guest memory at gpa; return its size."""
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                data = f.read()
+        else:
+            data = source.read()
+        self.write(gpa, data)
+        return len(data)
+
+    def host_address(self, gpa: int) -> int:
+        r, off, _ = self._pieces(gpa, 1)[0]
+        return r.host_addr + off
