@@ -194,6 +194,8 @@ _SPECIAL: dict[str, type[PayloadExit]] = {
 
 
 def _class_name(reason: Any) -> str:
+    if reason.name == "UNKNOWN":     # KVM_EXIT_UNKNOWN: a hardware exit KVM itself did not know
+        return "UnknownHardwareExit"
     return "".join(p.capitalize() for p in reason.name.split("_")) + "Exit"
 
 

@@ -58,3 +58,80 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("what conformance checked")
         for line in SUMMARIES:
             terminalreporter.write_line(line)
+
+
+# ---- KVM and guests ---------------------------------------------------------
+
+GUESTS = ROOT / "tests" / "guests"
+LOAD_ADDR = 0x1000
+
+
+@pytest.fixture(scope="session")
+def assemble(tmp_path_factory):
+    """assemble(name, base=0x1000) -> bytes of tests/guests/<name>.S linked at base (cached)."""
+    need(shutil.which("as") is not None and shutil.which("ld") is not None,
+         "GNU as/ld (binutils) are not installed", REQUIRE_TOOLS or REQUIRE_KVM)
+    out = tmp_path_factory.mktemp("guests")
+    cache: dict[tuple[str, int], bytes] = {}
+
+    def build(name: str, base: int = LOAD_ADDR) -> bytes:
+        key = (name, base)
+        if key not in cache:
+            import subprocess
+            obj, binary = out / f"{name}-{base:x}.o", out / f"{name}-{base:x}.bin"
+            subprocess.run(["as", "--64", "-o", str(obj), str(GUESTS / f"{name}.S")], check=True)
+            subprocess.run(["ld", "-m", "elf_x86_64", f"-Ttext={base:#x}", "--oformat", "binary",
+                            "-o", str(binary), str(obj)], check=True)
+            cache[key] = binary.read_bytes()
+        return cache[key]
+    return build
+
+
+@pytest.fixture
+def kvm():
+    from kvm_bindings import Kvm, KvmUnavailable
+    try:
+        k = Kvm()
+    except KvmUnavailable as e:
+        need(False, f"no usable /dev/kvm: {e}", REQUIRE_KVM)
+        raise
+    with k:
+        yield k
+
+
+@pytest.fixture
+def vm(kvm):
+    """A VM with 64 KiB of memory at GPA 0 and the TSS placed where Intel needs it."""
+    with kvm.create_vm() as v:
+        v.set_tss_addr(0xFFFBD000)
+        v.add_memory(0, 0x10000)
+        yield v
+
+
+@pytest.fixture
+def real_mode(vm, assemble):
+    """real_mode(name) -> a vCPU about to run tests/guests/<name>.S in real mode at 0x1000."""
+    from kvm_bindings import x86
+
+    def start(name: str, vcpu_id: int = 0):
+        vm.memory.write(LOAD_ADDR, assemble(name))
+        vcpu = vm.create_vcpu(vcpu_id)
+        x86.setup_real_mode(vcpu, LOAD_ADDR)
+        return vcpu
+    return start
+
+
+GDT_ADDR = 0x500
+
+
+@pytest.fixture
+def protected_mode(vm, assemble):
+    """protected_mode(name) -> a vCPU about to run a .code32 guest at 0x1000, flat segments."""
+    from kvm_bindings import x86
+
+    def start(name: str, vcpu_id: int = 0):
+        vm.memory.write(LOAD_ADDR, assemble(name))
+        vcpu = vm.create_vcpu(vcpu_id)
+        x86.setup_protected_mode(vcpu, vm.memory, LOAD_ADDR, gdt_addr=GDT_ADDR, stack=0x8000)
+        return vcpu
+    return start

@@ -1,0 +1,130 @@
+"""x86 helpers every VMM otherwise rewrites: CPU modes, a flat GDT, identity paging, CPUID.
+
+The numbers here are the x86 architecture's (control-register bits, descriptor
+formats), not KVM's: KVM's own numbers and layouts always come from kvm_bindings.abi.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from .memory import GuestMemory
+from .vcpu import Vcpu
+
+# Architectural bits (Intel SDM vol. 3, 2.5 and 2.2.1).
+CR0_PE = 1 << 0      # protected mode
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_PG = 1 << 31     # paging
+CR4_PAE = 1 << 5
+EFER_LME = 1 << 8    # long mode enable
+EFER_LMA = 1 << 10   # long mode active
+PTE_PRESENT, PTE_WRITE, PTE_LARGE = 1 << 0, 1 << 1, 1 << 7
+
+# Flat GDT: null, 64-bit code, 32-bit code, data (base 0, limit 4 GiB).
+SEL_CODE64, SEL_CODE32, SEL_DATA = 0x08, 0x10, 0x18
+_GDT = (0, 0x00AF9A000000FFFF, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
+GDT_SIZE = 8 * len(_GDT)
+PAGE = 4096
+
+
+def _segment(seg: Any, selector: int, *, code: bool, long: bool = False, big: bool = True) -> None:
+    seg.base, seg.limit, seg.selector = 0, 0xFFFFFFFF, selector
+    seg.type = 0xB if code else 0x3     # execute/read or read/write, accessed
+    seg.present, seg.dpl, seg.s, seg.g, seg.avl = 1, 0, 1, 1, 0
+    seg.l = int(long)
+    seg.db = int(big and not long)
+    seg.unusable = 0
+
+
+def setup_real_mode(vcpu: Vcpu, entry: int, stack: int = 0) -> None:
+    """Real mode with every segment at base 0: the guest runs at physical address `entry` (< 64 KiB)."""
+    sregs = vcpu.get_sregs()
+    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        seg.base, seg.selector = 0, 0
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip, regs.rsp, regs.rflags = entry, stack, 2
+    vcpu.set_regs(regs)
+
+
+def write_gdt(memory: GuestMemory, gdt_addr: int) -> None:
+    """A flat GDT (SEL_CODE64, SEL_CODE32, SEL_DATA) at gdt_addr in guest memory."""
+    memory.write(gdt_addr, struct.pack(f"<{len(_GDT)}Q", *_GDT))
+
+
+def _load_gdt(sregs: Any, gdt_addr: int) -> None:
+    sregs.gdt.base, sregs.gdt.limit = gdt_addr, GDT_SIZE - 1
+
+
+def setup_protected_mode(vcpu: Vcpu, memory: GuestMemory, entry: int, *, gdt_addr: int,
+                         stack: int = 0) -> None:
+    """32-bit protected mode, flat segments, no paging; the GDT goes at gdt_addr."""
+    write_gdt(memory, gdt_addr)
+    sregs = vcpu.get_sregs()
+    _load_gdt(sregs, gdt_addr)
+    _segment(sregs.cs, SEL_CODE32, code=True)
+    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        _segment(seg, SEL_DATA, code=False)
+    sregs.cr0 |= CR0_PE | CR0_ET | CR0_NE
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip, regs.rsp, regs.rflags = entry, stack, 2
+    vcpu.set_regs(regs)
+
+
+def page_table_size(identity_gib: int = 1) -> int:
+    """Bytes of page tables setup_long_mode writes to identity-map identity_gib GiB."""
+    return PAGE * (2 + identity_gib)
+
+
+def write_identity_page_tables(memory: GuestMemory, pml4_addr: int, identity_gib: int = 1) -> int:
+    """Identity-map the first identity_gib GiB with 2 MiB pages; return CR3.
+
+    PML4 at pml4_addr, one PDPT after it, then one page directory per GiB.
+    """
+    if pml4_addr % PAGE or not 1 <= identity_gib <= 512:
+        raise ValueError("pml4_addr must be page-aligned and identity_gib in 1..512")
+    pdpt = pml4_addr + PAGE
+    flags = PTE_PRESENT | PTE_WRITE
+    memory.write(pml4_addr, struct.pack("<Q", pdpt | flags) + bytes(PAGE - 8))
+    pdpt_entries = [pml4_addr + PAGE * (2 + i) | flags for i in range(identity_gib)]
+    memory.write(pdpt, struct.pack(f"<{identity_gib}Q", *pdpt_entries) + bytes(PAGE - 8 * identity_gib))
+    for gib in range(identity_gib):
+        pd = [((gib << 30) + (i << 21)) | flags | PTE_LARGE for i in range(512)]
+        memory.write(pml4_addr + PAGE * (2 + gib), struct.pack("<512Q", *pd))
+    return pml4_addr
+
+
+def setup_long_mode(vcpu: Vcpu, memory: GuestMemory, entry: int, *, page_tables: int,
+                    gdt_addr: int, stack: int = 0, identity_gib: int = 1,
+                    set_cpuid: bool = True) -> None:
+    """64-bit long mode with the first identity_gib GiB identity-mapped.
+
+    Page tables take page_table_size(identity_gib) bytes at page_tables; the GDT
+    GDT_SIZE bytes at gdt_addr. Sets the vCPU's CPUID to what KVM supports first
+    (KVM refuses EFER.LME for a guest whose CPUID lacks long mode).
+    """
+    if set_cpuid:
+        set_supported_cpuid(vcpu)
+    cr3 = write_identity_page_tables(memory, page_tables, identity_gib)
+    write_gdt(memory, gdt_addr)
+    sregs = vcpu.get_sregs()
+    _load_gdt(sregs, gdt_addr)
+    _segment(sregs.cs, SEL_CODE64, code=True, long=True)
+    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        _segment(seg, SEL_DATA, code=False)
+    sregs.cr3 = cr3
+    sregs.cr4 |= CR4_PAE
+    sregs.efer |= EFER_LME | EFER_LMA
+    sregs.cr0 |= CR0_PE | CR0_PG | CR0_ET | CR0_NE
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip, regs.rsp, regs.rflags = entry, stack, 2
+    vcpu.set_regs(regs)
+
+
+def set_supported_cpuid(vcpu: Vcpu) -> None:
+    """Give the vCPU every CPUID leaf KVM supports on this host (KVM_GET_SUPPORTED_CPUID)."""
+    vcpu.set_cpuid2(vcpu.vm.kvm.supported_cpuid())

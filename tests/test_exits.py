@@ -1,0 +1,136 @@
+"""Real guests, real exits: each guest in tests/guests/ runs on /dev/kvm and the
+exits it causes are decoded and answered."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvm_bindings import ExitReason, HltExit, IoExit, MmioExit, ShutdownExit, abi
+
+
+def test_port_out_and_in_answered_by_the_handler(real_mode):
+    vcpu = real_mode("port_io")
+    out = vcpu.run()
+    assert isinstance(out, IoExit) and out.reason is ExitReason.IO
+    assert (out.port, out.size, out.count, out.is_write, bytes(out.data)) == (0x3F8, 1, 1, True, b"H")
+    assert out.data.readonly
+
+    inp = vcpu.run()
+    assert isinstance(inp, IoExit) and not inp.is_write and inp.port == 0x3F8
+    inp.data[0] = 0x5A                  # the answer the guest's IN receives
+
+    echo = vcpu.run()
+    assert (echo.port, bytes(echo.data)) == (0x3F9, b"\x5a")
+
+
+def test_rep_outsb_exposes_every_element(real_mode):
+    vcpu = real_mode("port_io")
+    for _ in range(3):
+        e = vcpu.run()
+        if e.port == 0x3F8 and not e.is_write:
+            e.data[0] = 0
+    text = b""
+    while True:
+        e = vcpu.run()
+        if isinstance(e, HltExit):
+            break
+        assert isinstance(e, IoExit) and e.port == 0x3F8 and e.is_write and e.size == 1
+        assert len(e.data) == e.count
+        text += bytes(e.data)
+    assert text == b"hello, kvm"
+
+
+def test_mmio_write_read_and_readonly_slot(vm, real_mode):
+    ro = vm.add_memory(0x20000, 0x1000, readonly=True)
+    vm.memory.write(ro.guest_phys_addr, (0x600DF00D).to_bytes(4, "little"))
+    vcpu = real_mode("mmio")
+
+    w = vcpu.run()
+    assert isinstance(w, MmioExit) and w.is_write
+    assert (w.phys_addr, bytes(w.data)) == (0xD0010, (0xCAFEF00D).to_bytes(4, "little"))
+
+    r = vcpu.run()
+    assert isinstance(r, MmioExit) and not r.is_write and (r.phys_addr, len(r.data)) == (0xD0020, 4)
+    r.data[:] = (0x12345678).to_bytes(4, "little")
+
+    echo = vcpu.run()
+    assert isinstance(echo, IoExit) and bytes(echo.data) == (0x12345678).to_bytes(4, "little")
+
+    rw = vcpu.run()                      # a write to the read-only slot
+    assert isinstance(rw, MmioExit) and rw.is_write
+    assert (rw.phys_addr, bytes(rw.data)) == (0x20008, (0xBEEF).to_bytes(2, "little"))
+
+    seen = vcpu.run()                    # the read from it needed no exit
+    assert bytes(seen.data) == (0x600DF00D).to_bytes(4, "little")
+    assert vm.memory.read(0x20008, 2) == b"\0\0"    # the write did not land
+    assert isinstance(vcpu.run(), HltExit)
+
+
+def test_hlt_exits_with_hlt(real_mode):
+    e = real_mode("hlt").run()
+    assert isinstance(e, HltExit) and e.reason is ExitReason.HLT
+
+
+def test_triple_fault_is_a_shutdown(protected_mode):
+    e = protected_mode("triple_fault").run()
+    assert isinstance(e, ShutdownExit) and e.reason is ExitReason.SHUTDOWN
+
+
+def test_single_step_reports_each_instruction(real_mode):
+    vcpu = real_mode("single_step")
+    vcpu.single_step(True)
+    pcs = []
+    for _ in range(4):
+        e = vcpu.run()
+        assert e.reason is ExitReason.DEBUG
+        pcs.append(e.arch.pc)
+    # nop (1 byte), inc %ax (1), inc %bx (1), nop (1): each step lands on the next
+    assert pcs == [0x1001, 0x1002, 0x1003, 0x1004]
+    vcpu.single_step(False)
+    assert isinstance(vcpu.run(), HltExit)
+
+
+def test_msr_accesses_exit_to_userspace_and_are_answered(vm, protected_mode):
+    vm.require(abi.Capability.X86_USER_SPACE_MSR, "MSR exits")
+    vm.enable_cap(abi.Capability.X86_USER_SPACE_MSR, abi.KVM_MSR_EXIT_REASON_UNKNOWN)
+    vcpu = protected_mode("msr")
+
+    w = vcpu.run()
+    assert w.reason is ExitReason.X86_WRMSR
+    assert (w.index, w.data) == (0xDEAD, 0x12345678_0BADC0DE)
+    w.reply()                             # accept the write
+
+    r = vcpu.run()
+    assert r.reason is ExitReason.X86_RDMSR and r.index == 0xDEAD
+    r.reply(0xAABBCCDD_11223344)
+
+    echo = vcpu.run()
+    assert bytes(echo.data) == (0x11223344).to_bytes(4, "little")
+
+
+def test_exit_reason_the_bindings_do_not_know_is_unknown_exit(real_mode):
+    from kvm_bindings.exits import UnknownExit
+    vcpu = real_mode("hlt")
+    e = vcpu._decoder.decode(max(int(r) for r in ExitReason) + 100)
+    assert isinstance(e, UnknownExit) and e.reason == max(int(r) for r in ExitReason) + 100
+    assert "UnknownExit" in repr(e)
+    assert vcpu.run().reason is ExitReason.HLT
+
+
+def test_every_exit_reason_has_its_own_class_with_its_members_fields():
+    from kvm_bindings import exits
+    from kvm_bindings._layout import member
+    for reason in ExitReason:
+        cls = exits.EXIT_CLASSES[reason]
+        assert reason.name.replace("_", "").lower() in cls.__name__.lower() or cls in (
+            IoExit, MmioExit, exits.InterruptedExit)
+        name = abi.EXIT_MEMBERS.get(f"KVM_EXIT_{reason.name}")
+        if name is not None and cls not in (IoExit, MmioExit):
+            assert issubclass(cls, exits.PayloadExit)
+            member(abi.kvm_run, name)      # the member exists in kvm_run
+
+
+@pytest.mark.parametrize("guest", ["port_io", "hlt"])
+def test_exit_repr_names_reason_and_fields(real_mode, guest):
+    e = real_mode(guest).run()
+    assert e.reason.name in repr(e)
