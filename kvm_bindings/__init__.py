@@ -2,34 +2,48 @@
 
 Kvm (/dev/kvm) -> Vm (KVM_CREATE_VM) -> Vcpu (KVM_CREATE_VCPU) and Device, as in
 the kernel. The generated ABI (constants, ctypes structs, ioctls) is
-kvm_bindings.abi.
+kvm_bindings.abi; its per-arch modules (kvm_bindings.abi.x86_64) import on any
+host, so the runtime below is loaded only when one of its names is used.
 """
 
 from __future__ import annotations
 
-from .abi import Capability, ExitReason
-from .device import Device
-from .errors import GuestMemoryError, KvmError, KvmUnavailable, KvmUnsupported
-from .exits import (
-    Exit,
-    HltExit,
-    InterruptedExit,
-    IoExit,
-    MmioExit,
-    MsrExit,
-    PayloadExit,
-    ShutdownExit,
-    SimpleExit,
-    UnknownExit,
-)
-from .memory import GuestMemory, MemoryRegion
-from .system import Kvm
-from .vcpu import Vcpu
-from .vm import Vm
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "Capability", "Device", "Exit", "ExitReason", "GuestMemory", "GuestMemoryError", "HltExit",
-    "InterruptedExit", "IoExit", "Kvm", "KvmError", "KvmUnavailable", "KvmUnsupported",
-    "MemoryRegion", "MmioExit", "MsrExit", "PayloadExit", "ShutdownExit", "SimpleExit",
-    "UnknownExit", "Vcpu", "Vm",
-]
+_EXPORTS = {
+    "Capability": "abi", "ExitReason": "abi",
+    "Device": "device",
+    "GuestMemoryError": "errors", "KvmError": "errors", "KvmUnavailable": "errors",
+    "KvmUnsupported": "errors",
+    "Exit": "exits", "HltExit": "exits", "InterruptedExit": "exits", "IoExit": "exits",
+    "MmioExit": "exits", "MsrExit": "exits", "PayloadExit": "exits", "ShutdownExit": "exits",
+    "SimpleExit": "exits", "UnknownExit": "exits",
+    "GuestMemory": "memory", "MemoryRegion": "memory",
+    "Kvm": "system", "Vcpu": "vcpu", "Vm": "vm",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .abi import Capability, ExitReason
+    from .device import Device
+    from .errors import GuestMemoryError, KvmError, KvmUnavailable, KvmUnsupported
+    from .exits import (Exit, HltExit, InterruptedExit, IoExit, MmioExit, MsrExit, PayloadExit,
+                        ShutdownExit, SimpleExit, UnknownExit)
+    from .memory import GuestMemory, MemoryRegion
+    from .system import Kvm
+    from .vcpu import Vcpu
+    from .vm import Vm
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvm_bindings' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

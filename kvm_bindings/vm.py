@@ -220,6 +220,9 @@ class Vm(FdObject):
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and local APICs (create vCPUs after)."""
         self.require(abi.Capability.IRQCHIP, "KVM_CREATE_IRQCHIP")
+        if self.vcpus:
+            raise KvmError("KVM_CREATE_IRQCHIP", errno.EINVAL,
+                           "the in-kernel irqchip must be created before any vCPU")
         self.ioctl(abi.KVM_CREATE_IRQCHIP)
 
     def get_irqchip(self, chip_id: int) -> Any:

@@ -1,0 +1,95 @@
+"""Interrupt delivery and the exit-less paths: irqfd, ioeventfd, coalesced MMIO."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kvm_bindings import HltExit, IoExit, MmioExit
+
+
+@pytest.fixture
+def eventfd():
+    fds = []
+
+    def make(flags: int = os.EFD_NONBLOCK) -> int:
+        fds.append(os.eventfd(0, flags))
+        return fds[-1]
+    yield make
+    for fd in fds:
+        os.close(fd)
+
+
+def test_irqfd_delivers_an_interrupt_to_the_guest_handler(vm, assemble, eventfd):
+    from kvm_bindings import x86
+    vm.create_irqchip()                       # before any vCPU exists
+    vm.memory.write(0x1000, assemble("irq"))
+    vcpu = vm.create_vcpu(0)
+    x86.setup_real_mode(vcpu, 0x1000, stack=0x8000)
+    efd = eventfd()
+    vm.irqfd(efd, 5)
+
+    ready = vcpu.run()
+    assert isinstance(ready, IoExit) and ready.port == 0x3F8
+    os.eventfd_write(efd, 1)                  # raise IRQ 5 through the irqfd
+    handled = vcpu.run()                      # the guest sleeps in hlt until the interrupt
+    assert isinstance(handled, IoExit) and handled.port == 0x3F9 and bytes(handled.data) == b"\x25"
+    vm.irqfd_remove(efd, 5)
+
+
+def test_irq_line_injects_through_the_in_kernel_pic(vm, assemble):
+    from kvm_bindings import x86
+    vm.create_irqchip()
+    vm.memory.write(0x1000, assemble("irq"))
+    vcpu = vm.create_vcpu(0)
+    x86.setup_real_mode(vcpu, 0x1000, stack=0x8000)
+    assert vcpu.run().port == 0x3F8
+    vm.irq_line(5, 1)
+    vm.irq_line(5, 0)                         # an edge
+    handled = vcpu.run()
+    assert handled.port == 0x3F9
+
+
+def test_irqfd_with_resample_is_accepted(vm, eventfd):
+    vm.create_irqchip()
+    vm.irqfd(eventfd(), 10, resample_fd=eventfd())
+
+
+def test_ioeventfd_counts_guest_writes_without_exits(vm, real_mode, eventfd):
+    pio, matched = eventfd(), eventfd()
+    vm.ioeventfd(pio, 0x500, 1, pio=True)
+    vm.ioeventfd(matched, 0xD0000, 2, datamatch=0x1234)
+    vcpu = real_mode("ioeventfd")
+    e = vcpu.run()                            # the five port writes and the matched MMIO write: no exits
+    assert isinstance(e, MmioExit) and bytes(e.data) == (0x9999).to_bytes(2, "little")
+    assert os.eventfd_read(pio) == 5
+    assert os.eventfd_read(matched) == 1
+    assert vcpu.run().port == 0x3F8
+    assert isinstance(vcpu.run(), HltExit)
+    vm.ioeventfd_remove(pio, 0x500, 1, pio=True)
+
+
+def test_coalesced_mmio_ring_holds_the_writes_in_order(vm, real_mode):
+    vm.register_coalesced_mmio(0xE0000, 0x1000)
+    vcpu = real_mode("coalesced")
+    e = vcpu.run()
+    assert isinstance(e, IoExit) and e.port == 0x3F8    # no MMIO exits before this one
+    assert vcpu.coalesced_mmio() == [
+        (0xE0000, b"\x11", False),
+        (0xE0010, b"\x22\x22", False),
+        (0xE0020, b"\x33\x33\x33\x33", False),
+    ]
+    assert vcpu.coalesced_mmio() == []          # drained
+    vm.unregister_coalesced_mmio(0xE0000, 0x1000)
+
+
+def test_irqchip_state_round_trips(vm):
+    vm.create_irqchip()
+    vm.create_pit2()
+    pic = vm.get_irqchip(0)
+    vm.set_irqchip(pic)
+    pit = vm.get_pit2()
+    vm.set_pit2(pit)
+    ioapic = vm.get_irqchip(2)
+    assert ioapic.chip.ioapic.redirtbl[0].fields.mask in (0, 1)

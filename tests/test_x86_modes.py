@@ -1,0 +1,57 @@
+"""kvm_bindings.x86 puts a vCPU in real, protected or long mode, and real guests run there."""
+
+from __future__ import annotations
+
+from kvm_bindings import HltExit, IoExit, x86
+
+from .conftest import GDT_ADDR, LOAD_ADDR
+
+
+def test_real_mode_runs_code_at_the_entry_point(real_mode):
+    vcpu = real_mode("hlt")
+    assert isinstance(vcpu.run(), HltExit)
+    assert vcpu.get_regs().rip == LOAD_ADDR + 1          # just past the hlt
+
+
+def test_protected_mode_has_pe_set_and_reaches_past_1mib(vm, protected_mode):
+    vm.add_memory(0x100000, 0x1000)
+    vcpu = protected_mode("protected")
+    report = vcpu.run()
+    assert isinstance(report, IoExit)
+    cr0 = int.from_bytes(report.data, "little")
+    assert cr0 & x86.CR0_PE and not cr0 & x86.CR0_PG
+    assert isinstance(vcpu.run(), HltExit)
+    assert vm.memory.read(0x100000, 4) == b"2222"
+
+
+def test_long_mode_guest_writes_a_64_bit_value(vm, assemble):
+    vm.memory.write(LOAD_ADDR, assemble("long_mode"))
+    vcpu = vm.create_vcpu(0)
+    x86.setup_long_mode(vcpu, vm.memory, LOAD_ADDR, page_tables=0x8000, gdt_addr=GDT_ADDR,
+                        stack=0x7000)
+    sregs = vcpu.get_sregs()
+    assert sregs.efer & x86.EFER_LMA and sregs.cs.l == 1
+    efer = vcpu.run()
+    assert isinstance(efer, IoExit) and int.from_bytes(efer.data, "little") & x86.EFER_LMA
+    assert isinstance(vcpu.run(), HltExit)
+    assert vm.memory.read_int(0x6000, 8) == 0x1122334455667788
+
+
+def test_identity_page_tables_map_each_2mib_page_to_itself(vm):
+    vm.add_memory(0x100000, x86.page_table_size(2))
+    cr3 = x86.write_identity_page_tables(vm.memory, 0x100000, identity_gib=2)
+    pml4 = vm.memory.read_int(cr3, 8)
+    pdpt = pml4 & ~0xFFF
+    pd1 = vm.memory.read_int(pdpt + 8, 8) & ~0xFFF          # second GiB
+    entry = vm.memory.read_int(pd1 + 3 * 8, 8)
+    assert entry & ~0xFFF == (1 << 30) + 3 * (2 << 20)
+    assert entry & (x86.PTE_PRESENT | x86.PTE_WRITE | x86.PTE_LARGE) == \
+        x86.PTE_PRESENT | x86.PTE_WRITE | x86.PTE_LARGE
+
+
+def test_translate_walks_the_guests_page_tables(vm, assemble):
+    vm.memory.write(LOAD_ADDR, assemble("long_mode"))
+    vcpu = vm.create_vcpu(0)
+    x86.setup_long_mode(vcpu, vm.memory, LOAD_ADDR, page_tables=0x8000, gdt_addr=GDT_ADDR)
+    tr = vcpu.translate(0x6123)
+    assert tr.valid and tr.physical_address == 0x6123
