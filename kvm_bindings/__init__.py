@@ -21,14 +21,47 @@ _EXPORTS = {
     "GuestMemory": "memory", "MemoryRegion": "memory",
     "Kvm": "system", "Vcpu": "vcpu", "Vm": "vm",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Capability",
+    "Device",
+    "Exit",
+    "ExitReason",
+    "GuestMemory",
+    "GuestMemoryError",
+    "HltExit",
+    "InterruptedExit",
+    "IoExit",
+    "Kvm",
+    "KvmError",
+    "KvmUnavailable",
+    "KvmUnsupported",
+    "MemoryRegion",
+    "MmioExit",
+    "MsrExit",
+    "PayloadExit",
+    "ShutdownExit",
+    "SimpleExit",
+    "UnknownExit",
+    "Vcpu",
+    "Vm",
+]
 
 if TYPE_CHECKING:
     from .abi import Capability, ExitReason
     from .device import Device
     from .errors import GuestMemoryError, KvmError, KvmUnavailable, KvmUnsupported
-    from .exits import (Exit, HltExit, InterruptedExit, IoExit, MmioExit, MsrExit, PayloadExit,
-                        ShutdownExit, SimpleExit, UnknownExit)
+    from .exits import (
+        Exit,
+        HltExit,
+        InterruptedExit,
+        IoExit,
+        MmioExit,
+        MsrExit,
+        PayloadExit,
+        ShutdownExit,
+        SimpleExit,
+        UnknownExit,
+    )
     from .memory import GuestMemory, MemoryRegion
     from .system import Kvm
     from .vcpu import Vcpu

@@ -233,16 +233,23 @@ class Decoder:
     _reason_fmt = struct.Struct("<I")
     _io_out = abi.KVM_EXIT_IO_OUT
 
+    # {reason: (offset in kvm_run, ctypes type of the member)}, built once on first use
+    _members: dict[int, tuple[int, Any]] = {}
+    _reasons: dict[int, Any] = {}
+
     def __init__(self, vcpu: Any, page: Any) -> None:
         self.vcpu = vcpu
         self.page = page
         self.rw = memoryview(page)
         self.ro = self.rw.toreadonly()
-        self.members = {int(ExitReason[r[len("KVM_EXIT_"):]]): (offset_of(abi.kvm_run, m),
-                                                               member(abi.kvm_run, m)[1])
-                        for r, m in abi.EXIT_MEMBERS.items() if r[len("KVM_EXIT_"):] in
-                        ExitReason.__members__}
-        self.reasons = {int(r): r for r in ExitReason}
+        if not Decoder._reasons:
+            by_name = ExitReason.__members__
+            Decoder._members = {
+                int(by_name[r[len("KVM_EXIT_"):]]): (offset_of(abi.kvm_run, m), member(abi.kvm_run, m)[1])
+                for r, m in abi.EXIT_MEMBERS.items() if r[len("KVM_EXIT_"):] in by_name}
+            Decoder._reasons = {int(r): r for r in ExitReason}
+        self.members = Decoder._members
+        self.reasons = Decoder._reasons
 
     def release(self) -> None:
         self.ro.release()

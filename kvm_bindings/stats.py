@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from . import abi
 from ._fd import FdObject
+from ._layout import member
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Stats(FdObject):
         raw = os.pread(fd, desc_size * header.num_desc, header.desc_offset)
         types, units = _names("KVM_STATS_TYPE_"), _names("KVM_STATS_UNIT_")
         bases = {abi.KVM_STATS_BASE_POW10: 10, abi.KVM_STATS_BASE_POW2: 2}
-        name_at = abi.kvm_stats_desc.name.offset
+        name_at = member(abi.kvm_stats_desc, "name")[0]
         self.descriptors: list[StatDescriptor] = []
         for i in range(header.num_desc):
             chunk = raw[i * desc_size:(i + 1) * desc_size]

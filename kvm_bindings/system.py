@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from typing import Any
@@ -28,6 +27,7 @@ class Kvm(FdObject):
         super().__init__(fd)
         self.path = path
         self._caps: dict[int, int] = {}
+        self._mmap_size: int | None = None
         try:
             self.api_version = self.ioctl(abi.KVM_GET_API_VERSION)
             if self.api_version != abi.KVM_API_VERSION:
@@ -60,7 +60,9 @@ class Kvm(FdObject):
     @property
     def vcpu_mmap_size(self) -> int:
         """KVM_GET_VCPU_MMAP_SIZE: bytes to mmap on each vCPU fd (kvm_run and rings)."""
-        return self.ioctl(abi.KVM_GET_VCPU_MMAP_SIZE)
+        if self._mmap_size is None:
+            self._mmap_size = self.ioctl(abi.KVM_GET_VCPU_MMAP_SIZE)
+        return self._mmap_size
 
     @property
     def recommended_vcpus(self) -> int:
@@ -75,9 +77,9 @@ class Kvm(FdObject):
         return self.check_extension(abi.Capability.MAX_VCPU_ID) or self.max_vcpus
 
     # -- x86 CPUID and MSRs
-    def _cpuid(self, number: int, name: str, cap: int) -> Any:
+    def _cpuid(self, number: int, name: str, cap: int, start: int = 64) -> Any:
         self.require(cap, name)
-        n = 64
+        n = start
         while True:
             cpuid = abi.kvm_cpuid2.alloc(n)
             try:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import abi
 from ._fd import FdObject, _ioctl
-from ._layout import offset_of
+from ._layout import member, offset_of
 from .errors import KvmError, KvmUnsupported
 from .exits import Decoder, Exit, InterruptedExit
 
@@ -349,7 +349,7 @@ class Vcpu(FdObject):
         # The ring fills the rest of its page (KVM_COALESCED_MMIO_MAX, which needs PAGE_SIZE).
         slots = (mmap.PAGESIZE - ctypes.sizeof(abi.kvm_coalesced_mmio_ring)) // entry_size
         entries = (abi.kvm_coalesced_mmio * slots).from_buffer(
-            self._page, page * mmap.PAGESIZE + abi.kvm_coalesced_mmio_ring.coalesced_mmio.offset)
+            self._page, page * mmap.PAGESIZE + member(abi.kvm_coalesced_mmio_ring, "coalesced_mmio")[0])
         out = []
         first = ring.first
         while first != ring.last:

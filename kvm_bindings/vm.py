@@ -61,12 +61,7 @@ class Vm(FdObject):
     # -- memory
     def _free_slot(self) -> int:
         used = {r.slot for r in self.memory.regions}
-        limit = self.check_extension(abi.Capability.NR_MEMSLOTS) or 32
-        for slot in range(limit):
-            if slot not in used:
-                return slot
-        raise KvmError("KVM_SET_USER_MEMORY_REGION", errno.ENOSPC,
-                       f"all {limit} memory slots are in use")
+        return next(slot for slot in range(len(used) + 1) if slot not in used)
 
     def add_memory(self, guest_phys_addr: int, size: int, *, readonly: bool = False,
                    log_dirty: bool = False, slot: int | None = None,
@@ -98,6 +93,12 @@ class Vm(FdObject):
                               flags, backing, guest_memfd, guest_memfd_offset)
         try:
             self._set_region(region)
+        except KvmError as e:
+            region._unmap()
+            limit = self.check_extension(abi.Capability.NR_MEMSLOTS)
+            if e.errno == errno.EINVAL and limit and region.slot >= limit:
+                raise KvmError(e.ioctl, errno.ENOSPC, f"all {limit} memory slots are in use") from None
+            raise
         except BaseException:
             region._unmap()
             raise

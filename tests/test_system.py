@@ -151,3 +151,38 @@ def test_signal_mask(vm):
     vcpu = vm.create_vcpu(0)
     vcpu.set_signal_mask([signal.SIGUSR2])
     vcpu.set_signal_mask(None)
+
+
+def test_cpuid_buffer_grows_on_e2big(kvm):
+    """Starting with room for 2 entries, KVM answers E2BIG until the buffer is big enough."""
+    small = kvm._cpuid(abi.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID",
+                       Capability.EXT_CPUID, start=2)
+    assert small.nent > 2 and small.nent == kvm.supported_cpuid().nent
+
+
+def test_a_capability_this_host_lacks_raises_kvm_unsupported(kvm):
+    from kvm_bindings import KvmUnsupported
+    with kvm.create_vm() as vm:
+        missing = [c for c in (Capability.MEMORY_ATTRIBUTES, Capability.S390_UCONTROL,
+                               Capability.PPC_HTAB_FD) if not vm.check_extension(c)]
+        assert missing, "this host has every capability probed here"
+        if Capability.MEMORY_ATTRIBUTES in missing:
+            with pytest.raises(KvmUnsupported, match="KVM_CAP_MEMORY_ATTRIBUTES"):
+                vm.set_memory_attributes(0, 0x1000, abi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        with pytest.raises(KvmUnsupported, match=f"KVM_CAP_{missing[-1].name}"):
+            vm.require(missing[-1], "a feature this host lacks")
+
+
+def test_identity_map_addr(kvm):
+    with kvm.create_vm() as vm:
+        vm.set_identity_map_addr(0xFFFBC000)
+
+
+def test_manual_dirty_log_clear(vm, real_mode):
+    vm.enable_cap(Capability.MANUAL_DIRTY_LOG_PROTECT2, abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+    region = vm.memory.regions[0]
+    vm.set_dirty_logging(region, True)
+    vcpu = real_mode("dirty")
+    vcpu.run()
+    assert 0x5000 in vm.dirty_log(region)
+    vm.clear_dirty_log(region)

@@ -1,0 +1,98 @@
+"""python -m kvm_bindings demo | info [--json]"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from importlib import resources
+from typing import Any
+
+from . import Kvm, KvmError, abi
+
+LOAD_ADDR = 0x1000   # where guests/greeting.bin was linked (ld -Ttext=0x1000)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Run the bundled guest: it prints a greeting through port 0x3f8, one OUT at a time."""
+    from . import IoExit, x86
+    code = resources.files("kvm_bindings").joinpath("guests/greeting.bin").read_bytes()
+    exits: collections.Counter[str] = collections.Counter()
+    text = bytearray()
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vm.set_tss_addr(0xFFFBD000)
+        vm.add_memory(0, 0x10000)
+        vm.memory.write(LOAD_ADDR, code)
+        vcpu = vm.create_vcpu(0)
+        x86.setup_real_mode(vcpu, LOAD_ADDR)
+        start = time.perf_counter()
+        while True:
+            e = vcpu.run()
+            exits[type(e).__name__] += 1
+            if isinstance(e, IoExit) and e.port == 0x3F8 and e.is_write:
+                text += e.data
+                sys.stdout.write(bytes(e.data).decode(errors="replace"))
+                sys.stdout.flush()
+                continue
+            break
+        elapsed = time.perf_counter() - start
+        print(f"guest stopped with {e!r}")
+        print(f"{sum(exits.values())} exits in {elapsed * 1000:.1f} ms: "
+              + ", ".join(f"{n} x{c}" for n, c in exits.most_common()))
+    return 0 if text.startswith(b"Hello") and e.reason == abi.ExitReason.HLT else 1
+
+
+def info(args: argparse.Namespace) -> int:
+    """What this host's KVM supports."""
+    with Kvm() as kvm:
+        report: dict[str, Any] = {
+            "api_version": kvm.api_version,
+            "bindings_kernel": abi.KERNEL_VERSION,
+            "vcpu_mmap_size": kvm.vcpu_mmap_size,
+            "max_vcpus": kvm.max_vcpus,
+            "vm_types": kvm.vm_types(),
+            "capabilities": {f"KVM_CAP_{c.name}": v for c, v in kvm.capabilities().items()},
+        }
+        for key, get in (("supported_cpuid_entries", lambda: kvm.supported_cpuid().nent),
+                         ("emulated_cpuid_entries", lambda: kvm.emulated_cpuid().nent),
+                         ("msr_indices", lambda: len(kvm.msr_index_list())),
+                         ("feature_msrs", lambda: len(kvm.feature_msr_index_list()))):
+            try:
+                report[key] = get()
+            except KvmError as e:
+                report[key] = f"unavailable: {e}"
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    caps = report.pop("capabilities")
+    for k, v in report.items():
+        print(f"{k:26} {v}")
+    have = sum(1 for v in caps.values() if v)
+    print(f"capabilities               {have} of {len(caps)} present")
+    for name, value in caps.items():
+        print(f"  {name:40} {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvm_bindings", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("demo", help=demo.__doc__).set_defaults(func=demo)
+    p = sub.add_parser("info", help=info.__doc__)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=info)
+    args = ap.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KvmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:     # output piped into head and the like
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
