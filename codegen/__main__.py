@@ -29,7 +29,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_pin(args: argparse.Namespace) -> int:
     from . import fetch
-    entry = fetch.pin(args.version, args.pypi)
+    entry = fetch.pin(args.version, pypi=args.pypi, debian=args.debian)
     print(f"pinned {args.version}: {len(entry['files'])} headers, arches {', '.join(entry['arches'])}")
     return 0
 
@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("pin", help="pin a new kernel version's header source in the manifest")
     p.add_argument("version")
-    p.add_argument("--pypi", required=True, help="PACKAGE==VERSION, e.g. ziglang==0.17.0")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pypi", help="PACKAGE==VERSION, e.g. ziglang==0.17.0")
+    src.add_argument("--debian", action="append",
+                     help="PACKAGE=VERSION of a linux-libc-dev-<arch>-cross package (repeat per arch; "
+                          "the first also gives linux/ and asm-generic/)")
     p.set_defaults(func=cmd_pin)
 
     for name, func, text in (("generate", cmd_generate, "write ctypes modules"),

@@ -58,7 +58,7 @@ ARCHES: dict[str, Arch] = {
 }
 
 # The arches whose modules are generated and shipped today.
-SHIPPED_ARCHES = ("x86_64",)
+SHIPPED_ARCHES = ("x86_64", "arm64", "riscv64")
 
 
 def get_arch(name: str) -> Arch:

@@ -25,7 +25,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("ExitReason", "KVM_EXIT_", "Why KVM_RUN returned: kvm_run.exit_reason.",
            exclude=(r"KVM_EXIT_IO_(IN|OUT)", r"KVM_EXIT_HYPERV_\w+", r"KVM_EXIT_XEN_\w+",
                     r"KVM_EXIT_\w+_FLAG_\w+", r"KVM_EXIT_HYPERCALL_\w+",
-                    r"KVM_EXIT_NOTIFY_\w+", r"KVM_EXIT_\w+_(VALID|MASK)\w*"),
+                    r"KVM_EXIT_NOTIFY_\w+", r"KVM_EXIT_\w+_(VALID|MASK)\w*", r"KVM_EXIT_FAIL_ENTRY_\w+"),
            unique=True),
     Family("IoDirection", "KVM_EXIT_IO_", "Direction of a KVM_EXIT_IO exit: kvm_run.io.direction.",
            unique=True),

@@ -1,17 +1,20 @@
-"""Fetch pinned kernel uapi headers, verifying the archive and every header.
+"""Fetch pinned kernel uapi headers, verifying each archive and every header.
 
-Sources are immutable registry artifacts: a PyPI wheel of ziglang carries the
-installed uapi headers of one kernel release. The manifest pins the file name
-and sha256 of the wheel and the sha256 of every header the KVM headers pull in,
-so a fetch either reproduces exactly the pinned tree or fails.
+Sources are registry artifacts pinned by file name and sha256: a PyPI wheel of
+ziglang (installed uapi headers of one kernel release, every arch), or Debian's
+linux-libc-dev-<arch>-cross packages (one per arch). The manifest also pins the
+sha256 of every header the KVM headers pull in, so a fetch either reproduces
+exactly the pinned tree or fails.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -37,6 +40,10 @@ ZIG_ARCH_DIRS = {"x86_64": "x86-linux-any", "arm64": "aarch64-linux-any",
                  "riscv64": "riscv-linux-any"}
 
 
+class Unfetchable(GeneratorError):
+    """The registry did not hand over a pinned archive."""
+
+
 def _pip_download(package: str, version: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--platform", WHEEL_PLATFORM, "--disable-pip-version-check", "-q",
@@ -45,8 +52,87 @@ def _pip_download(package: str, version: str, dest: Path) -> Path:
     wheels = list(dest.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise GeneratorError(f"could not download {package}=={version} from PyPI: {last}")
+        raise Unfetchable(f"could not download {package}=={version} from PyPI: {last}")
     return wheels[0]
+
+
+def _apt_download(package: str, version: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=dest,
+                          capture_output=True, text=True)
+    debs = list(dest.glob(f"{package}_*.deb"))
+    if proc.returncode != 0 or len(debs) != 1:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise Unfetchable(f"could not download {package}={version} with apt-get "
+                             f"(run apt-get update first): {last}")
+    return debs[0]
+
+
+def _deb_data(deb: Path) -> tarfile.TarFile:
+    """The data.tar.* member of a .deb (an ar archive), opened."""
+    data = deb.read_bytes()
+    if data[:8] != b"!<arch>\n":
+        raise GeneratorError(f"{deb.name} is not a Debian package")
+    pos = 8
+    while pos + 60 <= len(data):
+        header = data[pos:pos + 60]
+        name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
+        if name.startswith("data.tar"):
+            return tarfile.open(fileobj=io.BytesIO(data[pos + 60:pos + 60 + size]), mode="r:*")
+        pos += 60 + size + (size & 1)
+    raise GeneratorError(f"{deb.name} has no data.tar member")
+
+
+def _extract_deb(deb: Path, dest: Path, with_common: bool) -> str:
+    """Unpack usr/<triplet>/include from a linux-libc-dev-*-cross package; return its arch."""
+    triplets = {a.multiarch: a for a in ARCHES.values()}
+    arch = None
+    with _deb_data(deb) as tar:
+        for member in tar.getmembers():
+            parts = Path(member.name).parts    # "./usr/<triplet>/include/..." without the "."
+            if len(parts) < 5 or parts[0] != "usr" or parts[2] != "include" or not member.isfile():
+                continue
+            found = triplets.get(parts[1])
+            if found is None:
+                continue
+            arch = found
+            sub = parts[3]
+            if sub == "asm":
+                out = dest / arch.header_dir / Path(*parts[3:])
+            elif sub in ("linux", "asm-generic") and with_common:
+                out = dest / "common" / Path(*parts[3:])
+            else:
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tar.extractfile(member).read())   # type: ignore[union-attr]
+    if arch is None:
+        raise GeneratorError(f"{deb.name} holds no usr/<triplet>/include for a known arch")
+    return arch.name
+
+
+def _download_tree(source: dict, tmp: Path, version: str) -> Path:
+    """Download a pinned source, check each archive's name and sha256, unpack the headers."""
+    tree = tmp / "tree"
+    if source["kind"] == "pypi-wheel":
+        archives = [(source, _pip_download(source["package"], source["version"], tmp / "dl"))]
+    elif source["kind"] == "debian-packages":
+        archives = [(p, _apt_download(p["package"], p["version"], tmp / "dl" / p["package"]))
+                    for p in source["packages"]]
+    else:
+        raise GeneratorError(f"{version}: unknown source kind {source['kind']!r}")
+    for i, (pinned, path) in enumerate(archives):
+        if path.name != pinned["file"]:
+            raise GeneratorError(f"kernel {version}: the registry served {path.name}, the manifest "
+                                 f"pins {pinned['file']}")
+        digest = sha256_file(path)
+        if digest != pinned["sha256"]:
+            raise GeneratorError(f"kernel {version}: {path.name} has sha256 {digest}, "
+                                 f"the manifest pins {pinned['sha256']}")
+        if source["kind"] == "pypi-wheel":
+            _extract_tree(path, tree)
+        else:
+            _extract_deb(path, tree, with_common=i == 0)
+    return tree
 
 
 def _extract_tree(wheel: Path, dest: Path) -> None:
@@ -82,28 +168,43 @@ def _closure(tree: Path, arch_dir: str) -> set[str]:
     return out
 
 
-def pin(version: str, pypi: str) -> dict:
-    """Download a source once and write its manifest entry (a maintainer's step)."""
-    package, _, pkg_version = pypi.partition("==")
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = _pip_download(package, pkg_version, Path(tmp) / "dl")
-        tree = Path(tmp) / "tree"
-        _extract_tree(wheel, tree)
+def pin(version: str, pypi: str | None = None, debian: list[str] | None = None) -> dict:
+    """Download a source once and write its manifest entry (a maintainer's step).
+
+    pypi: "ziglang==X.Y.Z"; debian: ["linux-libc-dev-amd64-cross=6.1.4-1cross1", ...],
+    the first of which also provides linux/ and asm-generic/.
+    """
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        tree = tmp / "tree"
+        if pypi:
+            package, _, pkg_version = pypi.partition("==")
+            wheel = _pip_download(package, pkg_version, tmp / "dl")
+            _extract_tree(wheel, tree)
+            source: dict = {"kind": "pypi-wheel", "package": package, "version": pkg_version,
+                            "file": wheel.name, "sha256": sha256_file(wheel)}
+        elif debian:
+            packages = []
+            for i, spec in enumerate(debian):
+                package, _, pkg_version = spec.partition("=")
+                deb = _apt_download(package, pkg_version, tmp / "dl" / package)
+                _extract_deb(deb, tree, with_common=i == 0)
+                packages.append({"package": package, "version": pkg_version, "file": deb.name,
+                                 "sha256": sha256_file(deb)})
+            source = {"kind": "debian-packages", "packages": packages}
+        else:
+            raise GeneratorError("pin needs --pypi or --debian")
         declared = read_version((tree / "common",))
         if declared != version:
-            raise GeneratorError(f"{pypi} carries kernel {declared} headers, not {version}")
+            raise GeneratorError(f"that source carries kernel {declared} headers, not {version}")
         files: set[str] = set()
         arches = []
         for arch in ARCHES.values():
             if (tree / arch.header_dir / "asm" / "kvm.h").exists():
                 arches.append(arch.name)
                 files |= _closure(tree, arch.header_dir)
-        entry = {
-            "source": {"kind": "pypi-wheel", "package": package, "version": pkg_version,
-                       "file": wheel.name, "sha256": sha256_file(wheel)},
-            "arches": arches,
-            "files": {f: sha256_file(tree / f) for f in sorted(files)},
-        }
+        entry = {"source": source, "arches": arches,
+                 "files": {f: sha256_file(tree / f) for f in sorted(files)}}
     manifest = load_manifest()
     manifest["versions"][version] = entry
     manifest["versions"] = dict(sorted(manifest["versions"].items(), key=lambda kv: version_key(kv[0])))
@@ -125,30 +226,20 @@ def fetch(version: str, log=print) -> Path:
             and _verify(folder, entry["files"]) == []:
         log(f"{version}: already fetched and verified ({len(entry['files'])} headers)")
         return folder
-    if source["kind"] != "pypi-wheel":
-        raise GeneratorError(f"{version}: unknown source kind {source['kind']!r}")
     HEADERS_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=HEADERS_DIR, prefix=".fetch-") as tmp:
         try:
-            wheel = _pip_download(source["package"], source["version"], Path(tmp) / "dl")
-        except GeneratorError as e:
+            tree = _download_tree(source, Path(tmp), version)
+        except Unfetchable as e:
             raise GeneratorError(
                 f"kernel {version}: its pinned source {describe_source(source)} cannot be fetched "
-                f"({e.message}). If the registry no longer serves it, pin another immutable "
-                f"source with `python -m codegen pin {version} --pypi PACKAGE==VERSION`.") from None
-        if wheel.name != source["file"]:
-            raise GeneratorError(f"kernel {version}: PyPI served {wheel.name}, the manifest pins "
-                                 f"{source['file']}")
-        digest = sha256_file(wheel)
-        if digest != source["sha256"]:
-            raise GeneratorError(f"kernel {version}: {wheel.name} has sha256 {digest}, "
-                                 f"the manifest pins {source['sha256']}")
-        tree = Path(tmp) / "tree"
-        _extract_tree(wheel, tree)
+                f"({e.message}). If the registry no longer serves it, pin another source with "
+                f"`python -m codegen pin {version} --pypi PACKAGE==VERSION` (or --debian "
+                f"PACKAGE=VERSION ...)") from None
         staged = Path(tmp) / "staged"
         for rel in entry["files"]:
             if not (tree / rel).exists():
-                raise GeneratorError(f"kernel {version}: {wheel.name} lacks pinned header {rel}")
+                raise GeneratorError(f"kernel {version}: the source lacks pinned header {rel}")
             (staged / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(tree / rel, staged / rel)
         bad = _verify(staged, entry["files"])
@@ -159,8 +250,8 @@ def fetch(version: str, log=print) -> Path:
         if folder.exists():
             shutil.rmtree(folder)
         staged.rename(folder)
-    log(f"{version}: fetched {len(entry['files'])} headers from {source['package']}=="
-        f"{source['version']}, all sha256 verified")
+    log(f"{version}: fetched {len(entry['files'])} headers from {describe_source(source)}, "
+        f"all sha256 verified")
     return folder
 
 

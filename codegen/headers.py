@@ -132,4 +132,7 @@ def read_version(dirs: tuple[Path, ...]) -> str:
 def describe_source(source: dict) -> str:
     if source["kind"] == "pypi-wheel":
         return f"PyPI {source['package']}=={source['version']} ({source['file']}, sha256 {source['sha256']})"
+    if source["kind"] == "debian-packages":
+        return "Debian " + ", ".join(f"{p['package']}={p['version']} (sha256 {p['sha256'][:16]}...)"
+                                     for p in source["packages"])
     return json.dumps(source, sort_keys=True)

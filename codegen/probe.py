@@ -9,6 +9,7 @@ checks the generator rather than restating it.
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,33 +19,6 @@ from .headers import HeaderSet
 from .layout import Layout
 from .model import Array, Model, RecordRef, strip_aligned
 from .preprocess import TOP_HEADER, compiler_for
-
-_PRELUDE = f"""\
-#include <stddef.h>
-#include <stdio.h>
-#include <string.h>
-#include <{TOP_HEADER}>
-
-static void kvmgen_bits(const char *type, const char *path, const void *obj, size_t n)
-{{
-    const unsigned char *p = obj;
-    long first = -1, count = 0;
-    for (size_t i = 0; i < n * 8; i++) {{
-        if (p[i / 8] >> (i % 8) & 1) {{
-            if (first < 0)
-                first = (long)i;
-            count++;
-        }}
-    }}
-    printf("B\\t%s\\t%s\\t%ld\\t%ld\\n", type, path, first, count);
-}}
-
-#define KVMGEN_C(name, x) do {{ \\
-    if ((x) < 0) printf("C\\t%s\\t%lld\\n", name, (long long)(x)); \\
-    else printf("C\\t%s\\t%llu\\n", name, (unsigned long long)(x)); }} while (0)
-#define KVMGEN_S(name, x) printf("S\\t%s\\t%s\\n", name, x)
-"""
-
 
 def members(model: Model, layout: Layout):
     """Every (root C type, field path, kind) the probe can name.
@@ -81,33 +55,106 @@ def _walk(model: Model, root: str, key: str, prefix: str):
             yield from _walk(model, root, t.key, path + index + ".")
 
 
-def probe_source(model: Model, layout: Layout) -> str:
-    lines = [_PRELUDE, "int main(void)", "{"]
-    for _key, rec in model.records.items():
+class _Source:
+    """The probe program: every question as a C expression in one table.
+
+    Answers go into data the compiler lays out itself (static initializers), so
+    the same object file answers whether it can run here (the host arch: main()
+    prints the tables) or not (another arch: the tables are read from its ELF
+    sections).
+    """
+
+    def __init__(self) -> None:
+        self.values: list[str] = []            # C expressions, as unsigned long long
+        self.keys: list[tuple] = []            # what each value answers
+        self.negative: list[str] = []          # constants: is the value negative?
+        self.negative_keys: list[str] = []
+        self.bit_objects: list[tuple[str, str]] = []   # (root type, path set to all ones)
+        self.strings: list[str] = []
+
+    def value(self, key: tuple, expr: str) -> None:
+        self.keys.append(key)
+        self.values.append(f"(unsigned long long)({expr})")
+
+    def render(self) -> str:
+        bits_members = "".join(f"    {root} b{i};\n" for i, (root, _) in enumerate(self.bit_objects))
+        bits_init = ", ".join(f".b{i} = {{ .{path} = -1 }}" for i, (_, path) in
+                              enumerate(self.bit_objects))
+        str_members = "".join(f"    char s{i}[sizeof({n})];\n" for i, n in enumerate(self.strings))
+        str_init = ", ".join(f".s{i} = {n}" for i, n in enumerate(self.strings))
+        extra = []
+        for i, (root, _) in enumerate(self.bit_objects):
+            extra.append(f"offsetof(struct kvmgen_bits, b{i})")
+        for i in range(len(self.strings)):
+            extra.append(f"offsetof(struct kvmgen_strings, s{i})")
+        values = self.values + extra
+        return "\n".join([
+            "#include <stddef.h>",
+            f"#include <{TOP_HEADER}>",
+            '#define KVMGEN_DATA(name) __attribute__((used, section(".kvmgen." name)))',
+            "struct kvmgen_bits {\n" + bits_members + "};",
+            "struct kvmgen_strings {\n" + str_members + "};",
+            "KVMGEN_DATA(\"values\") const unsigned long long kvmgen_values[] = {",
+            "".join(f"    {v},\n" for v in values) + "    0 };",
+            "KVMGEN_DATA(\"negative\") const unsigned char kvmgen_negative[] = {",
+            "".join(f"    ({n}) < 0,\n" for n in self.negative) + "    0 };",
+            f"KVMGEN_DATA(\"bits\") const struct kvmgen_bits kvmgen_bits = {{ {bits_init} }};",
+            f"KVMGEN_DATA(\"strings\") const struct kvmgen_strings kvmgen_strings = {{ {str_init} }};",
+            _MAIN,
+        ])
+
+
+_MAIN = """
+#ifdef KVMGEN_MAIN
+#include <stdio.h>
+static void dump(const char *name, const void *data, size_t n)
+{
+    const unsigned char *p = data;
+    printf("%s ", name);
+    for (size_t i = 0; i < n; i++)
+        printf("%02x", p[i]);
+    printf("\\n");
+}
+int main(void)
+{
+    dump("values", kvmgen_values, sizeof kvmgen_values);
+    dump("negative", kvmgen_negative, sizeof kvmgen_negative);
+    dump("bits", &kvmgen_bits, sizeof kvmgen_bits);
+    dump("strings", &kvmgen_strings, sizeof kvmgen_strings);
+    return 0;
+}
+#endif
+"""
+
+
+def probe_source(model: Model, layout: Layout) -> _Source:
+    src = _Source()
+    for rec in model.records.values():
         if rec.c_name and rec.fields is not None:
             n = rec.c_name
-            lines.append(f'    printf("T\\t%s\\t%zu\\t%zu\\n", "{n}", sizeof({n}), _Alignof({n}));')
+            src.value(("T", n, "size"), f"sizeof({n})")
+            src.value(("T", n, "align"), f"_Alignof({n})")
     for root, path, kind in members(model, layout):
+        member = f"((({root} *)0)->{path})"
         if kind == "bitfield":
-            lines.append(f"    {{ {root} v; memset(&v, 0, sizeof v); v.{path} = -1; "
-                         f'kvmgen_bits("{root}", "{path}", &v, sizeof v); }}')
+            src.bit_objects.append((root, path))
         elif kind == "record":
-            member = f"((({root} *)0)->{path})"
-            lines.append(f'    printf("M\\t%s\\t%s\\t%zu\\t%zu\\n", "{root}", "{path}", '
-                         f"sizeof{member}, __alignof__{member});")
+            src.value(("M", root, path, "size"), f"sizeof{member}")
+            src.value(("M", root, path, "align"), f"__alignof__{member}")
         else:
-            size = "0" if kind == "flexible" else f"sizeof((({root} *)0)->{path})"
-            lines.append(f'    printf("F\\t%s\\t%s\\t%zu\\t%zu\\n", "{root}", "{path}", '
-                         f"offsetof({root}, {path}), (size_t){size});")
-    for c in model.constants.values():
-        macro = "KVMGEN_S" if isinstance(c.value, str) else "KVMGEN_C"
-        lines.append(f'    {macro}("{c.name}", {c.name});')
-    for e in model.enums:
-        for name, _ in e.members:
-            if name not in model.constants:
-                lines.append(f'    KVMGEN_C("{name}", {name});')
-    lines += ["    return 0;", "}", ""]
-    return "\n".join(lines)
+            src.value(("F", root, path, "offset"), f"offsetof({root}, {path})")
+            src.value(("F", root, path, "size"), "0" if kind == "flexible" else f"sizeof{member}")
+    names = [c.name for c in model.constants.values()]
+    names += [n for e in model.enums for n, _ in e.members if n not in model.constants]
+    for name in names:
+        c = model.constants.get(name)
+        if c is not None and isinstance(c.value, str):
+            src.strings.append(name)
+            continue
+        src.value(("C", name), name)
+        src.negative.append(name)
+        src.negative_keys.append(name)
+    return src
 
 
 def _compile_flags(hs: HeaderSet) -> list[str]:
@@ -115,39 +162,94 @@ def _compile_flags(hs: HeaderSet) -> list[str]:
 
 
 def run_probe(model: Model, layout: Layout, hs: HeaderSet) -> dict:
-    """Compile and run the probe on this host; return its facts."""
+    """Compile the probe with the target's compiler; run it on the host arch, or read
+    its answers from the object file for another arch. Returns the facts."""
     arch = model.arch
-    if not arch.is_host:
-        raise GeneratorError(f"the {arch.name} probe cannot run on this host")
     cc = compiler_for(arch)
+    src = probe_source(model, layout)
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "probe.c"
-        exe = Path(tmp) / "probe"
-        src.write_text(probe_source(model, layout))
-        proc = subprocess.run([cc, *_compile_flags(hs), "-o", str(exe), str(src)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise GeneratorError(f"the C probe did not compile:\n{proc.stderr[-3000:]}")
-        out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    facts: dict = {"arch": arch.name, "kernel": model.version, "compiler": Path(cc).name,
-                   "types": {}, "member_types": {}, "fields": {}, "bitfields": {},
+        c_file = Path(tmp) / "probe.c"
+        c_file.write_text(src.render())
+        if arch.is_host:
+            exe = Path(tmp) / "probe"
+            _compile(cc, hs, ["-DKVMGEN_MAIN", "-o", str(exe), str(c_file)])
+            out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+            blobs = {name: bytes.fromhex(hexdata) for name, hexdata in
+                     (line.split(" ", 1) for line in out.splitlines())}
+            how = "compiled and ran"
+        else:
+            obj = Path(tmp) / "probe.o"
+            _compile(cc, hs, ["-c", "-o", str(obj), str(c_file)])
+            sections = elf_sections(obj.read_bytes())
+            blobs = {name: sections.get(f".kvmgen.{name}", b"")
+                     for name in ("values", "negative", "bits", "strings")}
+            how = "compiled; answers read from the object file"
+    return _facts(model, src, blobs, Path(cc).name, how, hs)
+
+
+def _compile(cc: str, hs: HeaderSet, args: list[str]) -> None:
+    proc = subprocess.run([cc, *_compile_flags(hs), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GeneratorError(f"the C probe did not compile with {cc}:\n{proc.stderr[-3000:]}")
+
+
+def _facts(model: Model, src: _Source, blobs: dict[str, bytes], compiler: str, how: str,
+           hs: HeaderSet) -> dict:
+    order = "<" if model.arch.byteorder == "little" else ">"
+    raw = blobs["values"]
+    values = struct.unpack(f"{order}{len(raw) // 8}Q", raw)
+    facts: dict = {"arch": model.arch.name, "kernel": model.version, "compiler": compiler,
+                   "probe": how, "types": {}, "member_types": {}, "fields": {}, "bitfields": {},
                    "constants": {}}
-    for line in out.splitlines():
-        kind, *rest = line.split("\t")
+    negative = dict(zip(src.negative_keys, blobs["negative"]))
+    for key, value in zip(src.keys, values):
+        kind = key[0]
         if kind == "T":
-            facts["types"][rest[0]] = [int(rest[1]), int(rest[2])]
-        elif kind == "F":
-            facts["fields"].setdefault(rest[0], {})[rest[1]] = [int(rest[2]), int(rest[3])]
+            facts["types"].setdefault(key[1], [0, 0])[key[2] == "align"] = value
         elif kind == "M":
-            facts["member_types"].setdefault(rest[0], {})[rest[1]] = [int(rest[2]), int(rest[3])]
-        elif kind == "B":
-            facts["bitfields"].setdefault(rest[0], {})[rest[1]] = [int(rest[2]), int(rest[3])]
-        elif kind == "C":
-            facts["constants"][rest[0]] = int(rest[1])
-        elif kind == "S":
-            facts["constants"][rest[0]] = rest[1]
+            facts["member_types"].setdefault(key[1], {}).setdefault(key[2], [0, 0])[
+                key[3] == "align"] = value
+        elif kind == "F":
+            facts["fields"].setdefault(key[1], {}).setdefault(key[2], [0, 0])[
+                key[3] == "size"] = value
+        else:
+            facts["constants"][key[1]] = value - (1 << 64) if negative.get(key[1]) else value
+    extra = values[len(src.keys):]
+    sizes = facts["types"]
+    for i, (root, path) in enumerate(src.bit_objects):
+        start, size = extra[i], sizes[root][0]
+        raw_bits = int.from_bytes(blobs["bits"][start:start + size], model.arch.byteorder)
+        first = (raw_bits & -raw_bits).bit_length() - 1 if raw_bits else -1
+        facts["bitfields"].setdefault(root, {})[path] = [first, bin(raw_bits).count("1")]
+    offsets = list(extra[len(src.bit_objects):len(src.bit_objects) + len(src.strings)])
+    offsets.append(len(blobs["strings"]))
+    for i, name in enumerate(src.strings):
+        facts["constants"][name] = blobs["strings"][offsets[i]:offsets[i + 1]].split(b"\0")[0].decode()
     facts["rejected"] = rejected_macros(model, hs)
     return facts
+
+
+def elf_sections(data: bytes) -> dict[str, bytes]:
+    """Section name -> contents, from an ELF64 object (either byte order)."""
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise GeneratorError("the probe object is not a 64-bit ELF file")
+    o = "<" if data[5] == 1 else ">"
+    shoff, = struct.unpack_from(o + "Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from(o + "HHH", data, 0x3A)
+
+    def header(i: int) -> tuple[int, int, int, int]:
+        name, _type, _flags, _addr, offset, size = struct.unpack_from(o + "IIQQQQ", data,
+                                                                     shoff + i * shentsize)
+        return name, _type, offset, size
+
+    _, _, str_off, str_size = header(shstrndx)
+    names = data[str_off:str_off + str_size]
+    out = {}
+    for i in range(shnum):
+        name, sh_type, offset, size = header(i)
+        label = names[name:names.index(b"\0", name)].decode()
+        out[label] = b"" if sh_type == 8 else data[offset:offset + size]   # SHT_NOBITS
+    return out
 
 
 def rejected_macros(model: Model, hs: HeaderSet) -> list[str]:

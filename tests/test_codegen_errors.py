@@ -85,5 +85,5 @@ def test_unfetchable_source_names_version_source_and_remedy(tmp_path, monkeypatc
 
 
 def _refuse(package: str, version: str, dest: Path) -> Path:
-    from codegen.errors import GeneratorError
-    raise GeneratorError(f"could not download {package}=={version} from PyPI: no such version")
+    from codegen.fetch import Unfetchable
+    raise Unfetchable(f"could not download {package}=={version} from PyPI: no such version")

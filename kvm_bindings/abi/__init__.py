@@ -2,14 +2,14 @@
 """The generated KVM ABI: this host's arch, re-exported; other arches by name.
 
 ``from kvm_bindings import abi`` gives the module for the machine you run on;
-``kvm_bindings.abi.x86_64`` can be imported on any host.
+``kvm_bindings.abi.x86_64`` / ``kvm_bindings.abi.arm64`` / ``kvm_bindings.abi.riscv64`` can be imported on any host.
 """
 
 from __future__ import annotations
 
 import os as _os
 
-ARCHES = ("x86_64", )
+ARCHES = ("x86_64", "arm64", "riscv64", )
 _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64",
              "riscv64": "riscv64"}
 
@@ -19,6 +19,16 @@ if HOST_ARCH == "x86_64":
     from .x86_64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
                          KERNEL_VERSION, UNEXPRESSED)
     from .x86_64 import __getattr__  # the enum classes, built on first use  # noqa: F401
+elif HOST_ARCH == "arm64":
+    from .arm64 import *  # noqa: F401,F403
+    from .arm64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
+                         KERNEL_VERSION, UNEXPRESSED)
+    from .arm64 import __getattr__  # the enum classes, built on first use  # noqa: F401
+elif HOST_ARCH == "riscv64":
+    from .riscv64 import *  # noqa: F401,F403
+    from .riscv64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
+                         KERNEL_VERSION, UNEXPRESSED)
+    from .riscv64 import __getattr__  # the enum classes, built on first use  # noqa: F401
 else:
     # Submodules stay importable by name; only the host re-export is missing.
     def __getattr__(name: str) -> object:
