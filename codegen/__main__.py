@@ -74,6 +74,19 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    import json
+
+    from . import diff
+    from .arches import get_arch
+    report = diff.diff(args.old, args.new, get_arch(args.arch), removals_ok=args.removals_ok)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.text())
+    return 1 if report.breaking else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m codegen", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -102,6 +115,17 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--out", help="output directory (default: kvm_bindings/abi)")
             p.add_argument("--no-facts", action="store_true",
                            help="do not run the C probe to store its facts beside the module")
+
+    p = sub.add_parser("diff", help="what changed in the ABI between two header sets; "
+                                    "exit 1 if anything existing changed incompatibly")
+    p.add_argument("old", help="a pinned version (6.1.4), a headers/<version>-like folder, "
+                               "or an include directory")
+    p.add_argument("new")
+    p.add_argument("--arch", default="x86_64")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--removals-ok", action="store_true",
+                   help="report removed names without counting them as breaking")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("check", help="fail if kvm_bindings/abi/ differs from a fresh generation")
     p.set_defaults(func=cmd_check)

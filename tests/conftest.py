@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_TOOLS = os.environ.get("KVM_BINDINGS_REQUIRE_TOOLS") == "1"
 REQUIRE_KVM = os.environ.get("KVM_BINDINGS_REQUIRE_KVM") == "1"
 
-SUMMARIES: list[str] = []
+REPORTS: list = []
 
 
 def need(ok: bool, reason: str, required: bool) -> None:
@@ -49,15 +49,42 @@ def header_set(gcc):
 
 
 @pytest.fixture(scope="session")
-def summaries() -> list[str]:
-    return SUMMARIES
+def cross_compiler():
+    """cross_compiler(arch): that arch's C compiler, or skip/fail (CI installs them)."""
+    from codegen.arches import get_arch
+
+    def get(arch: str) -> str:
+        cc = get_arch(arch).compiler()
+        need(cc is not None, f"no C compiler for {arch} (Debian: gcc-aarch64-linux-gnu, "
+             "gcc-riscv64-linux-gnu)", REQUIRE_TOOLS)
+        assert cc is not None
+        return cc
+    return get
+
+
+@pytest.fixture(scope="session")
+def reports() -> list:
+    return REPORTS
+
+
+_COLUMNS = ("types", "fields", "bitfields", "constants", "ioctls", "enum members",
+            "header macros", "struct/union tags")
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    if SUMMARIES:
-        terminalreporter.section("what conformance checked")
-        for line in SUMMARIES:
-            terminalreporter.write_line(line)
+    """The conformance table: what was compared with the compiler, per kernel x arch."""
+    if not REPORTS:
+        return
+    tr = terminalreporter
+    tr.section("conformance against each arch's compiler")
+    head = f"{'kernel':24} {'arch':8} " + " ".join(f"{c:>10}" for c in ("types", "fields", "bitfields",
+                                                                     "constants", "ioctls", "enums",
+                                                                     "macros", "tags")) + " mismatches"
+    tr.write_line(head)
+    from codegen.headers import version_key
+    for r in sorted(REPORTS, key=lambda r: (version_key(r.version) or (999,), r.version, r.arch)):
+        cells = " ".join(f"{r.counts.get(c, 0):>10}" for c in _COLUMNS)
+        tr.write_line(f"{r.version:24} {r.arch:8} {cells} {len(r.mismatches):>10}")
 
 
 # ---- KVM and guests ---------------------------------------------------------
