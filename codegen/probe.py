@@ -20,6 +20,7 @@ from .layout import Layout
 from .model import Array, Model, RecordRef, strip_aligned
 from .preprocess import TOP_HEADER, compiler_for
 
+
 def members(model: Model, layout: Layout):
     """Every (root C type, field path, kind) the probe can name.
 
@@ -83,7 +84,7 @@ class _Source:
         str_members = "".join(f"    char s{i}[sizeof({n})];\n" for i, n in enumerate(self.strings))
         str_init = ", ".join(f".s{i} = {n}" for i, n in enumerate(self.strings))
         extra = []
-        for i, (root, _) in enumerate(self.bit_objects):
+        for i in range(len(self.bit_objects)):
             extra.append(f"offsetof(struct kvmgen_bits, b{i})")
         for i in range(len(self.strings)):
             extra.append(f"offsetof(struct kvmgen_strings, s{i})")
