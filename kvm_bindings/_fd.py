@@ -9,7 +9,7 @@ import warnings
 from typing import Any
 
 from . import abi
-from .errors import KvmError
+from .errors import KvmError, KvmUnsupported
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # ctypes releases the GIL around foreign calls: a vCPU thread blocked in KVM_RUN
@@ -66,6 +66,12 @@ class FdObject:
             if err != errno.EINTR:
                 raise KvmError(name or ioctl_name(number), err)
 
+    def _get(self, number: int, cls: Any, **fields: Any) -> Any:
+        """A fresh cls (fields preset), filled in by the ioctl."""
+        obj = cls(**fields)
+        self.ioctl(number, obj)
+        return obj
+
     def _release(self) -> None:
         """Free what the object holds besides its fd (mappings, children)."""
 
@@ -96,3 +102,17 @@ class FdObject:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fd}"
         return f"<{type(self).__name__} {state}>"
+
+
+class CapabilityOwner(FdObject):
+    """An fd that answers KVM_CHECK_EXTENSION (the system fd and VM fds)."""
+
+    def check_extension(self, cap: int) -> int:
+        raise NotImplementedError
+
+    def require(self, cap: int, what: str) -> int:
+        """The capability's value, or KvmUnsupported naming the capability `what` needs."""
+        value = self.check_extension(cap)
+        if not value:
+            raise KvmUnsupported(what, f"KVM_CAP_{abi.Capability(cap).name}")
+        return value

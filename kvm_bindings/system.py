@@ -7,13 +7,13 @@ import os
 from typing import Any
 
 from . import abi
-from ._fd import FdObject
-from .errors import KvmError, KvmUnavailable, KvmUnsupported
+from ._fd import CapabilityOwner
+from .errors import KvmError, KvmUnavailable
 
 DEFAULT_PATH = "/dev/kvm"
 
 
-class Kvm(FdObject):
+class Kvm(CapabilityOwner):
     """The KVM subsystem: capabilities, CPUID and MSR lists, and VM creation.
 
     Opens /dev/kvm with O_RDWR | O_CLOEXEC and checks KVM_GET_API_VERSION.
@@ -46,12 +46,6 @@ class Kvm(FdObject):
             self._caps[cap] = self.ioctl(abi.KVM_CHECK_EXTENSION, cap)
         return self._caps[cap]
 
-    def require(self, cap: int, what: str) -> int:
-        """The capability's value, or KvmUnsupported naming it."""
-        value = self.check_extension(cap)
-        if not value:
-            raise KvmUnsupported(what, f"KVM_CAP_{abi.Capability(cap).name}")
-        return value
 
     def capabilities(self) -> dict[Any, int]:
         """Every capability the bindings know, with this kernel's value for it."""

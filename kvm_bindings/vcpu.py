@@ -124,11 +124,6 @@ class Vcpu(FdObject):
         return self._decoder.live_member(reason)
 
     # -- plain get/set pairs
-    def _get(self, number: int, cls: Any) -> Any:
-        obj = cls()
-        self.ioctl(number, obj)
-        return obj
-
     def get_regs(self) -> Any:
         """KVM_GET_REGS -> kvm_regs."""
         return self._get(abi.KVM_GET_REGS, abi.kvm_regs)
@@ -325,9 +320,7 @@ class Vcpu(FdObject):
 
     def translate(self, linear_address: int) -> Any:
         """KVM_TRANSLATE: walk the guest's page tables -> kvm_translation."""
-        tr = abi.kvm_translation(linear_address=linear_address)
-        self.ioctl(abi.KVM_TRANSLATE, tr)
-        return tr
+        return self._get(abi.KVM_TRANSLATE, abi.kvm_translation, linear_address=linear_address)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on this vCPU."""

@@ -9,8 +9,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from . import abi
-from ._fd import FdObject
-from .errors import KvmError, KvmUnsupported
+from ._fd import CapabilityOwner
+from .errors import KvmError
 from .memory import PAGE_SIZE, GuestMemory, MemoryRegion
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .vcpu import Vcpu
 
 
-class Vm(FdObject):
+class Vm(CapabilityOwner):
     """One virtual machine: memory slots, vCPUs, interrupt plumbing, devices.
 
     Closing the VM closes its vCPUs and devices first, then unmaps its memory.
@@ -47,11 +47,6 @@ class Vm(FdObject):
                 self._caps[cap] = self.kvm.check_extension(cap)
         return self._caps[cap]
 
-    def require(self, cap: int, what: str) -> int:
-        value = self.check_extension(cap)
-        if not value:
-            raise KvmUnsupported(what, f"KVM_CAP_{abi.Capability(cap).name}")
-        return value
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM with up to four arguments."""
@@ -227,9 +222,7 @@ class Vm(FdObject):
         self.ioctl(abi.KVM_CREATE_IRQCHIP)
 
     def get_irqchip(self, chip_id: int) -> Any:
-        chip = abi.kvm_irqchip(chip_id=chip_id)
-        self.ioctl(abi.KVM_GET_IRQCHIP, chip)
-        return chip
+        return self._get(abi.KVM_GET_IRQCHIP, abi.kvm_irqchip, chip_id=chip_id)
 
     def set_irqchip(self, chip: Any) -> None:
         self.ioctl(abi.KVM_SET_IRQCHIP, chip)
@@ -240,9 +233,7 @@ class Vm(FdObject):
         self.ioctl(abi.KVM_CREATE_PIT2, abi.kvm_pit_config(flags=flags))
 
     def get_pit2(self) -> Any:
-        state = abi.kvm_pit_state2()
-        self.ioctl(abi.KVM_GET_PIT2, state)
-        return state
+        return self._get(abi.KVM_GET_PIT2, abi.kvm_pit_state2)
 
     def set_pit2(self, state: Any) -> None:
         self.ioctl(abi.KVM_SET_PIT2, state)
@@ -326,9 +317,7 @@ class Vm(FdObject):
 
     def get_clock(self) -> Any:
         """KVM_GET_CLOCK: the guest's kvmclock (kvm_clock_data)."""
-        clock = abi.kvm_clock_data()
-        self.ioctl(abi.KVM_GET_CLOCK, clock)
-        return clock
+        return self._get(abi.KVM_GET_CLOCK, abi.kvm_clock_data)
 
     def set_clock(self, clock: Any) -> None:
         self.ioctl(abi.KVM_SET_CLOCK, clock)
