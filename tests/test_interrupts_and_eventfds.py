@@ -70,8 +70,9 @@ def test_ioeventfd_counts_guest_writes_without_exits(vm, real_mode, eventfd):
     vm.ioeventfd_remove(pio, 0x500, 1, pio=True)
 
 
-def test_coalesced_mmio_ring_holds_the_writes_in_order(vm, real_mode):
+def test_coalesced_mmio_and_pio_ring_holds_the_writes_in_order(vm, real_mode):
     vm.register_coalesced_mmio(0xE0000, 0x1000)
+    vm.register_coalesced_mmio(0x600, 1, pio=True)
     vcpu = real_mode("coalesced")
     e = vcpu.run()
     assert isinstance(e, IoExit) and e.port == 0x3F8    # no MMIO exits before this one
@@ -79,6 +80,7 @@ def test_coalesced_mmio_ring_holds_the_writes_in_order(vm, real_mode):
         (0xE0000, b"\x11", False),
         (0xE0010, b"\x22\x22", False),
         (0xE0020, b"\x33\x33\x33\x33", False),
+        (0x600, b"\x44", True),
     ]
     assert vcpu.coalesced_mmio() == []          # drained
     vm.unregister_coalesced_mmio(0xE0000, 0x1000)
