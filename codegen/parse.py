@@ -105,6 +105,18 @@ def _balanced(toks: list[tuple[str, str, int]], i: int) -> int:
     raise IndexError
 
 
+def _open_bracket(toks: list[tuple[str, str, int]], j: int, opening: str, closing: str) -> int:
+    """Index of the bracket that opens the group closed at toks[j]."""
+    depth = 0
+    while j >= 0:
+        depth += toks[j][1] == closing
+        depth -= toks[j][1] == opening
+        if depth == 0:
+            return j
+        j -= 1
+    raise IndexError
+
+
 def _split_attributes(inner: str) -> list[str]:
     parts, depth, cur = [], 0, ""
     for ch in inner:
@@ -182,33 +194,18 @@ def _attribute_target(toks: list[tuple[str, str, int]], i: int,
             and toks[i - 1][1] not in ("struct", "union", "enum"):
         return ("decl", *pos.at(toks[after][2]))
     j = i - 1
-    while j >= 0 and toks[j][1] in ("]",):
-        depth = 0
-        while j >= 0:  # skip back over [..] groups to the declarator name
-            depth += toks[j][1] == "]"
-            depth -= toks[j][1] == "["
-            j -= 1
-            if depth == 0:
-                break
+    while j >= 0 and toks[j][1] == "]":   # "name[3] __attribute__": back to the name
+        j = _open_bracket(toks, j, "[", "]") - 1
     if j >= 0 and toks[j][0] == "id" and toks[j][1] not in ("struct", "union", "enum"):
         # "struct tag __attribute__" marks the record, "type name __attribute__" the declarator
         if j > 0 and toks[j - 1][1] in ("struct", "union"):
             return ("record", *pos.at(toks[j][2]))
         return ("decl", *pos.at(toks[j][2]))
     if j >= 0 and toks[j][1] in ("struct", "union"):
-        k = i + 1
-        k = _balanced(toks, k)
-        if k < len(toks) and toks[k][0] == "id":  # struct __attribute__((x)) tag {
-            return ("record", *pos.at(toks[k][2]))
-        return ("record", *pos.at(toks[k][2]))
+        # "struct __attribute__((x)) tag {" or "struct __attribute__((x)) {": the tag, or the brace
+        return ("record", *pos.at(toks[after][2]))
     if j >= 0 and toks[j][1] == "}":
-        depth = 0
-        while j >= 0:
-            depth += toks[j][1] == "}"
-            depth -= toks[j][1] == "{"
-            if depth == 0:
-                break
-            j -= 1
+        j = _open_bracket(toks, j, "{", "}")
         k = j - 1
         if k >= 0 and toks[k][0] == "id" and toks[k][1] not in ("struct", "union"):
             return ("record", *pos.at(toks[k][2]))   # the tag

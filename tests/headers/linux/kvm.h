@@ -8,6 +8,9 @@
 struct t_u128 { __u8 a; __u128 b; __u32 c; };
 struct t_i128 { char c; __int128 x; unsigned __int128 y; };
 struct t_packed { __u8 a; __u32 b; __u16 c; } __attribute__((packed));
+struct __attribute__((packed)) t_packed_before { __u8 a; __u64 b; };
+struct t_packed_aligned { __u8 a; __u32 b; } __attribute__((packed, aligned(4)));
+struct t_array_aligned { __u8 a; __u8 data[3] __attribute__((aligned(8))); __u8 b; };
 struct t_member_aligned { __u8 a; __u64 b __attribute__((aligned(16))); __u8 c; };
 struct t_aligned_type { __u32 a; } __attribute__((aligned(32)));
 struct t_holds_aligned { __u8 a; struct t_aligned_type t; __u8 b; };
