@@ -60,6 +60,8 @@ class Vcpu(FdObject):
         self.vm = vm
         self.id = vcpu_id
         self._thread: int | None = None
+        self._ring: mmap.mmap | None = None
+        self._ring_next = 0
         try:
             self._page = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE)
@@ -322,6 +324,59 @@ class Vcpu(FdObject):
         """KVM_TRANSLATE: walk the guest's page tables -> kvm_translation."""
         return self._get(abi.KVM_TRANSLATE, abi.kvm_translation, linear_address=linear_address)
 
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""
+        self.ioctl(abi.KVM_INTERRUPT, abi.kvm_interrupt(irq=vector))
+
+    def nmi(self) -> None:
+        """KVM_NMI: inject a non-maskable interrupt."""
+        self.ioctl(abi.KVM_NMI)
+
+    def smi(self) -> None:
+        """KVM_SMI: inject a system management interrupt (KVM_CAP_X86_SMM)."""
+        self.vm.require(abi.Capability.X86_SMM, "KVM_SMI")
+        self.ioctl(abi.KVM_SMI)
+
+    def get_nested_state(self) -> Any:
+        """KVM_GET_NESTED_STATE -> kvm_nested_state with its data (KVM_CAP_NESTED_STATE)."""
+        size = self.vm.require(abi.Capability.NESTED_STATE, "KVM_GET_NESTED_STATE")
+        buf = (ctypes.c_uint8 * max(size, ctypes.sizeof(abi.kvm_nested_state)))()
+        state = abi.kvm_nested_state.from_buffer(buf)
+        state.size = len(buf)
+        self.ioctl(abi.KVM_GET_NESTED_STATE, state)
+        return state
+
+    def set_nested_state(self, state: Any) -> None:
+        self.vm.require(abi.Capability.NESTED_STATE, "KVM_SET_NESTED_STATE")
+        self.ioctl(abi.KVM_SET_NESTED_STATE, state)
+
+    def dirty_ring(self) -> list[tuple[int, int]]:
+        """Harvest this vCPU's dirty ring: [(slot, page offset in the slot), ...] in order.
+
+        Each harvested entry is marked for reset; vm.reset_dirty_rings() then re-arms them.
+        """
+        entries = self.vm.dirty_ring_entries
+        if not entries:
+            raise ValueError("the dirty ring is off; call vm.enable_dirty_ring() before "
+                             "creating vCPUs")
+        if self._ring is None:
+            self._ring = mmap.mmap(self.fd, entries * ctypes.sizeof(abi.kvm_dirty_gfn),
+                                   mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                   offset=abi.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        ring = (abi.kvm_dirty_gfn * entries).from_buffer(self._ring)
+        out = []
+        while True:
+            gfn = ring[self._ring_next % entries]
+            # The kernel publishes an entry by setting DIRTY last; reading flags first
+            # keeps slot/offset from being read early (x86 keeps loads in order).
+            if not gfn.flags & abi.KVM_DIRTY_GFN_F_DIRTY:
+                break
+            out.append((int(gfn.slot), int(gfn.offset)))
+            gfn.flags = abi.KVM_DIRTY_GFN_F_RESET
+            self._ring_next += 1
+        del ring, gfn
+        return out
+
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on this vCPU."""
         from .vm import _enable_cap
@@ -355,6 +410,8 @@ class Vcpu(FdObject):
 
     # -- lifetime
     def _release(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
         self._decoder.release()
         del self.kvm_run
         try:

@@ -322,6 +322,52 @@ class Vm(CapabilityOwner):
     def set_clock(self, clock: Any) -> None:
         self.ioctl(abi.KVM_SET_CLOCK, clock)
 
+    def set_msr_filter(self, ranges: list[tuple[int, int, int, bytes]], *,
+                       default_deny: bool = False) -> None:
+        """KVM_X86_SET_MSR_FILTER: ranges of (flags, base MSR, count, bitmap); a set bit allows
+        the access, a clear one exits (with KVM_MSR_EXIT_REASON_FILTER enabled) or injects #GP.
+        flags are KVM_MSR_FILTER_READ / KVM_MSR_FILTER_WRITE."""
+        self.require(abi.Capability.X86_MSR_FILTER, "KVM_X86_SET_MSR_FILTER")
+        filt = abi.kvm_msr_filter(flags=abi.KVM_MSR_FILTER_DEFAULT_DENY if default_deny
+                                  else abi.KVM_MSR_FILTER_DEFAULT_ALLOW)
+        if len(ranges) > len(filt.ranges):
+            raise ValueError(f"at most {len(filt.ranges)} MSR filter ranges")
+        keep = []
+        for slot, (flags, base, count, bitmap) in zip(filt.ranges, ranges):
+            if len(bitmap) * 8 < count:
+                raise ValueError(f"the bitmap for MSRs {base:#x}+{count} needs {(count + 7) // 8} bytes")
+            buf = (ctypes.c_uint8 * len(bitmap)).from_buffer_copy(bitmap)
+            keep.append(buf)
+            slot.flags, slot.base, slot.nmsrs = flags, base, count
+            slot.bitmap = ctypes.addressof(buf)
+        self.ioctl(abi.KVM_X86_SET_MSR_FILTER, filt)
+
+    def enable_dirty_ring(self, entries: int) -> None:
+        """Switch dirty tracking to per-vCPU rings of `entries` kvm_dirty_gfn each
+        (KVM_CAP_DIRTY_LOG_RING_ACQ_REL or KVM_CAP_DIRTY_LOG_RING); before any vCPU exists.
+        Read them with vcpu.dirty_ring(), then call reset_dirty_rings()."""
+        size = entries * ctypes.sizeof(abi.kvm_dirty_gfn)
+        if size < PAGE_SIZE or size & (size - 1):
+            raise ValueError(f"the dirty ring must be a power-of-two size of at least a page: "
+                             f"{PAGE_SIZE // ctypes.sizeof(abi.kvm_dirty_gfn)} entries or more, "
+                             f"a power of two (not {entries})")
+        for cap in (abi.Capability.DIRTY_LOG_RING_ACQ_REL, abi.Capability.DIRTY_LOG_RING):
+            limit = self.check_extension(cap)
+            if limit:
+                if size > limit:
+                    raise ValueError(f"the dirty ring can hold at most "
+                                     f"{limit // ctypes.sizeof(abi.kvm_dirty_gfn)} entries")
+                self.enable_cap(cap, size)
+                self.dirty_ring_entries = entries
+                return
+        raise KvmUnsupported("a dirty ring", "KVM_CAP_DIRTY_LOG_RING")
+
+    dirty_ring_entries = 0
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: re-protect the pages harvested from every vCPU's ring."""
+        return self.ioctl(abi.KVM_RESET_DIRTY_RINGS)
+
     # -- devices and stats
     def create_device(self, device_type: int, flags: int = 0) -> Device:
         """KVM_CREATE_DEVICE (KVM_CAP_DEVICE_CTRL): an in-kernel device with its own fd."""

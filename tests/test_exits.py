@@ -134,3 +134,15 @@ def test_every_exit_reason_has_its_own_class_with_its_members_fields():
 def test_exit_repr_names_reason_and_fields(real_mode, guest):
     e = real_mode(guest).run()
     assert e.reason.name in repr(e)
+
+
+def test_msr_filter_sends_a_known_msr_to_userspace(vm, protected_mode):
+    vm.enable_cap(abi.Capability.X86_USER_SPACE_MSR, abi.KVM_MSR_EXIT_REASON_FILTER)
+    # deny reads of MSR 0x10 (IA32_TIME_STAMP_COUNTER): bitmap bit 0 clear
+    vm.set_msr_filter([(abi.KVM_MSR_FILTER_READ, 0x10, 8, b"\x00")])
+    vcpu = protected_mode("msr_filter")
+    r = vcpu.run()
+    assert r.reason is ExitReason.X86_RDMSR and r.index == 0x10
+    assert r.payload.reason == abi.KVM_MSR_EXIT_REASON_FILTER
+    r.reply(0x77)
+    assert bytes(vcpu.run().data) == (0x77).to_bytes(4, "little")

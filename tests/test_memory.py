@@ -104,3 +104,25 @@ def test_guest_memfd_backs_a_slot_where_the_kernel_has_it(kvm, assemble):
         x86.setup_real_mode(vcpu, 0x1000)
         assert isinstance(vcpu.run(), HltExit)
         assert vm.memory.read(0x5123, 1) == b"\x02"
+
+
+def test_dirty_ring_lists_the_pages_the_guest_wrote(kvm, assemble):
+    from kvm_bindings import x86
+    with kvm.create_vm() as vm:
+        if not (vm.check_extension(abi.Capability.DIRTY_LOG_RING_ACQ_REL)
+                or vm.check_extension(abi.Capability.DIRTY_LOG_RING)):
+            pytest.skip("no dirty ring on this kernel")
+        with pytest.raises(ValueError, match="power of two"):
+            vm.enable_dirty_ring(100)
+        vm.enable_dirty_ring(512)
+        vm.set_tss_addr(0xFFFBD000)
+        vm.add_memory(0, 0x10000, log_dirty=True)
+        vm.memory.write(0x1000, assemble("dirty"))
+        vcpu = vm.create_vcpu(0)
+        x86.setup_real_mode(vcpu, 0x1000)
+        assert isinstance(vcpu.run(), HltExit)
+        pages = vcpu.dirty_ring()
+        assert {(0, 3), (0, 5), (0, 9)} <= set(pages)
+        assert {off for slot, off in pages} <= {1, 3, 5, 9}   # the code page may be touched too
+        vm.reset_dirty_rings()
+        assert vcpu.dirty_ring() == []

@@ -186,3 +186,23 @@ def test_manual_dirty_log_clear(vm, real_mode):
     vcpu.run()
     assert 0x5000 in vm.dirty_log(region)
     vm.clear_dirty_log(region)
+
+
+def test_nmi_smi_and_nested_state(vm):
+    vm.create_irqchip()
+    vcpu = vm.create_vcpu(0)
+    vcpu.nmi()
+    if vm.check_extension(Capability.X86_SMM):
+        vcpu.smi()
+    assert vcpu.get_vcpu_events().nmi.pending == 1
+    if vm.check_extension(Capability.NESTED_STATE):
+        state = vcpu.get_nested_state()
+        assert state.size >= 128
+        vcpu.set_nested_state(state)
+
+
+def test_interrupt_queues_an_external_interrupt_without_irqchip(vm):
+    vcpu = vm.create_vcpu(0)
+    vcpu.interrupt(0x20)
+    events = vcpu.get_vcpu_events()
+    assert events.interrupt.injected == 1 and events.interrupt.nr == 0x20
