@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import abi
 from ._fd import CapabilityOwner
-from .errors import KvmError
+from .errors import KvmError, KvmUnsupported
 from .memory import PAGE_SIZE, GuestMemory, MemoryRegion
 
 if TYPE_CHECKING:
