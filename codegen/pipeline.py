@@ -184,8 +184,10 @@ def generate(hs: HeaderSet, arch: Arch, with_facts: bool = True) -> dict[str, st
 
 
 def package_init(arches) -> dict[str, str]:
-    from . import render
-    return {"__init__.py": render.render_init(arches)}
+    from . import headers, render
+    version = headers.shipped_version()
+    source = headers.describe_source(headers.load_manifest()["versions"][version]["source"])
+    return {"__init__.py": render.render_init(arches, version, source)}
 
 
 def write_files(out: Path, files: dict[str, str]) -> None:

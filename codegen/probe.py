@@ -276,4 +276,7 @@ def rejected_macros(model: Model, hs: HeaderSet) -> list[str]:
 
 
 def facts_json(facts: dict) -> str:
-    return json.dumps(facts, indent=1, sort_keys=True) + "\n"
+    from . import GENERATOR_VERSION
+    stamped = {"_generated": f"by kvm-bindings codegen {GENERATOR_VERSION} from the C probe's "
+                             f"output -- DO NOT EDIT", **facts}
+    return json.dumps(stamped, indent=1, sort_keys=True) + "\n"

@@ -339,9 +339,10 @@ def render_template(name: str, **kw) -> str:
 
 def render_enums(model: Model) -> str:
     return render_template("enums.py.j2", m=model, gen_version=GENERATOR_VERSION,
+                           files=sorted(model.files.items()),
                            families=_families(model), c_enums=_c_enums(model), py_value=_py_value)
 
 
-def render_init(arches) -> str:
-    return _ENV.get_template("init.py.j2").render(arches=list(arches),
-                                                  gen_version=GENERATOR_VERSION)
+def render_init(arches, version: str, source: str) -> str:
+    return _ENV.get_template("init.py.j2").render(arches=list(arches), version=version,
+                                                  source=source, gen_version=GENERATOR_VERSION)

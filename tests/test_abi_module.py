@@ -82,11 +82,17 @@ def test_enums_are_built_on_first_use():
 
 
 def test_every_generated_file_says_do_not_edit_and_where_it_came_from():
-    for name in ("__init__.py", "x86_64.py", "x86_64_enums.py"):
-        first = resources.files("kvm_bindings.abi").joinpath(name).read_text().splitlines()[0]
-        assert "DO NOT EDIT" in first and "codegen" in first
-    head = resources.files("kvm_bindings.abi").joinpath("x86_64.py").read_text()[:4000]
-    assert "Linux 7.2.0" in head and "sha256" in head and "linux/kvm.h" in head
+    from codegen import GENERATOR_VERSION, headers
+    version = headers.shipped_version()
+    for name in ("__init__.py", "x86_64.py", "x86_64_enums.py", "arm64.py", "arm64_enums.py",
+                 "riscv64.py", "riscv64_enums.py"):
+        text = resources.files("kvm_bindings.abi").joinpath(name).read_text()
+        first = text.splitlines()[0]
+        assert "DO NOT EDIT" in first and f"codegen {GENERATOR_VERSION}" in first
+        head = text[:4000]
+        assert f"Linux {version}" in head and "Source:" in head and "sha256" in head
+        if name != "__init__.py":
+            assert "linux/kvm.h" in head
 
 
 def test_unexpressed_items_each_carry_a_reason_and_place():
