@@ -51,11 +51,6 @@ def test_irq_line_injects_through_the_in_kernel_pic(vm, assemble):
     assert handled.port == 0x3F9
 
 
-def test_irqfd_with_resample_is_accepted(vm, eventfd):
-    vm.create_irqchip()
-    vm.irqfd(eventfd(), 10, resample_fd=eventfd())
-
-
 def test_ioeventfd_counts_guest_writes_without_exits(vm, real_mode, eventfd):
     pio, matched = eventfd(), eventfd()
     vm.ioeventfd(pio, 0x500, 1, pio=True)
@@ -95,3 +90,24 @@ def test_irqchip_state_round_trips(vm):
     vm.set_pit2(pit)
     ioapic = vm.get_irqchip(2)
     assert ioapic.chip.ioapic.redirtbl[0].fields.mask in (0, 1)
+
+
+def test_resampling_irqfd_signals_when_the_guest_acknowledges(vm, assemble, eventfd):
+    """A level interrupt through an irqfd with resample: the guest's EOI lowers the line and
+    writes the resample eventfd, so a device model knows to re-check its state."""
+    from kvm_bindings import x86
+    vm.create_irqchip()
+    vm.memory.write(0x1000, assemble("irq_level"))
+    vcpu = vm.create_vcpu(0)
+    x86.setup_real_mode(vcpu, 0x1000, stack=0x8000)
+    trigger, resample = eventfd(), eventfd()
+    vm.irqfd(trigger, 5, resample_fd=resample)
+
+    assert vcpu.run().port == 0x3F8             # programmed the PIC, about to wait
+    os.eventfd_write(trigger, 1)                # raise the level interrupt
+    handled = vcpu.run()
+    assert handled.port == 0x3F9                # the handler ran; no EOI yet
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(resample)
+    assert vcpu.run().port == 0x3FA             # past the EOI
+    assert os.eventfd_read(resample) == 1
