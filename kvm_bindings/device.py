@@ -14,13 +14,8 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 
-class Device(FdObject):
-    """Attributes of an in-kernel device (vGIC, VFIO, PIT, ...), by group and attr number."""
-
-    def __init__(self, vm: Vm, fd: int, device_type: int) -> None:
-        super().__init__(fd)
-        self.vm = vm
-        self.device_type = device_type
+class DeviceAttributes(FdObject):
+    """KVM_{HAS,GET,SET}_DEVICE_ATTR, which device, vCPU and VM fds all answer."""
 
     def _attr(self, group: int, attr: int, addr: int = 0, flags: int = 0) -> ctypes.Structure:
         return abi.kvm_device_attr(flags=flags, group=group, attr=attr, addr=addr)
@@ -31,7 +26,7 @@ class Device(FdObject):
             self.ioctl(abi.KVM_HAS_DEVICE_ATTR, self._attr(group, attr))
             return True
         except KvmError as e:
-            if e.errno == errno.ENXIO:
+            if e.errno in (errno.ENXIO, errno.ENOTTY, errno.EINVAL):
                 return False
             raise
 
@@ -49,3 +44,12 @@ class Device(FdObject):
         data = value.to_bytes(size, "little") if isinstance(value, int) else bytes(value)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         self.ioctl(abi.KVM_SET_DEVICE_ATTR, self._attr(group, attr, ctypes.addressof(buf)))
+
+
+class Device(DeviceAttributes):
+    """An in-kernel device (vGIC, VFIO, ...): attributes by group and attr number."""
+
+    def __init__(self, vm: Vm, fd: int, device_type: int) -> None:
+        super().__init__(fd)
+        self.vm = vm
+        self.device_type = device_type

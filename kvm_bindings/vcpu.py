@@ -11,8 +11,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import abi
-from ._fd import FdObject, _ioctl
+from ._fd import _ioctl
 from ._layout import member, offset_of
+from .device import DeviceAttributes
 from .errors import KvmError, KvmUnsupported
 from .exits import Decoder, Exit, InterruptedExit
 
@@ -48,7 +49,7 @@ _IMMEDIATE_EXIT = offset_of(abi.kvm_run, "immediate_exit")
 _KVM_RUN = abi.KVM_RUN
 
 
-class Vcpu(FdObject):
+class Vcpu(DeviceAttributes):
     """One virtual CPU. run() enters the guest and returns the decoded exit.
 
     run() releases the GIL while the guest runs; kick() from any thread makes a

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import abi
 from ._fd import CapabilityOwner
+from .device import DeviceAttributes
 from .errors import KvmError, KvmUnsupported
 from .memory import PAGE_SIZE, GuestMemory, MemoryRegion
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from .vcpu import Vcpu
 
 
-class Vm(CapabilityOwner):
+class Vm(CapabilityOwner, DeviceAttributes):
     """One virtual machine: memory slots, vCPUs, interrupt plumbing, devices.
 
     Closing the VM closes its vCPUs and devices first, then unmaps its memory.

@@ -123,6 +123,25 @@ def test_device_attributes(vm):
     with dev:
         assert dev.has_attr(abi.KVM_DEV_VFIO_FILE, abi.KVM_DEV_VFIO_FILE_ADD)
         assert not dev.has_attr(0x7FFF, 0)
+        with pytest.raises(KvmError) as err:       # -1 is no VFIO file: the kernel says so
+            dev.set_attr(abi.KVM_DEV_VFIO_FILE, abi.KVM_DEV_VFIO_FILE_ADD, -1 & 0xFFFFFFFF, size=4)
+        assert err.value.ioctl == "KVM_SET_DEVICE_ATTR"
+
+
+def test_vcpu_attributes_are_reached_through_the_vcpu_fd(vm):
+    from kvm_bindings import KvmError
+    vcpu = vm.create_vcpu(0)
+    if not vm.check_extension(Capability.VCPU_ATTRIBUTES):
+        pytest.skip("no KVM_CAP_VCPU_ATTRIBUTES")
+    assert vcpu.has_attr(abi.KVM_VCPU_TSC_CTRL, abi.KVM_VCPU_TSC_OFFSET)
+    assert not vcpu.has_attr(0x7FFF, 0)
+    assert len(vcpu.get_attr(abi.KVM_VCPU_TSC_CTRL, abi.KVM_VCPU_TSC_OFFSET)) == 8
+    # (this nested host accepts a TSC offset write but keeps the offset at 0, so the
+    # value is not compared)
+    vcpu.set_attr(abi.KVM_VCPU_TSC_CTRL, abi.KVM_VCPU_TSC_OFFSET, 0)
+    with pytest.raises(KvmError) as err:
+        vcpu.get_attr(0x7FFF, 0)
+    assert err.value.ioctl == "KVM_GET_DEVICE_ATTR"
 
 
 def test_enable_cap_on_a_vm(vm):
