@@ -264,9 +264,16 @@ def parse_expressions(expansions: dict[str, str], typedef_names: list[str]
     """
     bad: dict[str, str] = {}
     names = []
+    type_words = set(typedef_names) | {"struct", "union", "enum", "void", "char", "short", "int",
+                                       "long", "unsigned", "signed", "_Bool", "const", "volatile"}
     for name, exp in expansions.items():
+        first = exp.split(maxsplit=1)[0] if exp.strip() else ""
         if "__attribute__" in exp:
             bad[name] = f"expands to a type with attributes, not a value: {exp}"
+        elif not first:
+            bad[name] = "expands to nothing after its own expansion"
+        elif first in type_words:
+            bad[name] = f"expands to a type, not a value: {exp}"
         else:
             names.append(name)
     head = "".join(f"typedef int {t};\n" for t in typedef_names)

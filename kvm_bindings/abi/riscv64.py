@@ -3175,7 +3175,7 @@ UNEXPRESSED: tuple[tuple[str, str, str, str], ...] = (
     ("__counted_by_le", "function-like macro", "takes arguments; the macros that use it are expanded", "linux/stddef.h:65"),
     ("__counted_by_be", "function-like macro", "takes arguments; the macros that use it are expanded", "linux/stddef.h:69"),
     ("__counted_by_ptr", "function-like macro", "takes arguments; the macros that use it are expanded", "linux/stddef.h:73"),
-    ("__bitwise__", "macro", "does not expand to a C expression: ", "linux/types.h:29"),
+    ("__bitwise__", "macro", "expands to nothing after its own expansion", "linux/types.h:29"),
     ("__aligned_u64", "macro", "expands to a type with attributes, not a value: __u64 __attribute__((aligned(8)))", "linux/types.h:50"),
     ("__aligned_s64", "macro", "expands to a type with attributes, not a value: __s64 __attribute__((aligned(8)))", "linux/types.h:51"),
     ("__aligned_be64", "macro", "expands to a type with attributes, not a value: __be64 __attribute__((aligned(8)))", "linux/types.h:52"),
