@@ -136,7 +136,11 @@ class Kvm(CapabilityOwner):
         """KVM_CREATE_VM: a new VM ("kvm-vm" anonymous fd)."""
         from .vm import Vm
         fd = self.ioctl(abi.KVM_CREATE_VM, vm_type)
-        return Vm(self, fd, vm_type)
+        try:
+            return Vm(self, fd, vm_type)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def __repr__(self) -> str:
         if self.closed:

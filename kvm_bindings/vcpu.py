@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import os
 import signal
 import threading
 from collections.abc import Iterable
@@ -64,13 +65,14 @@ class Vcpu(DeviceAttributes):
         self._ring: mmap.mmap | None = None
         self._ring_next = 0
         try:
-            self._page = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
+            self._page = mmap.mmap(fd, vm.vcpu_mmap_size, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE)
-            self._decoder = Decoder(self, self._page)
-            self.kvm_run = abi.kvm_run.from_buffer(self._page)
         except BaseException:
-            super().close()
+            self._closed = True
+            os.close(fd)
             raise
+        self._decoder = Decoder(self, self._page)
+        self.kvm_run = abi.kvm_run.from_buffer(self._page)
         _install_kick_handler()
 
     # -- running

@@ -36,13 +36,16 @@ class Vm(CapabilityOwner, DeviceAttributes):
         self._devices: list[Device] = []
         self._caps: dict[int, int] = {}
         self._guest_memfds: list[int] = []
+        # What the VM needs from /dev/kvm later, asked now: the VM outlives a closed Kvm.
+        self.vcpu_mmap_size = kvm.vcpu_mmap_size
+        self._ask_vm_fd = bool(kvm.check_extension(abi.Capability.CHECK_EXTENSION_VM))
 
     # -- capabilities
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd where the kernel supports it, else on /dev/kvm."""
         cap = int(cap)
         if cap not in self._caps:
-            if self.kvm.check_extension(abi.Capability.CHECK_EXTENSION_VM):
+            if self._ask_vm_fd:
                 self._caps[cap] = self.ioctl(abi.KVM_CHECK_EXTENSION, cap)
             else:
                 self._caps[cap] = self.kvm.check_extension(cap)

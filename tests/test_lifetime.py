@@ -95,3 +95,18 @@ def test_a_region_view_outlives_removal_safely(vm):
     vm.remove_memory(region)
     view[:] = b"safe"                         # the mapping lives until the view goes
     assert bytes(view) == b"safe"
+
+
+def test_a_vm_keeps_working_after_its_kvm_is_closed(assemble):
+    """The kernel keeps a VM alive through its own fd; so do the bindings."""
+    from kvm_bindings import HltExit, x86
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    kvm.close()
+    with vm:
+        vm.set_tss_addr(0xFFFBD000)
+        vm.add_memory(0, 0x10000)
+        vm.memory.write(0x1000, assemble("hlt"))
+        vcpu = vm.create_vcpu(0)
+        x86.setup_real_mode(vcpu, 0x1000)
+        assert isinstance(vcpu.run(), HltExit)
