@@ -90,8 +90,11 @@ class PayloadExit(Exit):
 
     def __repr__(self) -> str:
         p = self._payload
-        fields = ", ".join(f"{name}={_plain(getattr(p, name))}" for name, *_ in p._fields_
-                           if not name.startswith("_")) if p is not None else ""
+        if hasattr(p, "_fields_"):
+            fields = ", ".join(f"{name}={_plain(getattr(p, name))}" for name, *_ in p._fields_
+                               if not name.startswith("_"))
+        else:    # a scalar member, such as s390_reset_flags
+            fields = f"value={_plain(p.value)}"
         return f"<{type(self).__name__} {self.reason.name}{': ' + fields if fields else ''}>"
 
 
