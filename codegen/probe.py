@@ -68,8 +68,7 @@ class _Source:
     def __init__(self) -> None:
         self.values: list[str] = []            # C expressions, as unsigned long long
         self.keys: list[tuple] = []            # what each value answers
-        self.negative: list[str] = []          # constants: is the value negative?
-        self.negative_keys: list[str] = []
+        self.negative: list[str] = []          # constants, each also asked: is it negative?
         self.bit_objects: list[tuple[str, str]] = []   # (root type, path set to all ones)
         self.strings: list[str] = []
 
@@ -154,7 +153,6 @@ def probe_source(model: Model, layout: Layout) -> _Source:
             continue
         src.value(("C", name), name)
         src.negative.append(name)
-        src.negative_keys.append(name)
     return src
 
 
@@ -202,7 +200,7 @@ def _facts(model: Model, src: _Source, blobs: dict[str, bytes], compiler: str, h
     facts: dict = {"arch": model.arch.name, "kernel": model.version, "compiler": compiler,
                    "probe": how, "types": {}, "member_types": {}, "fields": {}, "bitfields": {},
                    "constants": {}}
-    negative = dict(zip(src.negative_keys, blobs["negative"]))
+    negative = dict(zip(src.negative, blobs["negative"]))
     for key, value in zip(src.keys, values):
         kind = key[0]
         if kind == "T":

@@ -109,7 +109,7 @@ class _Renderer:
                 npad += f.name is None
                 out.fields.append(CtField(name, expr, f.bits))
                 ct_align = max(ct_align, align)
-                self._annotate(out, f, name, ann)
+                out.annotations.append((name, ann))
                 continue
             name = f.py_name or f.name
             assert name is not None
@@ -121,7 +121,7 @@ class _Renderer:
                 out.anonymous.append(name)
                 self._annotate_anonymous(out, f.type)
             else:
-                self._annotate(out, f, name, ann)
+                out.annotations.append((name, ann))
             if not union:
                 cur = fl.offset + fl.size
         if union:
@@ -155,7 +155,7 @@ class _Renderer:
                 for fl in run:
                     name = fl.field.py_name or fl.field.name
                     out.fields.append(CtField(name, expr, fl.field.bits))
-                    self._annotate(out, fl.field, name, ann)
+                    out.annotations.append((name, ann))
                 last = run[-1]
                 return last.offset + last.size, max(ct_align, align), npad
         start = min(fl.bit_offset for fl in run) // 8
@@ -182,9 +182,6 @@ class _Renderer:
         if round_up(cur, align) != offset:
             out.fields.append(CtField(f"_pad{len(out.fields)}", f"ctypes.c_uint8 * {offset - cur}"))
         return offset
-
-    def _annotate(self, out: CtRecord, f, name: str, ann: str) -> None:
-        out.annotations.append((name, ann))
 
     def _annotate_anonymous(self, out: CtRecord, t: Type) -> None:
         """ctypes lifts an anonymous member's fields into the parent: say so to type checkers."""

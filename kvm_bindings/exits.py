@@ -228,9 +228,7 @@ class Decoder:
     _io = unpacker(member(abi.kvm_run, "io")[1], ("direction", "size", "port", "count", "data_offset"))
     _mmio_off = offset_of(abi.kvm_run, "mmio")
     _mmio_type = member(abi.kvm_run, "mmio")[1]
-    _mmio = unpacker(_mmio_type, ("phys_addr",))
-    _mmio_len_off = _mmio_off + member(_mmio_type, "len")[0]
-    _mmio_tail = unpacker(_mmio_type, ("len", "is_write"))
+    _mmio = unpacker(_mmio_type, ("phys_addr", "len", "is_write"))
     _mmio_data_off = _mmio_off + member(_mmio_type, "data")[0]
     _reason_at = offset_of(abi.kvm_run, "exit_reason")
     _reason_fmt = struct.Struct("<I")
@@ -271,8 +269,7 @@ class Decoder:
             e.data = (self.ro if e.is_write else self.rw)[data_offset:end]
             return e  # type: ignore[no-any-return]
         if reason == _MMIO:
-            (phys,) = self._mmio.unpack_from(self.page, self._mmio_off)
-            length, is_write = self._mmio_tail.unpack_from(self.page, self._mmio_off)[-2:]
+            phys, length, is_write = self._mmio.unpack_from(self.page, self._mmio_off)
             m: Any = MmioExit.__new__(MmioExit)
             m.reason, m.phys_addr, m.is_write = ExitReason.MMIO, phys, bool(is_write)
             start = self._mmio_data_off
