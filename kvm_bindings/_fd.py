@@ -5,11 +5,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 import warnings
 from typing import Any
 
 from . import abi
-from .errors import KvmError, KvmUnsupported
+from ._layout import check_int, fill
+from .errors import KvmError, KvmUnsupported, StaleHandleError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # ctypes releases the GIL around foreign calls: a vCPU thread blocked in KVM_RUN
@@ -25,64 +27,126 @@ def ioctl_name(number: int) -> str:
     return _NAMES.get(number, hex(number))
 
 
-def arg_pointer(arg: Any) -> int | None:
-    """An ioctl argument as the kernel wants it: ctypes objects by address, ints as they are."""
+def arg_pointer(arg: Any, name: str = "the ioctl") -> int | None:
+    """An ioctl argument as the kernel wants it: ctypes objects by address, ints as they are
+    (an unsigned long, the ioctl syscall's argument type: checked, never truncated)."""
     if arg is None:
         return None
     if isinstance(arg, int):
-        return arg
+        return check_int(arg, ctypes.c_ulong, f"the argument of {name}")
     return ctypes.addressof(arg)
 
 
-class FdObject:
-    """Something that owns one fd: closes it once, refuses use after close, warns if leaked."""
+class Unshareable:
+    """Objects that own a kernel resource alone: no copies, no pickles.
 
-    _fd: int = -1
-    _closed: bool = True
+    A copy would share the fd (or mapping, or slot) and close it behind the
+    original's back; a pickle would carry a number that means nothing elsewhere.
+    """
+
+    __slots__ = ()
+
+    def __copy__(self) -> Any:
+        raise TypeError(f"a {type(self).__name__} owns a kernel object and cannot be copied; "
+                        f"pass the object itself around")
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        self.__copy__()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"a {type(self).__name__} owns a kernel object and cannot be pickled: "
+                        f"its fd and mappings mean nothing in another process")
+
+
+class FdObject(Unshareable):
+    """Something that owns one fd: closes it exactly once, refuses use after close, warns if leaked.
+
+    close() from one thread while another is inside an ioctl on the same object
+    does not close the fd under it: the fd is closed when the last call in flight
+    returns, so its number cannot be reused for another file meanwhile.
+    """
 
     def __init__(self, fd: int) -> None:
+        # The first thing every subclass does: from here on this object owns fd, and
+        # a failure later in a constructor closes it through close(), exactly once.
         self._fd = fd
+        self._closing = False
         self._closed = False
+        self._users = 0
+        self._lock = threading.Lock()
+
+    def _stale(self) -> StaleHandleError:
+        return StaleHandleError(f"I/O operation on closed {type(self).__name__}")
 
     @property
     def fd(self) -> int:
-        """The file descriptor; ValueError once closed, so a recycled number is never used."""
-        if self._closed:
-            raise ValueError(f"I/O operation on closed {type(self).__name__}")
+        """The file descriptor; StaleHandleError (a ValueError) once closed."""
+        if self._closing:
+            raise self._stale()
         return self._fd
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closing
 
     def ioctl(self, number: int, arg: Any = None, *, name: str | None = None) -> int:
         """Issue one ioctl on this fd; raise KvmError naming it on failure."""
-        fd = self.fd
+        name = name or ioctl_name(number)
+        ptr = arg_pointer(arg, name)
+        self._hold()
+        try:
+            return self._raw_ioctl(number, ptr, name)
+        finally:
+            self._unhold()
+
+    def _hold(self) -> None:
+        """A call is about to use the fd: refuse if closing, else keep the fd open until _unhold."""
+        with self._lock:
+            if self._closing:
+                raise self._stale()
+            self._users += 1
+
+    def _unhold(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._closed and self._users == 0
+        if last:
+            os.close(self._fd)
+
+    def _raw_ioctl(self, number: int, ptr: int | None, name: str) -> int:
+        """The ioctl itself, retried on EINTR; callers make sure the fd is still open."""
         while True:
-            ret = _ioctl(fd, number, arg_pointer(arg))
+            ret = _ioctl(self._fd, number, ptr)
             if ret >= 0:
                 return int(ret)
             err = ctypes.get_errno()
             if err != errno.EINTR:
-                raise KvmError(name or ioctl_name(number), err)
+                raise KvmError(name, err)
 
     def _get(self, number: int, cls: Any, **fields: Any) -> Any:
-        """A fresh cls (fields preset), filled in by the ioctl."""
-        obj = cls(**fields)
+        """A fresh cls (fields preset, range-checked), filled in by the ioctl."""
+        obj = fill(cls, **fields)
         self.ioctl(number, obj)
         return obj
 
     def _release(self) -> None:
-        """Free what the object holds besides its fd (mappings, children)."""
+        """Free what the object holds besides its fd (mappings, children), in the order the
+        kernel needs. A call still in flight can keep the fd open: see _hold()."""
 
     def close(self) -> None:
-        if self._closed:
-            return
+        """Release everything the object holds, then its fd. Closing again does nothing."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True      # from here every new call is refused
         try:
             self._release()
         finally:
-            self._closed = True
-            os.close(self._fd)
+            with self._lock:
+                self._closed = True
+                last = self._users == 0
+            if last:
+                os.close(self._fd)
 
     def __enter__(self) -> Any:
         self.fd  # noqa: B018 - refuse a closed object here rather than later
@@ -92,7 +156,7 @@ class FdObject:
         self.close()
 
     def __del__(self) -> None:
-        if not self._closed:
+        if not getattr(self, "_closing", True):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
             try:
                 self.close()
@@ -100,7 +164,7 @@ class FdObject:
                 pass
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"fd={self._fd}"
+        state = "closed" if self._closing else f"fd={self._fd}"
         return f"<{type(self).__name__} {state}>"
 
 

@@ -61,3 +61,99 @@ def unpacker(cls: Any, names: tuple[str, ...]) -> struct.Struct:
     if list(order) != list(names):
         raise ValueError(f"pass members in memory order: {order}")
     return struct.Struct(fmt)
+
+
+# ---- values headed for C: checked against the generated field types -------------------
+
+def field(cls: Any, name: str) -> tuple[Any, int | None]:
+    """(ctypes type, bit width or None) of member `name` of cls, through anonymous members."""
+    anonymous = getattr(cls, "_anonymous_", ())
+    for entry in cls._fields_:
+        if entry[0] == name:
+            return entry[1], (entry[2] if len(entry) > 2 else None)
+    for entry in cls._fields_:
+        if entry[0] in anonymous:
+            try:
+                return field(entry[1], name)
+            except KeyError:
+                continue
+    raise KeyError(f"{cls.__name__} has no member {name}")
+
+
+def c_spelling(ctype: Any, bits: int | None = None) -> str:
+    """How the uapi headers spell an integer type of this width and signedness (__u64, __s32)."""
+    spelling = f"{'__s' if ctype(-1).value < 0 else '__u'}{ctypes.sizeof(ctype) * 8}"
+    return f"{spelling} bitfield of {bits} bits" if bits is not None else spelling
+
+
+def bounds(ctype: Any, bits: int | None = None) -> tuple[int, int]:
+    """The smallest and largest value a C integer of this type (or bitfield width) holds."""
+    width = bits if bits is not None else ctypes.sizeof(ctype) * 8
+    if ctype(-1).value < 0:
+        return -(1 << (width - 1)), (1 << (width - 1)) - 1
+    return 0, (1 << width) - 1
+
+
+def check_int(value: Any, ctype: Any, what: str, bits: int | None = None, where: str = "") -> int:
+    """value as an int that fits the C type, else TypeError/OverflowError naming `what`.
+
+    ctypes would silently keep the low bits of an out-of-range value (2**64 + 1 becomes 1):
+    every integer the runtime hands to KVM goes through here first.
+    """
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{what} must be an integer, not {type(value).__name__}")
+    value = value.__index__()
+    lo, hi = bounds(ctype, bits)
+    if not lo <= value <= hi:
+        target = f"{where} ({c_spelling(ctype, bits)})" if where else c_spelling(ctype, bits)
+        raise OverflowError(f"{what}={value:#x} does not fit {target}: "
+                            f"the range is {lo:#x}..{hi:#x}")
+    return int(value)
+
+
+def fill(obj: Any, names: dict[str, str] | None = None, /, **fields: Any) -> Any:
+    """Set fields of a ctypes struct (a class makes a fresh one), each range-checked against
+    its generated C type. names maps a field to the caller's parameter name for messages."""
+    if isinstance(obj, type):
+        obj = obj()
+    cls = type(obj)
+    for name, value in fields.items():
+        ctype, bits = field(cls, name)
+        param = (names or {}).get(name, name)
+        setattr(obj, name, check_int(value, ctype, param, bits, f"{cls.__name__}.{name}"))
+    return obj
+
+
+def expect(obj: Any, cls: Any, where: str) -> Any:
+    """obj if it is a cls (the kernel reads sizeof(cls) bytes from it), else TypeError."""
+    if not isinstance(obj, cls):
+        raise TypeError(f"{where} takes a {cls.__name__}, not {type(obj).__name__}: "
+                        f"the kernel reads {ctypes.sizeof(cls)} bytes of struct {cls.__name__} from it")
+    return obj
+
+
+def capacity(obj: Any) -> int:
+    """Bytes the kernel may read or write at addressof(obj): to the end of the memory it lives in
+    (its own size, or the rest of the buffer it was made from with from_buffer or alloc)."""
+    root = obj
+    while root._b_base_ is not None:
+        root = root._b_base_
+    size = ctypes.sizeof(root)
+    objects = root._objects
+    source = objects.get("ffffffff") if isinstance(objects, dict) else None
+    if isinstance(source, memoryview) and not source.readonly:
+        start = ctypes.addressof(ctypes.c_char.from_buffer(source))
+        size = start + source.nbytes - ctypes.addressof(root)
+    return size - (ctypes.addressof(obj) - ctypes.addressof(root))
+
+
+def check_flex(obj: Any, where: str) -> Any:
+    """A flexible-array struct whose count member claims no more entries than its buffer holds."""
+    cls = type(obj)
+    count = getattr(obj, cls._flex_count_) if cls._flex_count_ else 0
+    need = getattr(cls, cls._flex_field_).offset + count * ctypes.sizeof(cls._flex_type_)
+    if need > capacity(obj):
+        raise ValueError(f"{where}: {cls.__name__}.{cls._flex_count_} = {count} claims more "
+                         f"entries than the object holds ({capacity(obj)} bytes, {need} needed); "
+                         f"allocate it with {cls.__name__}.alloc(n)")
+    return obj

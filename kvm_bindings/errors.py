@@ -23,7 +23,7 @@ class KvmError(OSError):
 class KvmUnavailable(KvmError):
     """/dev/kvm cannot be opened: missing module, no permission, or not a KVM host."""
 
-    def __init__(self, path: str, err: int) -> None:
+    def __init__(self, path: str, err: int, why: str = "") -> None:
         hints = {
             _errno.ENOENT: f"{path} does not exist: load the kvm module (modprobe kvm_intel or "
                            "kvm_amd) or run on a host with virtualization enabled",
@@ -32,7 +32,7 @@ class KvmUnavailable(KvmError):
             _errno.EPERM: f"not permitted to open {path}",
             _errno.ENXIO: f"{path} exists but no KVM module is bound to it",
         }
-        super().__init__("open", err, hints.get(err, path))
+        super().__init__("open", err, f"{path}: {why}" if why else hints.get(err, path))
         self.filename = path
 
 
@@ -47,3 +47,17 @@ class KvmUnsupported(KvmError):
 
 class GuestMemoryError(ValueError):
     """A guest-physical range that guest memory does not fully back."""
+
+
+class StaleHandleError(ValueError):
+    """A handle used after what it names is gone, or with an object it does not belong to:
+    a closed Kvm/Vm/Vcpu/Device, a removed memory region, a region of another VM."""
+
+
+class StaleExitError(StaleHandleError):
+    """An exit answered (or its answer buffer read) after its vCPU ran again or closed:
+    the guest has moved on, and the answer would land in the next exit's bytes."""
+
+
+class VcpuBusyError(RuntimeError):
+    """run() on a vCPU that another thread is running: one vCPU runs in one thread at a time."""

@@ -2,18 +2,27 @@
 
 Which member each exit reason fills comes from the header itself (abi.EXIT_MEMBERS,
 read from the comments in struct kvm_run). IO and MMIO exits are decoded with
-precomputed unpackers and hand the guest's data out as memoryviews into the
-shared kvm_run page, so a handler answers an IN or an MMIO read in place.
+precomputed unpackers.
+
+Lifetime, one rule: an exit is a snapshot of kvm_run taken when run() returned,
+and it never changes afterwards. What it carries (port, data of a write, the
+payload's fields) stays readable for as long as you keep the object. Its answer
+(the data of an IN or MMIO read, which you fill in; reply()) is handed to the
+kernel by that vCPU's next run(), so answering is only possible until then:
+after the next run() (or close()) the answer buffer and reply() raise
+StaleExitError, and no exit can reach another exit's bytes.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import struct
 from typing import Any
 
 from . import abi
-from ._layout import member, offset_of, unpacker
+from ._layout import fill, member, offset_of, unpacker
+from .errors import KvmError, StaleExitError
 
 ExitReason = abi.ExitReason
 
@@ -26,7 +35,7 @@ class Exit:
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in _all_slots(type(self))
-                           if n not in ("reason", "_vcpu", "_payload"))
+                           if not n.startswith("_") and n != "reason")
         name = getattr(self.reason, "name", self.reason)
         return f"<{type(self).__name__} {name}{': ' + fields if fields else ''}>"
 
@@ -38,35 +47,58 @@ def _all_slots(cls: type) -> list[str]:
     return out
 
 
-class IoExit(Exit):
-    """KVM_EXIT_IO: port I/O. data holds size*count bytes (all elements of a rep string op)
-    and is writable for IN, where the handler's bytes become the guest's input."""
+class _DataExit(Exit):
+    """An exit with a data buffer: a copy for guest writes, an answer buffer for guest reads."""
 
-    __slots__ = ("port", "size", "count", "is_write", "data")
+    __slots__ = ("is_write", "_data", "_vcpu", "_seq")
+    is_write: bool
+    _data: Any
+    _vcpu: Any
+    _seq: int
+
+    @property
+    def data(self) -> bytes | memoryview:
+        """For a guest write: the bytes written (a copy, valid for good). For a guest read: a
+        writable buffer whose bytes the guest receives on the next run(); StaleExitError after."""
+        vcpu = self._vcpu
+        if vcpu is not None and vcpu._seq != self._seq:
+            raise StaleExitError(f"this {type(self).__name__} is stale: vCPU {vcpu.id} ran again "
+                                 f"(or closed) since, and its answer was delivered then")
+        return self._data  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        base = super().__repr__()[:-1]
+        vcpu = self._vcpu
+        shown = "<stale>" if vcpu is not None and vcpu._seq != self._seq else bytes(self._data)
+        return f"{base}, data={shown!r}>"
+
+
+class IoExit(_DataExit):
+    """KVM_EXIT_IO: port I/O. data holds size*count bytes (all elements of a rep string op):
+    for OUT the bytes written, for IN a writable buffer whose bytes become the guest's input."""
+
+    __slots__ = ("port", "size", "count")
     port: int
     size: int
     count: int
-    is_write: bool
-    data: memoryview
 
 
-class MmioExit(Exit):
+class MmioExit(_DataExit):
     """KVM_EXIT_MMIO: an access to guest-physical memory no slot backs (or a write to a
-    read-only slot). data is exactly len bytes, writable for reads."""
+    read-only slot). data is exactly len bytes; for a read, the buffer the guest receives."""
 
-    __slots__ = ("phys_addr", "is_write", "data")
+    __slots__ = ("phys_addr",)
     phys_addr: int
-    is_write: bool
-    data: memoryview
 
 
 class PayloadExit(Exit):
     """An exit whose kvm_run member is copied out as a ctypes struct: .payload, and its
     fields as attributes (exit.pc, exit.suberror, ...)."""
 
-    __slots__ = ("_payload", "_vcpu")
+    __slots__ = ("_payload", "_vcpu", "_seq")
     _payload: Any
     _vcpu: Any
+    _seq: int
 
     @property
     def payload(self) -> Any:
@@ -82,11 +114,15 @@ class PayloadExit(Exit):
 
     def _write_back(self, **fields: int) -> None:
         """Set fields of this exit's kvm_run member in the live kvm_run: the answer
-        the kernel reads on the next KVM_RUN."""
-        live = self._vcpu._run_member(self.reason)
-        for k, v in fields.items():
-            setattr(live, k, v)
-            setattr(self._payload, k, v)
+        the kernel reads on the next KVM_RUN. Only until then: after it, StaleExitError."""
+        vcpu = self._vcpu
+        if vcpu._seq != self._seq:
+            raise StaleExitError(f"reply() to a stale {type(self).__name__}: vCPU {vcpu.id} ran "
+                                 f"again (or closed) since; the guest has moved on")
+        fill(self._payload, **fields)         # checked against the member's C types first
+        live = vcpu._run_member(self.reason)
+        for k in fields:
+            setattr(live, k, getattr(self._payload, k))
 
     def __repr__(self) -> str:
         p = self._payload
@@ -222,7 +258,8 @@ ShutdownExit: type[Exit] = EXIT_CLASSES[ExitReason.SHUTDOWN]
 
 
 class Decoder:
-    """Turns the kvm_run page of one vCPU into Exit objects."""
+    """Turns the kvm_run page of one vCPU into Exit objects, and hands the answer to a
+    guest read (IN, MMIO read) back to the page before the next KVM_RUN."""
 
     _io_off = offset_of(abi.kvm_run, "io")
     _io = unpacker(member(abi.kvm_run, "io")[1], ("direction", "size", "port", "count", "data_offset"))
@@ -230,6 +267,7 @@ class Decoder:
     _mmio_type = member(abi.kvm_run, "mmio")[1]
     _mmio = unpacker(_mmio_type, ("phys_addr", "len", "is_write"))
     _mmio_data_off = _mmio_off + member(_mmio_type, "data")[0]
+    _mmio_data_max = ctypes.sizeof(member(_mmio_type, "data")[1])
     _reason_at = offset_of(abi.kvm_run, "exit_reason")
     _reason_fmt = struct.Struct("<I")
     _io_out = abi.KVM_EXIT_IO_OUT
@@ -241,8 +279,9 @@ class Decoder:
     def __init__(self, vcpu: Any, page: Any) -> None:
         self.vcpu = vcpu
         self.page = page
-        self.rw = memoryview(page)
-        self.ro = self.rw.toreadonly()
+        self.size = len(page)
+        # The pending answer to a guest read: (offset in the page, buffer, the view handed out)
+        self.answer: tuple[int, bytearray, memoryview] | None = None
         if not Decoder._reasons:
             by_name = ExitReason.__members__
             Decoder._members = {
@@ -252,28 +291,55 @@ class Decoder:
         self.members = Decoder._members
         self.reasons = Decoder._reasons
 
+    def deliver(self) -> None:
+        """Copy the answer into kvm_run and retire the buffer handed out for it."""
+        assert self.answer is not None
+        start, buf, view = self.answer
+        self.answer = None
+        self.page[start:start + len(buf)] = buf
+        try:
+            view.release()     # a view still held now raises instead of silently going nowhere
+        except BufferError:
+            pass               # re-exported by the caller: it only ever reaches buf, not the page
+
     def release(self) -> None:
-        self.ro.release()
-        self.rw.release()
+        self.answer = None
 
     def reason(self) -> int:
         return int(self._reason_fmt.unpack_from(self.page, self._reason_at)[0])
+
+    def _buffer(self, e: Any, start: int, end: int, is_write: bool) -> None:
+        """The exit's data: a copy of a write, or the answer buffer of a read."""
+        if not 0 <= start <= end <= self.size:
+            # KVM never does this; a corrupted page (a fuzzer, a buggy kernel) must not make
+            # the answer land outside the data area.
+            raise KvmError("KVM_RUN", errno.EIO, f"kvm_run names data at {start:#x}..{end:#x}, "
+                                                 f"outside the {self.size:#x}-byte vCPU mapping")
+        if is_write:
+            e._data = self.page[start:end]
+            e._vcpu = None
+        else:
+            buf = bytearray(self.page[start:end])
+            view = memoryview(buf)
+            e._data = view
+            e._vcpu = self.vcpu
+            e._seq = self.vcpu._seq
+            self.answer = (start, buf, view)
 
     def decode(self, reason: int) -> Exit:
         if reason == _IO:
             direction, size, port, count, data_offset = self._io.unpack_from(self.page, self._io_off)
             e: Any = IoExit.__new__(IoExit)
             e.reason, e.port, e.size, e.count = ExitReason.IO, port, size, count
-            e.is_write = direction == self._io_out
-            end = data_offset + size * count
-            e.data = (self.ro if e.is_write else self.rw)[data_offset:end]
+            e.is_write = is_write = direction == self._io_out
+            self._buffer(e, data_offset, data_offset + size * count, is_write)
             return e  # type: ignore[no-any-return]
         if reason == _MMIO:
             phys, length, is_write = self._mmio.unpack_from(self.page, self._mmio_off)
             m: Any = MmioExit.__new__(MmioExit)
             m.reason, m.phys_addr, m.is_write = ExitReason.MMIO, phys, bool(is_write)
             start = self._mmio_data_off
-            m.data = (self.ro if is_write else self.rw)[start:start + length]
+            self._buffer(m, start, start + min(length, self._mmio_data_max), m.is_write)
             return m  # type: ignore[no-any-return]
         known = self.reasons.get(reason)
         if known is None:
@@ -287,6 +353,7 @@ class Decoder:
             off, t = self.members[reason]
             obj._payload = t.from_buffer_copy(self.page, off)
             obj._vcpu = self.vcpu
+            obj._seq = self.vcpu._seq
         return obj  # type: ignore[no-any-return]
 
     def live_member(self, reason: int) -> Any:

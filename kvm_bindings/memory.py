@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import heapq
 import mmap
 import os
-from typing import BinaryIO
+import weakref
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
-from .errors import GuestMemoryError
+from ._fd import FdObject, Unshareable
+from .errors import GuestMemoryError, StaleHandleError
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -21,19 +25,21 @@ def _host_address(mm: mmap.mmap) -> int:
         del anchor   # release the buffer export at once, so the mapping can be closed later
 
 
-class MemoryRegion:
+class MemoryRegion(Unshareable):
     """One memory slot: a host mapping and where the guest sees it.
 
     slot, guest_phys_addr, size and flags are what KVM was given
-    (struct kvm_userspace_memory_region / kvm_userspace_memory_region2).
+    (struct kvm_userspace_memory_region / kvm_userspace_memory_region2). The region
+    is a handle: once removed (or its VM closed) every call taking it raises
+    StaleHandleError, and so does passing it to another VM.
     """
 
     __slots__ = ("slot", "guest_phys_addr", "size", "flags", "host_addr", "guest_memfd",
-                 "guest_memfd_offset", "_mmap", "_view")
+                 "guest_memfd_offset", "_mmap", "_view", "_owner", "__weakref__")
 
     def __init__(self, slot: int, guest_phys_addr: int, size: int, flags: int,
-                 backing: mmap.mmap, guest_memfd: int | None = None,
-                 guest_memfd_offset: int = 0) -> None:
+                 backing: mmap.mmap, guest_memfd: Any = None, guest_memfd_offset: int = 0,
+                 owner: Any = None) -> None:
         self.slot = slot
         self.guest_phys_addr = guest_phys_addr
         self.size = size
@@ -43,18 +49,26 @@ class MemoryRegion:
         self._view = memoryview(backing)
         self.guest_memfd = guest_memfd
         self.guest_memfd_offset = guest_memfd_offset
+        self._owner: Callable[[], Any] = weakref.ref(owner) if owner is not None else _nobody
 
     @property
     def end(self) -> int:
         return self.guest_phys_addr + self.size
 
+    @property
+    def removed(self) -> bool:
+        """True once the slot is deleted (remove_memory, or its VM closed)."""
+        return self._mmap is None
+
     def view(self) -> memoryview:
-        """The whole region, zero-copy."""
+        """The whole region, zero-copy. A view you hold keeps the mapping alive after the
+        region is removed; the guest no longer reaches it (KVM's slot goes first)."""
         if self._mmap is None:
-            raise ValueError(f"memory slot {self.slot} was removed")
-        return self._view
+            raise StaleHandleError(f"{self!r} was removed")
+        return self._view[:]
 
     def _unmap(self) -> None:
+        """Drop the mapping; only ever after KVM has deleted the slot."""
         if self._mmap is None:
             return
         self._view.release()
@@ -67,11 +81,16 @@ class MemoryRegion:
             pass
 
     def __repr__(self) -> str:
+        state = " removed" if self._mmap is None else ""
         return (f"<MemoryRegion slot={self.slot} gpa={self.guest_phys_addr:#x} "
-                f"size={self.size:#x} flags={self.flags:#x}>")
+                f"size={self.size:#x} flags={self.flags:#x}{state}>")
 
 
-class GuestMemory:
+def _nobody() -> None:
+    return None
+
+
+class GuestMemory(Unshareable):
     """Every memory region of a VM, addressed by guest-physical address (GPA).
 
     Reads and writes may span adjacent regions; a range any byte of which no
@@ -96,9 +115,11 @@ class GuestMemory:
         del self._starts[i], self._regions[i]
 
     def overlapping(self, gpa: int, size: int) -> MemoryRegion | None:
-        for r in self._regions:
-            if r.guest_phys_addr < gpa + size and gpa < r.end:
-                return r
+        # Regions never overlap, so sorted by start they are sorted by end too: only the
+        # last region starting before gpa + size can reach into the range.
+        i = bisect.bisect_left(self._starts, gpa + size) - 1
+        if i >= 0 and gpa < self._regions[i].end:
+            return self._regions[i]
         return None
 
     def region_at(self, gpa: int) -> MemoryRegion | None:
@@ -141,6 +162,8 @@ class GuestMemory:
     def view(self, gpa: int, size: int) -> memoryview:
         """A zero-copy, writable view of guest memory; the range must lie in one region."""
         pieces = self._pieces(gpa, size)
+        if not pieces:
+            return memoryview(bytearray())        # an empty range: nothing to view
         if len(pieces) > 1:
             raise GuestMemoryError(f"GPA range {gpa:#x}..{gpa + size:#x} spans memory regions; "
                                    f"use read()/write(), which copy")
@@ -151,7 +174,13 @@ class GuestMemory:
         return int.from_bytes(self.read(gpa, size), "little")
 
     def write_int(self, gpa: int, size: int, value: int) -> None:
-        self.write(gpa, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+        """Write value as size little-endian bytes (negative values as two's complement);
+        OverflowError if it does not fit in size bytes, rather than a silent truncation."""
+        try:
+            data = value.to_bytes(size, "little", signed=value < 0)
+        except OverflowError:
+            raise OverflowError(f"value={value:#x} does not fit in {size} bytes") from None
+        self.write(gpa, data)
 
     def load(self, gpa: int, source: str | os.PathLike[str] | BinaryIO) -> int:
         """Copy a file (a path or a binary file object) into guest memory at gpa; return its size."""
@@ -166,3 +195,50 @@ class GuestMemory:
     def host_address(self, gpa: int) -> int:
         r, off, _ = self._pieces(gpa, 1)[0]
         return r.host_addr + off
+
+
+class SlotTable:
+    """Which memory slot numbers are in use, and the lowest free one, in O(log n).
+
+    Freed numbers go on a heap; numbers never used yet come from a counter. A number
+    taken explicitly may still sit on the heap: it is dropped when it reaches the top.
+    """
+
+    def __init__(self) -> None:
+        self._by_slot: dict[int, MemoryRegion] = {}
+        self._free: list[int] = []
+        self._next = 0
+
+    def get(self, slot: int) -> MemoryRegion | None:
+        return self._by_slot.get(slot)
+
+    def lowest_free(self) -> int:
+        while self._free and self._free[0] in self._by_slot:
+            heapq.heappop(self._free)
+        return self._free[0] if self._free else self._next
+
+    def claim(self, slot: int, region: MemoryRegion) -> None:
+        if slot >= self._next and slot <= 0xFFFF:        # address space 0 only
+            for unused in range(self._next, slot):
+                heapq.heappush(self._free, unused)
+            self._next = slot + 1
+        self._by_slot[slot] = region
+
+    def release(self, slot: int) -> None:
+        del self._by_slot[slot]
+        if slot <= 0xFFFF:
+            heapq.heappush(self._free, slot)
+
+
+class GuestMemfd(FdObject):
+    """A guest_memfd (KVM_CREATE_GUEST_MEMFD): guest-private memory, owned by its VM and
+    closed with it. Pass it to vm.add_memory(..., guest_memfd=...) of that VM only."""
+
+    def __init__(self, vm: Any, fd: int, size: int) -> None:
+        super().__init__(fd)
+        self.vm = vm
+        self.size = size
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<GuestMemfd {state} size={self.size:#x}>"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import stat
 from typing import Any
 
-from . import abi
+from . import _msrs, abi
 from ._fd import CapabilityOwner
+from ._layout import check_int
 from .errors import KvmError, KvmUnavailable
 
 DEFAULT_PATH = "/dev/kvm"
@@ -21,7 +24,7 @@ class Kvm(CapabilityOwner):
 
     def __init__(self, path: str = DEFAULT_PATH) -> None:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             raise KvmUnavailable(path, e.errno or errno.ENODEV) from None
         super().__init__(fd)
@@ -29,7 +32,18 @@ class Kvm(CapabilityOwner):
         self._caps: dict[int, int] = {}
         self._mmap_size: int | None = None
         try:
-            self.api_version = self.ioctl(abi.KVM_GET_API_VERSION)
+            if not stat.S_ISCHR(os.fstat(fd).st_mode):
+                raise KvmUnavailable(path, errno.ENODEV, "it is not a character device")
+            try:
+                self.api_version = self.ioctl(abi.KVM_GET_API_VERSION)
+            except KvmError as e:
+                # A device that does not know KVM's ioctls (/dev/null, a tty...) says ENOTTY
+                # or EINVAL: the path is wrong, which is a missing KVM, not a failed ioctl.
+                if e.errno not in (errno.ENOTTY, errno.EINVAL):
+                    raise
+                raise KvmUnavailable(path, errno.ENODEV,
+                                     "it does not answer KVM_GET_API_VERSION: not a KVM device"
+                                     ) from None
             if self.api_version != abi.KVM_API_VERSION:
                 raise KvmError("KVM_GET_API_VERSION", errno.EPROTO,
                                f"kernel speaks KVM API {self.api_version}, these bindings "
@@ -121,11 +135,8 @@ class Kvm(CapabilityOwner):
         """Values of feature MSRs (KVM_GET_MSRS on /dev/kvm), all of them by default."""
         if indices is None:
             indices = self.feature_msr_index_list()
-        msrs = abi.kvm_msrs.alloc(len(indices))
-        for entry, index in zip(msrs.flex_array(), indices):
-            entry.index = index
-        done = self.ioctl(abi.KVM_GET_MSRS, msrs)
-        return {int(e.index): int(e.data) for e in msrs.flex_array()[:done]}
+        msrs = _msrs.request(indices)
+        return _msrs.results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
 
     # -- VMs
     def vm_types(self) -> int:
@@ -135,12 +146,8 @@ class Kvm(CapabilityOwner):
     def create_vm(self, vm_type: int = 0) -> Any:
         """KVM_CREATE_VM: a new VM ("kvm-vm" anonymous fd)."""
         from .vm import Vm
-        fd = self.ioctl(abi.KVM_CREATE_VM, vm_type)
-        try:
-            return Vm(self, fd, vm_type)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = self.ioctl(abi.KVM_CREATE_VM, check_int(vm_type, ctypes.c_ulong, "vm_type"))
+        return Vm(self, fd, vm_type)      # the Vm owns fd from its first line, even if it fails
 
     def __repr__(self) -> str:
         if self.closed:

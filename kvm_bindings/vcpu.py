@@ -5,17 +5,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
-import os
 import signal
 import threading
+import time
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import abi
-from ._fd import _ioctl
-from ._layout import member, offset_of
+from . import _msrs, abi
+from ._fd import FdObject, _ioctl
+from ._layout import capacity, check_flex, check_int, expect, fill, member, offset_of, type_of
 from .device import DeviceAttributes
-from .errors import KvmError, KvmUnsupported
+from .errors import KvmError, KvmUnsupported, StaleHandleError, VcpuBusyError
 from .exits import Decoder, Exit, InterruptedExit
 
 if TYPE_CHECKING:
@@ -45,103 +46,181 @@ def _install_kick_handler() -> bool:
         return True
 
 
-_EXIT_REASON = offset_of(abi.kvm_run, "exit_reason")
 _IMMEDIATE_EXIT = offset_of(abi.kvm_run, "immediate_exit")
 _KVM_RUN = abi.KVM_RUN
+# How long close() waits for a kicked vCPU to leave KVM_RUN. One that does not (its
+# thread blocks the kick signal and the guest never exits) is closed by run() itself
+# when it returns; the VM's memory is safe meanwhile, its slots are deleted first.
+CLOSE_TIMEOUT = 2.0
+
+
+def map_run_page(fd: int, size: int) -> mmap.mmap:
+    """The vCPU's shared kvm_run page (and the rings after it): mmap of its fd at offset 0."""
+    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def _thread_name(ident: int | None) -> str:
+    for t in threading.enumerate():
+        if t.ident == ident:
+            return repr(t.name)
+    return f"thread {ident}"
 
 
 class Vcpu(DeviceAttributes):
     """One virtual CPU. run() enters the guest and returns the decoded exit.
 
     run() releases the GIL while the guest runs; kick() from any thread makes a
-    running (or the next) run() return an InterruptedExit promptly.
+    running (or the next) run() return an InterruptedExit promptly. One thread at a
+    time may run a vCPU. An exit is valid until the vCPU's next run() (see exits.py).
     """
 
-    def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
+    def __init__(self, vm: Vm, fd: int, vcpu_id: int, page: mmap.mmap) -> None:
         super().__init__(fd)
         self.vm = vm
         self.id = vcpu_id
-        self._thread: int | None = None
+        self._page = page
+        self._run_lock = threading.Lock()   # held by run() and, once closed, forever
+        self._runner: int | None = None     # the thread inside KVM_RUN
+        self._deferred = False              # close() left the teardown to run()
+        self._seq = 0                       # bumped by each run() and close(): older exits go stale
         self._ring: mmap.mmap | None = None
         self._ring_next = 0
-        try:
-            self._page = mmap.mmap(fd, vm.vcpu_mmap_size, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            self._closed = True
-            os.close(fd)
-            raise
-        self._decoder = Decoder(self, self._page)
-        self.kvm_run = abi.kvm_run.from_buffer(self._page)
+        self._children: list[FdObject] = []
+        self._decoder = Decoder(self, page)
+        self._kvm_run = abi.kvm_run.from_buffer(page)
         _install_kick_handler()
+
+    @property
+    def kvm_run(self) -> Any:
+        """The shared struct kvm_run, as a ctypes view of the mapped page."""
+        if self._closing:
+            raise self._stale()
+        return self._kvm_run
 
     # -- running
     def run(self) -> Exit:
-        """One KVM_RUN. EINTR (a signal, kick(), immediate_exit) is an InterruptedExit."""
-        fd = self.fd
-        self._thread = threading.get_ident()
+        """One KVM_RUN. EINTR (a signal, kick(), immediate_exit) is an InterruptedExit.
+
+        The answer to the previous exit (data written into an IN or MMIO-read exit) is
+        delivered first. VcpuBusyError if another thread is running this vCPU;
+        StaleHandleError if the vCPU is (or gets) closed.
+        """
+        if not self._run_lock.acquire(False):
+            raise self._busy()
         try:
-            ret = _ioctl(fd, _KVM_RUN, None)
-        finally:
-            self._thread = None
-        if ret < 0:
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                # The kick (if any) is consumed; a later one sets immediate_exit again.
+            if self._closing:
+                raise self._stale()
+            self._seq += 1
+            dec = self._decoder
+            if dec.answer is not None:
+                dec.deliver()
+            self._runner = threading.get_ident()
+            try:
+                ret = _ioctl(self._fd, _KVM_RUN, None)
+            finally:
+                self._runner = None
+            if self._closing:
+                raise StaleHandleError(f"vCPU {self.id} was closed while it ran")
+            if ret < 0:
+                err = ctypes.get_errno()
+                if err == errno.EINTR:
+                    # The kick (if any) is consumed; a later one sets immediate_exit again.
+                    self._page[_IMMEDIATE_EXIT] = 0
+                    e = InterruptedExit.__new__(InterruptedExit)
+                    e.reason = abi.ExitReason.INTR
+                    return e
+                raise KvmError("KVM_RUN", err)
+            return dec.decode(dec.reason())
+        except BaseException:
+            # Whatever leaves run() this way (KeyboardInterrupt from a signal that also
+            # interrupted KVM_RUN, a closed vCPU...) takes a pending kick with it, so the
+            # next run() enters the guest.
+            if not self._page.closed:
                 self._page[_IMMEDIATE_EXIT] = 0
-                e = InterruptedExit.__new__(InterruptedExit)
-                e.reason = abi.ExitReason.INTR
-                return e
-            raise KvmError("KVM_RUN", err)
-        dec = self._decoder
-        return dec.decode(dec.reason())
+            raise
+        finally:
+            self._run_lock.release()
+            if self._deferred:
+                self._finish_close()
+
+    def _busy(self) -> Exception:
+        if self._closing:
+            return self._stale()
+        runner = self._runner
+        if runner == threading.get_ident():
+            return VcpuBusyError(f"vCPU {self.id} is already running in this thread "
+                                 f"(run() called from inside run(), e.g. from a signal handler)")
+        return VcpuBusyError(f"vCPU {self.id} is running in {_thread_name(runner)}: one thread "
+                             f"at a time runs a vCPU (kick() it to make that run() return)")
 
     @property
     def immediate_exit(self) -> bool:
         """kvm_run.immediate_exit: when set, KVM_RUN returns EINTR without entering the guest."""
+        if self._closing:
+            raise self._stale()
         return bool(self._page[_IMMEDIATE_EXIT])
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
+        if self._closing:
+            raise self._stale()
         self._page[_IMMEDIATE_EXIT] = int(bool(value))
 
     def kick(self) -> None:
         """Make run() return promptly, from any thread: the running one, or else the next.
 
         immediate_exit is set before the signal is sent, so a kick that lands just
-        before KVM_RUN is entered still stops it (the race KVM documents).
+        before KVM_RUN is entered still stops it (the race KVM documents). A kick that
+        fails leaves immediate_exit as it was.
         """
-        if self.closed:
-            raise ValueError("I/O operation on closed Vcpu")
+        if self._closing:
+            raise self._stale()
+        thread = self._runner
+        if thread is not None and thread != threading.get_ident() and not _install_kick_handler():
+            raise RuntimeError("kick() needs a handler for the kick signal, and signal handlers "
+                               "can only be installed from the main thread: create the first "
+                               "Vcpu there, or install a handler for vcpu.KICK_SIGNAL")
         self._page[_IMMEDIATE_EXIT] = 1
-        thread = self._thread
         if thread is not None and thread != threading.get_ident():
-            if not _install_kick_handler():
-                raise RuntimeError("kick() needs a handler for the kick signal, and signal handlers "
-                                   "can only be installed from the main thread: create the first "
-                                   "Vcpu there, or install a handler for vcpu.KICK_SIGNAL")
             try:
                 signal.pthread_kill(thread, KICK_SIGNAL)
             except ProcessLookupError:
                 pass    # the thread has left run() already; immediate_exit covers the next one
+            except BaseException:
+                self._page[_IMMEDIATE_EXIT] = 0
+                raise
+
+    def _stop(self) -> None:
+        """Kick a running vCPU without waiting: the VM stops all of them before closing each."""
+        thread = self._runner
+        if thread is None or self._page.closed:
+            return
+        self._page[_IMMEDIATE_EXIT] = 1
+        # Without a handler the kick signal would kill the process: immediate_exit alone then.
+        if thread != threading.get_ident() and _install_kick_handler():
+            try:
+                signal.pthread_kill(thread, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
 
     def _run_member(self, reason: int) -> Any:
         return self._decoder.live_member(reason)
 
-    # -- plain get/set pairs
+    # -- plain get/set pairs: each setter takes only its own struct (the kernel reads
+    # sizeof(that struct) bytes from whatever it is given)
     def get_regs(self) -> Any:
         """KVM_GET_REGS -> kvm_regs."""
         return self._get(abi.KVM_GET_REGS, abi.kvm_regs)
 
     def set_regs(self, regs: Any) -> None:
-        self.ioctl(abi.KVM_SET_REGS, regs)
+        self.ioctl(abi.KVM_SET_REGS, expect(regs, abi.kvm_regs, "set_regs()"))
 
     def get_sregs(self) -> Any:
         """KVM_GET_SREGS -> kvm_sregs."""
         return self._get(abi.KVM_GET_SREGS, abi.kvm_sregs)
 
     def set_sregs(self, sregs: Any) -> None:
-        self.ioctl(abi.KVM_SET_SREGS, sregs)
+        self.ioctl(abi.KVM_SET_SREGS, expect(sregs, abi.kvm_sregs, "set_sregs()"))
 
     def get_sregs2(self) -> Any:
         """KVM_GET_SREGS2 -> kvm_sregs2 (KVM_CAP_SREGS2): sregs plus the PDPTRs."""
@@ -150,14 +229,14 @@ class Vcpu(DeviceAttributes):
 
     def set_sregs2(self, sregs2: Any) -> None:
         self.vm.require(abi.Capability.SREGS2, "KVM_SET_SREGS2")
-        self.ioctl(abi.KVM_SET_SREGS2, sregs2)
+        self.ioctl(abi.KVM_SET_SREGS2, expect(sregs2, abi.kvm_sregs2, "set_sregs2()"))
 
     def get_fpu(self) -> Any:
         """KVM_GET_FPU -> kvm_fpu."""
         return self._get(abi.KVM_GET_FPU, abi.kvm_fpu)
 
     def set_fpu(self, fpu: Any) -> None:
-        self.ioctl(abi.KVM_SET_FPU, fpu)
+        self.ioctl(abi.KVM_SET_FPU, expect(fpu, abi.kvm_fpu, "set_fpu()"))
 
     def get_xsave(self) -> Any:
         """KVM_GET_XSAVE -> kvm_xsave (the legacy 4 KiB area; see get_xsave2)."""
@@ -165,7 +244,15 @@ class Vcpu(DeviceAttributes):
         return self._get(abi.KVM_GET_XSAVE, abi.kvm_xsave)
 
     def set_xsave(self, xsave: Any) -> None:
+        """KVM_SET_XSAVE. Where KVM_CAP_XSAVE2 reports more than 4 KiB the kernel reads that
+        many bytes, so the object must hold them (as get_xsave2()'s does)."""
         self.vm.require(abi.Capability.XSAVE, "KVM_SET_XSAVE")
+        expect(xsave, abi.kvm_xsave, "set_xsave()")
+        need = max(ctypes.sizeof(abi.kvm_xsave), self.vm.check_extension(abi.Capability.XSAVE2))
+        if capacity(xsave) < need:
+            raise ValueError(f"set_xsave(): this host's XSAVE state is {need} bytes and the kernel "
+                             f"reads all of them, but the object holds {capacity(xsave)}; "
+                             f"pass what get_xsave2() returned")
         self.ioctl(abi.KVM_SET_XSAVE, xsave)
 
     def get_xsave2(self) -> Any:
@@ -183,14 +270,14 @@ class Vcpu(DeviceAttributes):
 
     def set_xcrs(self, xcrs: Any) -> None:
         self.vm.require(abi.Capability.XCRS, "KVM_SET_XCRS")
-        self.ioctl(abi.KVM_SET_XCRS, xcrs)
+        self.ioctl(abi.KVM_SET_XCRS, expect(xcrs, abi.kvm_xcrs, "set_xcrs()"))
 
     def get_lapic(self) -> Any:
         """KVM_GET_LAPIC -> kvm_lapic_state (needs the in-kernel irqchip)."""
         return self._get(abi.KVM_GET_LAPIC, abi.kvm_lapic_state)
 
     def set_lapic(self, lapic: Any) -> None:
-        self.ioctl(abi.KVM_SET_LAPIC, lapic)
+        self.ioctl(abi.KVM_SET_LAPIC, expect(lapic, abi.kvm_lapic_state, "set_lapic()"))
 
     def get_mp_state(self) -> Any:
         """KVM_GET_MP_STATE as an abi.MpState."""
@@ -199,7 +286,7 @@ class Vcpu(DeviceAttributes):
 
     def set_mp_state(self, state: int) -> None:
         self.vm.require(abi.Capability.MP_STATE, "KVM_SET_MP_STATE")
-        self.ioctl(abi.KVM_SET_MP_STATE, abi.kvm_mp_state(mp_state=int(state)))
+        self.ioctl(abi.KVM_SET_MP_STATE, fill(abi.kvm_mp_state, {"mp_state": "state"}, mp_state=state))
 
     def get_vcpu_events(self) -> Any:
         """KVM_GET_VCPU_EVENTS -> kvm_vcpu_events (KVM_CAP_VCPU_EVENTS)."""
@@ -208,7 +295,7 @@ class Vcpu(DeviceAttributes):
 
     def set_vcpu_events(self, events: Any) -> None:
         self.vm.require(abi.Capability.VCPU_EVENTS, "KVM_SET_VCPU_EVENTS")
-        self.ioctl(abi.KVM_SET_VCPU_EVENTS, events)
+        self.ioctl(abi.KVM_SET_VCPU_EVENTS, expect(events, abi.kvm_vcpu_events, "set_vcpu_events()"))
 
     def get_debugregs(self) -> Any:
         """KVM_GET_DEBUGREGS -> kvm_debugregs (KVM_CAP_DEBUGREGS)."""
@@ -217,14 +304,19 @@ class Vcpu(DeviceAttributes):
 
     def set_debugregs(self, debugregs: Any) -> None:
         self.vm.require(abi.Capability.DEBUGREGS, "KVM_SET_DEBUGREGS")
-        self.ioctl(abi.KVM_SET_DEBUGREGS, debugregs)
+        self.ioctl(abi.KVM_SET_DEBUGREGS, expect(debugregs, abi.kvm_debugregs, "set_debugregs()"))
 
     def set_guest_debug(self, control: int, debugreg: Iterable[int] = ()) -> None:
         """KVM_SET_GUEST_DEBUG: control is GuestDebugFlag bits; debugreg fills arch.debugreg."""
         self.vm.require(abi.Capability.SET_GUEST_DEBUG, "KVM_SET_GUEST_DEBUG")
-        dbg = abi.kvm_guest_debug(control=int(control))
-        for i, value in enumerate(debugreg):
-            dbg.arch.debugreg[i] = value
+        dbg = fill(abi.kvm_guest_debug, control=control)
+        values = list(debugreg)
+        if len(values) > len(dbg.arch.debugreg):
+            raise ValueError(f"at most {len(dbg.arch.debugreg)} debug registers, not {len(values)}")
+        ctype = type_of(abi.kvm_guest_debug_arch, "debugreg")._type_
+        for i, value in enumerate(values):
+            dbg.arch.debugreg[i] = check_int(value, ctype, f"debugreg[{i}]",
+                                             where=f"kvm_guest_debug_arch.debugreg[{i}]")
         self.ioctl(abi.KVM_SET_GUEST_DEBUG, dbg)
 
     def single_step(self, enabled: bool = True) -> None:
@@ -235,18 +327,12 @@ class Vcpu(DeviceAttributes):
     # -- MSRs and CPUID
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS for these MSR indices -> {index: value} (only those KVM returned)."""
-        indices = list(indices)
-        msrs = abi.kvm_msrs.alloc(len(indices))
-        for entry, index in zip(msrs.flex_array(), indices):
-            entry.index = index
-        done = self.ioctl(abi.KVM_GET_MSRS, msrs)
-        return {int(e.index): int(e.data) for e in msrs.flex_array()[:done]}
+        msrs = _msrs.request(indices)
+        return _msrs.results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
 
     def set_msrs(self, values: dict[int, int]) -> int:
         """KVM_SET_MSRS; raises KvmError naming the first MSR KVM refused."""
-        msrs = abi.kvm_msrs.alloc(len(values))
-        for entry, (index, value) in zip(msrs.flex_array(), values.items()):
-            entry.index, entry.data = index, value
+        msrs = _msrs.request(values.keys(), values.values())
         done = self.ioctl(abi.KVM_SET_MSRS, msrs)
         if done != len(values):
             index = list(values)[done]
@@ -255,25 +341,41 @@ class Vcpu(DeviceAttributes):
 
     def set_cpuid2(self, cpuid: Any) -> None:
         """KVM_SET_CPUID2 with a kvm_cpuid2 (e.g. kvm.supported_cpuid())."""
-        self.ioctl(abi.KVM_SET_CPUID2, cpuid)
+        expect(cpuid, abi.kvm_cpuid2, "set_cpuid2()")
+        self.ioctl(abi.KVM_SET_CPUID2, check_flex(cpuid, "set_cpuid2()"))
 
     def get_cpuid2(self, max_entries: int = 256) -> Any:
         """KVM_GET_CPUID2: what was set, as a kvm_cpuid2."""
-        cpuid = abi.kvm_cpuid2.alloc(max_entries)
+        cpuid = abi.kvm_cpuid2.alloc(check_int(max_entries, ctypes.c_uint32, "max_entries",
+                                               where="kvm_cpuid2.nent"))
         self.ioctl(abi.KVM_GET_CPUID2, cpuid)
         return cpuid
 
     # -- ONE_REG, sync regs, signal mask, TSC
+    def _one_reg(self, reg_id: int) -> tuple[int, Any]:
+        """reg_id checked, and a buffer of the size the id encodes: KVM writes that many bytes."""
+        reg_id = check_int(reg_id, ctypes.c_uint64, "reg_id", where="kvm_one_reg.id")
+        size = 1 << ((reg_id & abi.KVM_REG_SIZE_MASK) >> abi.KVM_REG_SIZE_SHIFT)
+        return reg_id, (ctypes.c_uint8 * size)()
+
     def get_one_reg(self, reg_id: int) -> int:
-        """KVM_GET_ONE_REG for a register of up to 64 bits (KVM_CAP_ONE_REG)."""
+        """KVM_GET_ONE_REG (KVM_CAP_ONE_REG): the register as an unsigned int of the width
+        its id encodes (8 to 2048 bits)."""
         self.vm.require(abi.Capability.ONE_REG, "KVM_GET_ONE_REG")
-        value = ctypes.c_uint64()
-        self.ioctl(abi.KVM_GET_ONE_REG, abi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(value)))
-        return value.value
+        reg_id, buf = self._one_reg(reg_id)
+        self.ioctl(abi.KVM_GET_ONE_REG, abi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf)))
+        return int.from_bytes(bytes(buf), "little")
 
     def set_one_reg(self, reg_id: int, value: int) -> None:
         self.vm.require(abi.Capability.ONE_REG, "KVM_SET_ONE_REG")
-        buf = ctypes.c_uint64(value)
+        reg_id, buf = self._one_reg(reg_id)
+        width = len(buf) * 8
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"value must be an integer, not {type(value).__name__}")
+        if not 0 <= value < 1 << width:
+            raise OverflowError(f"value={value:#x} does not fit register {reg_id:#x}, which is "
+                                f"{width} bits wide (KVM_REG_SIZE in its id)")
+        buf[:] = value.to_bytes(len(buf), "little")
         self.ioctl(abi.KVM_SET_ONE_REG, abi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf)))
 
     def get_reg_list(self) -> list[int]:
@@ -292,23 +394,31 @@ class Vcpu(DeviceAttributes):
         """Ask KVM to copy these register sets (abi.SyncRegs bits) into kvm_run.s on every exit
         (KVM_CAP_SYNC_REGS); read and change them in vcpu.kvm_run.s.regs, then mark_dirty()."""
         supported = self.vm.require(abi.Capability.SYNC_REGS, "kvm_run sync regs")
+        fill(self.kvm_run, {"kvm_valid_regs": "valid"}, kvm_valid_regs=valid)
         if valid & ~supported:
+            self.kvm_run.kvm_valid_regs = 0
             raise KvmUnsupported(f"sync regs {valid:#x}", "KVM_CAP_SYNC_REGS (those register sets)")
-        self.kvm_run.kvm_valid_regs = valid
 
     def mark_dirty(self, regs: int) -> None:
         """Tell KVM to load these sync register sets from kvm_run.s on the next run."""
-        self.kvm_run.kvm_dirty_regs = regs
+        fill(self.kvm_run, {"kvm_dirty_regs": "regs"}, kvm_dirty_regs=regs)
 
     def set_signal_mask(self, signals: Iterable[int] | None) -> None:
-        """KVM_SET_SIGNAL_MASK: signals blocked while the guest runs (None: use the thread's)."""
+        """KVM_SET_SIGNAL_MASK: signals blocked while the guest runs (None: use the thread's).
+        KICK_SIGNAL cannot be blocked: kick() and close() depend on it."""
         if signals is None:
             self.ioctl(abi.KVM_SET_SIGNAL_MASK, None)
             return
         nbytes = 8   # the kernel's sigset_t: 64 signals
         mask = 0
         for s in signals:
-            mask |= 1 << (int(s) - 1)
+            s = check_int(s, ctypes.c_int, "signal")
+            if not 1 <= s <= nbytes * 8:
+                raise ValueError(f"signal {s} is not a signal number (1..{nbytes * 8})")
+            if s == KICK_SIGNAL:
+                raise ValueError(f"signal {s} is the kick signal: blocked in KVM_RUN, kick() and "
+                                 f"close() could not stop this vCPU")
+            mask |= 1 << (s - 1)
         sm = abi.kvm_signal_mask.alloc(nbytes)
         sm.flex_array()[:] = list(mask.to_bytes(nbytes, "little"))
         self.ioctl(abi.KVM_SET_SIGNAL_MASK, sm)
@@ -321,7 +431,9 @@ class Vcpu(DeviceAttributes):
     def set_tsc_khz(self, khz: int) -> None:
         """KVM_SET_TSC_KHZ (KVM_CAP_TSC_CONTROL)."""
         self.vm.require(abi.Capability.TSC_CONTROL, "KVM_SET_TSC_KHZ")
-        self.ioctl(abi.KVM_SET_TSC_KHZ, khz)
+        # The ioctl's argument is an unsigned long, but the kernel keeps the frequency as a
+        # u32 (kvm_set_tsc_khz): a larger value would be cut to its low 32 bits.
+        self.ioctl(abi.KVM_SET_TSC_KHZ, check_int(khz, ctypes.c_uint32, "khz"))
 
     def translate(self, linear_address: int) -> Any:
         """KVM_TRANSLATE: walk the guest's page tables -> kvm_translation."""
@@ -329,7 +441,7 @@ class Vcpu(DeviceAttributes):
 
     def interrupt(self, vector: int) -> None:
         """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""
-        self.ioctl(abi.KVM_INTERRUPT, abi.kvm_interrupt(irq=vector))
+        self.ioctl(abi.KVM_INTERRUPT, fill(abi.kvm_interrupt, {"irq": "vector"}, irq=vector))
 
     def nmi(self) -> None:
         """KVM_NMI: inject a non-maskable interrupt."""
@@ -350,7 +462,12 @@ class Vcpu(DeviceAttributes):
         return state
 
     def set_nested_state(self, state: Any) -> None:
+        """KVM_SET_NESTED_STATE; the kernel reads state.size bytes, which the object must hold."""
         self.vm.require(abi.Capability.NESTED_STATE, "KVM_SET_NESTED_STATE")
+        expect(state, abi.kvm_nested_state, "set_nested_state()")
+        if state.size > capacity(state):
+            raise ValueError(f"set_nested_state(): state.size is {state.size} but the object holds "
+                             f"{capacity(state)} bytes; pass what get_nested_state() returned")
         self.ioctl(abi.KVM_SET_NESTED_STATE, state)
 
     def dirty_ring(self) -> list[tuple[int, int]]:
@@ -358,12 +475,13 @@ class Vcpu(DeviceAttributes):
 
         Each harvested entry is marked for reset; vm.reset_dirty_rings() then re-arms them.
         """
+        fd = self.fd
         entries = self.vm.dirty_ring_entries
         if not entries:
             raise ValueError("the dirty ring is off; call vm.enable_dirty_ring() before "
                              "creating vCPUs")
         if self._ring is None:
-            self._ring = mmap.mmap(self.fd, entries * ctypes.sizeof(abi.kvm_dirty_gfn),
+            self._ring = mmap.mmap(fd, entries * ctypes.sizeof(abi.kvm_dirty_gfn),
                                    mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                                    offset=abi.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
         ring = (abi.kvm_dirty_gfn * entries).from_buffer(self._ring)
@@ -387,13 +505,17 @@ class Vcpu(DeviceAttributes):
         self.ioctl(abi.KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
 
     def stats(self) -> Stats:
+        """The vCPU's binary statistics fd (KVM_GET_STATS_FD); closed with the vCPU."""
         from .stats import Stats
         self.vm.require(abi.Capability.BINARY_STATS_FD, "KVM_GET_STATS_FD")
-        return Stats(self.ioctl(abi.KVM_GET_STATS_FD))
+        stats = Stats(self.ioctl(abi.KVM_GET_STATS_FD))
+        self._children.append(stats)
+        return stats
 
     # -- coalesced MMIO ring, shared through this vCPU's mapping
     def coalesced_mmio(self) -> list[tuple[int, bytes, bool]]:
         """Drain the coalesced MMIO/PIO ring: [(address, data, is_pio), ...] oldest first."""
+        self.fd  # noqa: B018 - refuse a closed vCPU before touching its page
         page = self.vm.require(abi.Capability.COALESCED_MMIO, "coalesced MMIO")
         ring = abi.kvm_coalesced_mmio_ring.from_buffer(self._page, page * mmap.PAGESIZE)
         entry_size = ctypes.sizeof(abi.kvm_coalesced_mmio)
@@ -413,14 +535,63 @@ class Vcpu(DeviceAttributes):
 
     # -- lifetime
     def _release(self) -> None:
-        if self._ring is not None:
-            self._ring.close()
+        self._seq += 1                  # every exit handed out is stale from here
+        for child in self._children:
+            child.close()
+        if not self._run_lock.acquire(False):
+            if self._runner == threading.get_ident():
+                self._defer()           # close() from inside run() (a signal handler)
+                return
+            deadline = time.monotonic() + CLOSE_TIMEOUT
+            while True:
+                self._stop()            # again each round: a kick can land between two runs
+                if self._run_lock.acquire(timeout=0.01):
+                    break
+                if time.monotonic() > deadline:
+                    self._defer()
+                    return
+        self._teardown()
+
+    def _defer(self) -> None:
+        """run() is still in KVM_RUN: it keeps the fd open and tears down when it returns."""
+        self._hold_for_run()
+        self._deferred = True
+        if self._run_lock.acquire(False):      # it returned just now: finish here after all
+            self._deferred = False
+            self._teardown()
+            self._unhold()
+            return
+        warnings.warn(f"vCPU {self.id} did not leave KVM_RUN within {CLOSE_TIMEOUT} s of being "
+                      f"kicked (is the kick signal blocked in its thread?); it is closed when "
+                      f"that run() returns", RuntimeWarning, stacklevel=4)
+
+    def _hold_for_run(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def _finish_close(self) -> None:
+        """In run(), after close() deferred to it: tear down and let the fd go."""
+        if self._run_lock.acquire(False):
+            if self._deferred:
+                self._deferred = False
+                self._teardown()
+                self._unhold()
+            else:
+                self._run_lock.release()
+
+    def _teardown(self) -> None:
+        """Unmap the kvm_run page and rings; called holding the run lock, which stays held."""
         self._decoder.release()
-        del self.kvm_run
+        if self._ring is not None:
+            try:
+                self._ring.close()
+            except BufferError:
+                pass
+        del self._kvm_run
         try:
             self._page.close()
         except BufferError:
-            pass    # an exit's data view is still held: the page goes when it does
+            pass    # a kvm_run view the caller holds keeps the page until it goes
 
     def __repr__(self) -> str:
         if self.closed:

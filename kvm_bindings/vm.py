@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import mmap
 import os
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import abi
-from ._fd import CapabilityOwner
+from ._fd import CapabilityOwner, FdObject
+from ._layout import check_int, expect, fill
 from .device import DeviceAttributes
-from .errors import KvmError, KvmUnsupported
-from .memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from .errors import KvmError, KvmUnsupported, StaleHandleError
+from .memory import PAGE_SIZE, GuestMemfd, GuestMemory, MemoryRegion, SlotTable
 
 if TYPE_CHECKING:
     from .device import Device
@@ -24,7 +28,9 @@ if TYPE_CHECKING:
 class Vm(CapabilityOwner, DeviceAttributes):
     """One virtual machine: memory slots, vCPUs, interrupt plumbing, devices.
 
-    Closing the VM closes its vCPUs and devices first, then unmaps its memory.
+    Closing the VM stops and closes its vCPUs (kicking any that are running), closes
+    its devices, deletes every memory slot in KVM and only then unmaps the memory:
+    the guest can never reach host memory the process has reused.
     """
 
     def __init__(self, kvm: Kvm, fd: int, vm_type: int = 0) -> None:
@@ -32,18 +38,25 @@ class Vm(CapabilityOwner, DeviceAttributes):
         self.kvm = kvm
         self.vm_type = vm_type
         self.memory = GuestMemory()
+        self._slots = SlotTable()
+        self._vm_lock = threading.RLock()   # memory slots and vCPU creation
         self._vcpus: dict[int, Vcpu] = {}
-        self._devices: list[Device] = []
+        self._unmapped_vcpu_fds: dict[int, int] = {}
+        self._children: list[FdObject] = []     # devices, stats and guest_memfd fds
         self._caps: dict[int, int] = {}
-        self._guest_memfds: list[int] = []
-        # What the VM needs from /dev/kvm later, asked now: the VM outlives a closed Kvm.
-        self.vcpu_mmap_size = kvm.vcpu_mmap_size
-        self._ask_vm_fd = bool(kvm.check_extension(abi.Capability.CHECK_EXTENSION_VM))
+        _LIVE_VMS.add(self)
+        try:
+            # What the VM needs from /dev/kvm later, asked now: the VM outlives a closed Kvm.
+            self.vcpu_mmap_size = kvm.vcpu_mmap_size
+            self._ask_vm_fd = bool(kvm.check_extension(abi.Capability.CHECK_EXTENSION_VM))
+        except BaseException:
+            self.close()
+            raise
 
     # -- capabilities
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd where the kernel supports it, else on /dev/kvm."""
-        cap = int(cap)
+        cap = check_int(cap, ctypes.c_long, "cap")
         if cap not in self._caps:
             if self._ask_vm_fd:
                 self._caps[cap] = self.ioctl(abi.KVM_CHECK_EXTENSION, cap)
@@ -51,32 +64,66 @@ class Vm(CapabilityOwner, DeviceAttributes):
                 self._caps[cap] = self.kvm.check_extension(cap)
         return self._caps[cap]
 
-
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM with up to four arguments."""
         self.require(abi.Capability.ENABLE_CAP_VM, "KVM_ENABLE_CAP on a VM")
         self.ioctl(abi.KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
 
     # -- memory
-    def _free_slot(self) -> int:
-        used = {r.slot for r in self.memory.regions}
-        return next(slot for slot in range(len(used) + 1) if slot not in used)
+    def _own(self, region: object, call: str) -> MemoryRegion:
+        """region, if it is a live memory region of this VM; else a clear error, before any ioctl."""
+        if not isinstance(region, MemoryRegion):
+            raise TypeError(f"{call}() takes a MemoryRegion, not {type(region).__name__}")
+        owner = region._owner()
+        if owner is not self:
+            whose = "a VM that is gone" if owner is None else repr(owner)
+            raise StaleHandleError(f"{call}(): {region!r} belongs to {whose}, not to {self!r}")
+        live = self._slots.get(region.slot)
+        if live is None or live is not region:
+            raise StaleHandleError(f"{call}(): {region!r} was removed from this VM")
+        return live
+
+    def _slot_limit(self) -> int:
+        return self.check_extension(abi.Capability.NR_MEMSLOTS) or 0x7FFF
+
+    def _check_slot(self, slot: int) -> int:
+        """An explicit slot number: id (low 16 bits) below the per-address-space limit, and an
+        address space (high 16 bits) the kernel has (KVM_CAP_MULTI_ADDRESS_SPACE)."""
+        slot = check_int(slot, ctypes.c_uint32, "slot", where="kvm_userspace_memory_region.slot")
+        limit = self._slot_limit()
+        spaces = self.check_extension(abi.Capability.MULTI_ADDRESS_SPACE) or 1
+        if slot & 0xFFFF >= limit or slot >> 16 >= spaces:
+            raise ValueError(f"slot {slot} is out of range: this kernel has {limit} memory slots "
+                             f"(0..{limit - 1}) in each of {spaces} address space(s); the address "
+                             f"space goes in bits 16..31")
+        if self._slots.get(slot) is not None:
+            raise ValueError(f"slot {slot} is in use by {self._slots.get(slot)!r}")
+        return slot
+
+    def _check_range(self, guest_phys_addr: int, size: int) -> tuple[int, int]:
+        gpa = check_int(guest_phys_addr, ctypes.c_uint64, "guest_phys_addr",
+                        where="kvm_userspace_memory_region.guest_phys_addr")
+        size = check_int(size, ctypes.c_uint64, "size", where="kvm_userspace_memory_region.memory_size")
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise ValueError(f"guest_phys_addr ({gpa:#x}) and size ({size:#x}) must be "
+                             f"multiples of the page size ({PAGE_SIZE:#x}), size > 0")
+        if gpa + size > 1 << 64:
+            raise OverflowError(f"{gpa:#x} + {size:#x} runs past the end of the 64-bit "
+                                f"guest-physical address space")
+        return gpa, size
 
     def add_memory(self, guest_phys_addr: int, size: int, *, readonly: bool = False,
                    log_dirty: bool = False, slot: int | None = None,
-                   guest_memfd: int | None = None, guest_memfd_offset: int = 0) -> MemoryRegion:
+                   guest_memfd: GuestMemfd | None = None,
+                   guest_memfd_offset: int = 0) -> MemoryRegion:
         """Map anonymous memory and register it as a memory slot at guest_phys_addr.
 
         readonly: guest writes exit as MMIO (KVM_CAP_READONLY_MEM). log_dirty: track
         written pages for dirty_log(). guest_memfd: back private memory with a
-        guest_memfd (KVM_SET_USER_MEMORY_REGION2, KVM_CAP_GUEST_MEMFD).
+        guest_memfd of this VM (KVM_SET_USER_MEMORY_REGION2, KVM_CAP_GUEST_MEMFD).
+        slot: the slot number (default: the lowest free one). Safe from several threads.
         """
-        if size <= 0 or size % PAGE_SIZE or guest_phys_addr % PAGE_SIZE:
-            raise ValueError(f"guest_phys_addr ({guest_phys_addr:#x}) and size ({size:#x}) must be "
-                             f"multiples of the page size ({PAGE_SIZE:#x}), size > 0")
-        clash = self.memory.overlapping(guest_phys_addr, size)
-        if clash is not None:
-            raise ValueError(f"{guest_phys_addr:#x}..{guest_phys_addr + size:#x} overlaps {clash!r}")
+        gpa, size = self._check_range(guest_phys_addr, size)
         flags = 0
         if readonly:
             self.require(abi.Capability.READONLY_MEM, "read-only memory slots")
@@ -85,136 +132,223 @@ class Vm(CapabilityOwner, DeviceAttributes):
             flags |= abi.KVM_MEM_LOG_DIRTY_PAGES
         if guest_memfd is not None:
             self.require(abi.Capability.GUEST_MEMFD, "guest_memfd memory")
+            if not isinstance(guest_memfd, GuestMemfd):
+                raise TypeError(f"guest_memfd must be a GuestMemfd from vm.create_guest_memfd(), "
+                                f"not {type(guest_memfd).__name__}")
+            if guest_memfd.vm is not self or guest_memfd.closed:
+                raise StaleHandleError(f"{guest_memfd!r} is closed or belongs to another VM")
             flags |= abi.KVM_MEM_GUEST_MEMFD
-        backing = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        region = MemoryRegion(self._free_slot() if slot is None else slot, guest_phys_addr, size,
-                              flags, backing, guest_memfd, guest_memfd_offset)
-        try:
-            self._set_region(region)
-        except KvmError as e:
-            region._unmap()
-            limit = self.check_extension(abi.Capability.NR_MEMSLOTS)
-            if e.errno == errno.EINVAL and limit and region.slot >= limit:
-                raise KvmError(e.ioctl, errno.ENOSPC, f"all {limit} memory slots are in use") from None
-            raise
-        except BaseException:
-            region._unmap()
-            raise
-        self.memory._add(region)
+        check_int(guest_memfd_offset, ctypes.c_uint64, "guest_memfd_offset",
+                  where="kvm_userspace_memory_region2.guest_memfd_offset")
+        with self._vm_lock:
+            clash = self.memory.overlapping(gpa, size)
+            if clash is not None:
+                raise ValueError(f"{gpa:#x}..{gpa + size:#x} overlaps {clash!r}")
+            if slot is None:
+                slot = self._slots.lowest_free()
+                if slot >= self._slot_limit():
+                    raise KvmError("KVM_SET_USER_MEMORY_REGION", errno.ENOSPC,
+                                   f"all {self._slot_limit()} memory slots are in use")
+            else:
+                slot = self._check_slot(slot)
+            try:
+                backing = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot map {size:#x} bytes of guest memory: "
+                                       f"{e.strerror}") from None
+            region = MemoryRegion(slot, gpa, size, flags, backing, guest_memfd,
+                                  guest_memfd_offset, owner=self)
+            try:
+                self._set_region(region)
+            except BaseException:
+                region._unmap()       # KVM never had the slot: the mapping can go at once
+                raise
+            self._slots.claim(slot, region)
+            self.memory._add(region)
         return region
 
-    def _set_region(self, region: MemoryRegion, size: int | None = None) -> None:
-        size = region.size if size is None else size
+    def _set_region(self, region: MemoryRegion, size: int | None = None, flags: int | None = None,
+                    gpa: int | None = None) -> None:
+        """KVM_SET_USER_MEMORY_REGION(2) for region, optionally with another size (0 deletes
+        the slot), flags or address. Issued while closing too, to delete slots."""
+        fields = {"slot": region.slot, "flags": region.flags if flags is None else flags,
+                  "guest_phys_addr": region.guest_phys_addr if gpa is None else gpa,
+                  "memory_size": region.size if size is None else size,
+                  "userspace_addr": region.host_addr}
         if region.guest_memfd is not None:
             self.require(abi.Capability.USER_MEMORY2, "KVM_SET_USER_MEMORY_REGION2")
-            r2 = abi.kvm_userspace_memory_region2(
-                slot=region.slot, flags=region.flags, guest_phys_addr=region.guest_phys_addr,
-                memory_size=size, userspace_addr=region.host_addr,
-                guest_memfd_offset=region.guest_memfd_offset, guest_memfd=region.guest_memfd)
-            self.ioctl(abi.KVM_SET_USER_MEMORY_REGION2, r2)
-            return
-        r = abi.kvm_userspace_memory_region(
-            slot=region.slot, flags=region.flags, guest_phys_addr=region.guest_phys_addr,
-            memory_size=size, userspace_addr=region.host_addr)
-        self.ioctl(abi.KVM_SET_USER_MEMORY_REGION, r)
+            req = fill(abi.kvm_userspace_memory_region2, guest_memfd=region.guest_memfd._fd,
+                       guest_memfd_offset=region.guest_memfd_offset, **fields)
+            number, name = abi.KVM_SET_USER_MEMORY_REGION2, "KVM_SET_USER_MEMORY_REGION2"
+        else:
+            req = fill(abi.kvm_userspace_memory_region, **fields)
+            number, name = abi.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION"
+        if self._closing:
+            self._raw_ioctl(number, ctypes.addressof(req), name)
+        else:
+            self.ioctl(number, req, name=name)
 
-    def remove_memory(self, region: MemoryRegion) -> None:
-        """Delete the memory slot and unmap its memory."""
-        self._set_region(region, size=0)
+    def _forget(self, region: MemoryRegion) -> None:
+        """After KVM deleted region's slot: drop it from the tables, then unmap it."""
+        self._slots.release(region.slot)
         self.memory._remove(region)
         region._unmap()
 
+    def remove_memory(self, region: MemoryRegion) -> None:
+        """Delete the memory slot in KVM, then unmap its memory. The region is stale after."""
+        with self._vm_lock:
+            self._own(region, "remove_memory")
+            self._set_region(region, size=0)
+            self._forget(region)
+
     def move_memory(self, region: MemoryRegion, guest_phys_addr: int) -> None:
         """Move a slot to another GPA; its contents stay (KVM deletes and re-creates it)."""
-        clash = self.memory.overlapping(guest_phys_addr, region.size)
-        if clash is not None and clash is not region:
-            raise ValueError(f"{guest_phys_addr:#x} overlaps {clash!r}")
-        self._set_region(region, size=0)   # a slot cannot move in place
-        self.memory._remove(region)
-        old = region.guest_phys_addr
-        region.guest_phys_addr = guest_phys_addr
-        try:
-            self._set_region(region)
-        except BaseException:
-            region.guest_phys_addr = old
-            self._set_region(region)
-            raise
-        finally:
+        with self._vm_lock:
+            self._own(region, "move_memory")
+            gpa, _ = self._check_range(guest_phys_addr, region.size)
+            clash = self.memory.overlapping(gpa, region.size)
+            if clash is not None and clash is not region:
+                raise ValueError(f"{gpa:#x} overlaps {clash!r}")
+            self._set_region(region, size=0)   # a slot cannot move in place
+            try:
+                self._set_region(region, gpa=gpa)
+            except BaseException:
+                try:
+                    self._set_region(region)          # back where it was
+                except BaseException:
+                    self._forget(region)              # KVM has no slot for it any more
+                    raise
+                raise
+            self.memory._remove(region)
+            region.guest_phys_addr = gpa
             self.memory._add(region)
 
     def set_dirty_logging(self, region: MemoryRegion, enabled: bool) -> None:
-        if enabled:
-            region.flags |= abi.KVM_MEM_LOG_DIRTY_PAGES
-        else:
-            region.flags &= ~abi.KVM_MEM_LOG_DIRTY_PAGES
-        self._set_region(region)
+        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for a live region of this VM."""
+        with self._vm_lock:
+            self._own(region, "set_dirty_logging")
+            flags = (region.flags | abi.KVM_MEM_LOG_DIRTY_PAGES if enabled
+                     else region.flags & ~abi.KVM_MEM_LOG_DIRTY_PAGES)
+            self._set_region(region, flags=flags)
+            region.flags = flags
 
     def dirty_log(self, region: MemoryRegion) -> list[int]:
         """KVM_GET_DIRTY_LOG: GPAs of the pages written since the last call (which resets it)."""
-        if not region.flags & abi.KVM_MEM_LOG_DIRTY_PAGES:
-            raise ValueError(f"dirty logging is off for {region!r}; "
-                             f"add_memory(..., log_dirty=True) or set_dirty_logging()")
-        pages = region.size // PAGE_SIZE
-        bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))()
-        log = abi.kvm_dirty_log(slot=region.slot)
-        log.dirty_bitmap = ctypes.addressof(bitmap)
-        self.ioctl(abi.KVM_GET_DIRTY_LOG, log)
+        with self._vm_lock:
+            live = self._own(region, "dirty_log")
+            if not live.flags & abi.KVM_MEM_LOG_DIRTY_PAGES:
+                raise ValueError(f"dirty logging is off for {region!r}; "
+                                 f"add_memory(..., log_dirty=True) or set_dirty_logging()")
+            # KVM fills one bit per page of the slot as it knows it: size the bitmap from the
+            # live slot, never from anything a caller could hand in.
+            pages = live.size // PAGE_SIZE
+            bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))()
+            log = abi.kvm_dirty_log(slot=live.slot)
+            log.dirty_bitmap = ctypes.addressof(bitmap)
+            self.ioctl(abi.KVM_GET_DIRTY_LOG, log)
+            base = live.guest_phys_addr
         out = []
         for word_index, word in enumerate(bitmap):
             while word:
                 bit = (word & -word).bit_length() - 1
-                out.append(region.guest_phys_addr + (word_index * 64 + bit) * PAGE_SIZE)
+                out.append(base + (word_index * 64 + bit) * PAGE_SIZE)
                 word &= word - 1
         return out
 
     def clear_dirty_log(self, region: MemoryRegion, first_page: int = 0,
                         num_pages: int | None = None) -> None:
-        """KVM_CLEAR_DIRTY_LOG (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled)."""
+        """KVM_CLEAR_DIRTY_LOG (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled): re-protect
+        num_pages pages from first_page (a multiple of 64) of a live region of this VM."""
         self.require(abi.Capability.MANUAL_DIRTY_LOG_PROTECT2, "KVM_CLEAR_DIRTY_LOG")
-        pages = region.size // PAGE_SIZE if num_pages is None else num_pages
-        bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))(*([~0 & (2**64 - 1)] * ((pages + 63) // 64)))
-        clear = abi.kvm_clear_dirty_log(slot=region.slot, num_pages=pages, first_page=first_page)
-        clear.dirty_bitmap = ctypes.addressof(bitmap)
-        self.ioctl(abi.KVM_CLEAR_DIRTY_LOG, clear)
+        with self._vm_lock:
+            live = self._own(region, "clear_dirty_log")
+            total = live.size // PAGE_SIZE
+            first = check_int(first_page, ctypes.c_uint64, "first_page",
+                              where="kvm_clear_dirty_log.first_page")
+            pages = total - first if num_pages is None else check_int(
+                num_pages, ctypes.c_uint32, "num_pages", where="kvm_clear_dirty_log.num_pages")
+            if first % 64 or first + pages > total:
+                raise ValueError(f"pages {first}..{first + pages} are not a range of {region!r} "
+                                 f"({total} pages) starting at a multiple of 64")
+            words = (pages + 63) // 64
+            bitmap = (ctypes.c_uint64 * words)(*([(1 << 64) - 1] * words))
+            clear = abi.kvm_clear_dirty_log(slot=live.slot, num_pages=pages, first_page=first)
+            clear.dirty_bitmap = ctypes.addressof(bitmap)
+            self.ioctl(abi.KVM_CLEAR_DIRTY_LOG, clear)
 
-    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
-        """KVM_CREATE_GUEST_MEMFD: an fd of guest-private memory (closed with the VM)."""
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD: guest-private memory, closed with the VM."""
         self.require(abi.Capability.GUEST_MEMFD, "KVM_CREATE_GUEST_MEMFD")
-        fd = self.ioctl(abi.KVM_CREATE_GUEST_MEMFD, abi.kvm_create_guest_memfd(size=size, flags=flags))
-        self._guest_memfds.append(fd)
-        return fd
+        req = fill(abi.kvm_create_guest_memfd, size=size, flags=flags)
+        memfd = GuestMemfd(self, self.ioctl(abi.KVM_CREATE_GUEST_MEMFD, req), req.size)
+        self._children.append(memfd)
+        return memfd
 
     def set_memory_attributes(self, address: int, size: int, attributes: int) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES, e.g. KVM_MEMORY_ATTRIBUTE_PRIVATE for a guest_memfd range."""
         self.require(abi.Capability.MEMORY_ATTRIBUTES, "KVM_SET_MEMORY_ATTRIBUTES")
         self.ioctl(abi.KVM_SET_MEMORY_ATTRIBUTES,
-                   abi.kvm_memory_attributes(address=address, size=size, attributes=attributes))
+                   fill(abi.kvm_memory_attributes, address=address, size=size, attributes=attributes))
 
     # -- vCPUs
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
-        """KVM_CREATE_VCPU: a "kvm-vcpu" fd with its kvm_run mapped."""
-        from .vcpu import Vcpu
-        if vcpu_id in self._vcpus and not self._vcpus[vcpu_id].closed:
-            raise ValueError(f"vCPU {vcpu_id} already exists")
-        fd = self.ioctl(abi.KVM_CREATE_VCPU, vcpu_id)
-        vcpu = Vcpu(self, fd, vcpu_id)
-        self._vcpus[vcpu_id] = vcpu
+        """KVM_CREATE_VCPU: a "kvm-vcpu" fd with its kvm_run mapped.
+
+        vcpu_id must be below KVM_CAP_MAX_VCPU_ID. If the process is out of file
+        descriptors nothing is created; if the kvm_run mapping fails after KVM made the
+        vCPU, the fd is kept and create_vcpu(vcpu_id) tries the mapping again.
+        """
+        from .vcpu import Vcpu, map_run_page
+        vcpu_id = check_int(vcpu_id, ctypes.c_ulong, "vcpu_id")
+        limit = self.check_extension(abi.Capability.MAX_VCPU_ID) or self.kvm.max_vcpus
+        if vcpu_id >= limit:
+            raise ValueError(f"vcpu_id {vcpu_id} is out of range: KVM_CAP_MAX_VCPU_ID is {limit}")
+        with self._vm_lock:
+            if vcpu_id in self._vcpus and not self._vcpus[vcpu_id].closed:
+                raise ValueError(f"vCPU {vcpu_id} already exists")
+            fd = self._unmapped_vcpu_fds.pop(vcpu_id, None)
+            if fd is None:
+                # Python's mmap keeps a duplicate of the fd it maps: a vCPU needs two free
+                # descriptors. Hold one while KVM makes the vCPU, so that running out
+                # happens before the id is used up, never after.
+                try:
+                    spare = os.dup(self.fd)
+                except OSError as e:
+                    raise KvmError("KVM_CREATE_VCPU", e.errno or errno.EMFILE,
+                                   f"no free file descriptor for vCPU {vcpu_id} (each vCPU needs "
+                                   f"two); nothing was created") from None
+                try:
+                    fd = self.ioctl(abi.KVM_CREATE_VCPU, vcpu_id)
+                finally:
+                    os.close(spare)
+            try:
+                page = map_run_page(fd, self.vcpu_mmap_size)
+            except OSError as e:
+                self._unmapped_vcpu_fds[vcpu_id] = fd
+                raise KvmError("mmap of kvm_run", e.errno or errno.ENOMEM,
+                               f"KVM created vCPU {vcpu_id} but its kvm_run page could not be "
+                               f"mapped; its fd is kept: free some file descriptors or memory "
+                               f"and call create_vcpu({vcpu_id}) again") from None
+            vcpu = Vcpu(self, fd, vcpu_id, page)
+            self._vcpus[vcpu_id] = vcpu
         return vcpu
 
     @property
     def vcpus(self) -> tuple[Vcpu, ...]:
-        return tuple(v for v in self._vcpus.values() if not v.closed)
+        """The open vCPUs, ordered by vCPU id."""
+        return tuple(v for _, v in sorted(self._vcpus.items()) if not v.closed)
 
     # -- x86 system setup
     def set_tss_addr(self, addr: int) -> None:
         """KVM_SET_TSS_ADDR: three pages of guest-physical space for the real-mode TSS (Intel)."""
-        self.ioctl(abi.KVM_SET_TSS_ADDR, addr)
+        self.ioctl(abi.KVM_SET_TSS_ADDR, check_int(addr, ctypes.c_ulong, "addr"))
 
     def set_identity_map_addr(self, addr: int) -> None:
         """KVM_SET_IDENTITY_MAP_ADDR: one page for the real-mode EPT identity map (Intel)."""
         self.require(abi.Capability.SET_IDENTITY_MAP_ADDR, "KVM_SET_IDENTITY_MAP_ADDR")
-        self.ioctl(abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
+        self.ioctl(abi.KVM_SET_IDENTITY_MAP_ADDR,
+                   ctypes.c_uint64(check_int(addr, ctypes.c_uint64, "addr")))
 
     # -- interrupt controllers
     def create_irqchip(self) -> None:
@@ -226,26 +360,26 @@ class Vm(CapabilityOwner, DeviceAttributes):
         self.ioctl(abi.KVM_CREATE_IRQCHIP)
 
     def get_irqchip(self, chip_id: int) -> Any:
+        """KVM_GET_IRQCHIP -> kvm_irqchip (abi.KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC)."""
         return self._get(abi.KVM_GET_IRQCHIP, abi.kvm_irqchip, chip_id=chip_id)
 
     def set_irqchip(self, chip: Any) -> None:
-        self.ioctl(abi.KVM_SET_IRQCHIP, chip)
+        self.ioctl(abi.KVM_SET_IRQCHIP, expect(chip, abi.kvm_irqchip, "set_irqchip()"))
 
     def create_pit2(self, flags: int = 0) -> None:
         """KVM_CREATE_PIT2: the in-kernel i8254 timer."""
         self.require(abi.Capability.PIT2, "KVM_CREATE_PIT2")
-        self.ioctl(abi.KVM_CREATE_PIT2, abi.kvm_pit_config(flags=flags))
+        self.ioctl(abi.KVM_CREATE_PIT2, fill(abi.kvm_pit_config, flags=flags))
 
     def get_pit2(self) -> Any:
         return self._get(abi.KVM_GET_PIT2, abi.kvm_pit_state2)
 
     def set_pit2(self, state: Any) -> None:
-        self.ioctl(abi.KVM_SET_PIT2, state)
+        self.ioctl(abi.KVM_SET_PIT2, expect(state, abi.kvm_pit_state2, "set_pit2()"))
 
     def irq_line(self, irq: int, level: int) -> int:
         """Raise or lower a GSI on the in-kernel irqchip; returns the status where the kernel gives one."""
-        line = abi.kvm_irq_level(level=level)
-        line.irq = irq
+        line = fill(abi.kvm_irq_level, level=level, irq=irq)
         if self.check_extension(abi.Capability.IRQ_INJECT_STATUS):
             self.ioctl(abi.KVM_IRQ_LINE_STATUS, line)
             return int(line.status)
@@ -255,13 +389,15 @@ class Vm(CapabilityOwner, DeviceAttributes):
     def signal_msi(self, address: int, data: int, flags: int = 0, devid: int = 0) -> int:
         """KVM_SIGNAL_MSI: inject one MSI; > 0 delivered, 0 blocked by the guest."""
         self.require(abi.Capability.SIGNAL_MSI, "KVM_SIGNAL_MSI")
-        msi = abi.kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data,
-                          flags=flags, devid=devid)
+        address = check_int(address, ctypes.c_uint64, "address", where="kvm_msi.address_hi:address_lo")
+        msi = fill(abi.kvm_msi, address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data,
+                   flags=flags, devid=devid)
         return self.ioctl(abi.KVM_SIGNAL_MSI, msi)
 
     def set_gsi_routing(self, entries: list[Any]) -> None:
         """KVM_SET_GSI_ROUTING: replace the whole routing table with these kvm_irq_routing_entry."""
         self.require(abi.Capability.IRQ_ROUTING, "KVM_SET_GSI_ROUTING")
+        entries = [expect(e, abi.kvm_irq_routing_entry, "set_gsi_routing() entries") for e in entries]
         table = abi.kvm_irq_routing.alloc(len(entries))
         for slot, entry in zip(table.flex_array(), entries):
             ctypes.memmove(ctypes.addressof(slot), ctypes.addressof(entry), ctypes.sizeof(slot))
@@ -271,17 +407,18 @@ class Vm(CapabilityOwner, DeviceAttributes):
         """KVM_IRQFD: a write to eventfd raises gsi; with resample_fd, a level interrupt
         whose EOI signals resample_fd."""
         self.require(abi.Capability.IRQFD, "KVM_IRQFD")
-        flags = 0
-        req = abi.kvm_irqfd(fd=eventfd, gsi=gsi)
-        if resample_fd is not None:
+        names = {"fd": "eventfd", "resamplefd": "resample_fd"}
+        if resample_fd is None:
+            req = fill(abi.kvm_irqfd, names, fd=eventfd, gsi=gsi)
+        else:
             self.require(abi.Capability.IRQFD_RESAMPLE, "KVM_IRQFD with resample")
-            flags |= abi.KVM_IRQFD_FLAG_RESAMPLE
-            req.resamplefd = resample_fd
-        req.flags = flags
+            req = fill(abi.kvm_irqfd, names, fd=eventfd, gsi=gsi, resamplefd=resample_fd,
+                       flags=abi.KVM_IRQFD_FLAG_RESAMPLE)
         self.ioctl(abi.KVM_IRQFD, req)
 
     def irqfd_remove(self, eventfd: int, gsi: int) -> None:
-        self.ioctl(abi.KVM_IRQFD, abi.kvm_irqfd(fd=eventfd, gsi=gsi, flags=abi.KVM_IRQFD_FLAG_DEASSIGN))
+        self.ioctl(abi.KVM_IRQFD, fill(abi.kvm_irqfd, {"fd": "eventfd"}, fd=eventfd, gsi=gsi,
+                                       flags=abi.KVM_IRQFD_FLAG_DEASSIGN))
 
     def _ioeventfd(self, eventfd: int, addr: int, length: int, datamatch: int | None, pio: bool,
                    extra: int) -> None:
@@ -291,7 +428,8 @@ class Vm(CapabilityOwner, DeviceAttributes):
             flags |= abi.KVM_IOEVENTFD_FLAG_PIO
         if datamatch is not None:
             flags |= abi.KVM_IOEVENTFD_FLAG_DATAMATCH
-        self.ioctl(abi.KVM_IOEVENTFD, abi.kvm_ioeventfd(
+        self.ioctl(abi.KVM_IOEVENTFD, fill(
+            abi.kvm_ioeventfd, {"fd": "eventfd", "len": "length"},
             datamatch=datamatch or 0, addr=addr, len=length, fd=eventfd, flags=flags))
 
     def ioeventfd(self, eventfd: int, addr: int, length: int, *, datamatch: int | None = None,
@@ -304,27 +442,26 @@ class Vm(CapabilityOwner, DeviceAttributes):
                          datamatch: int | None = None, pio: bool = False) -> None:
         self._ioeventfd(eventfd, addr, length, datamatch, pio, abi.KVM_IOEVENTFD_FLAG_DEASSIGN)
 
+    def _coalesced_zone(self, addr: int, size: int, pio: bool) -> Any:
+        return fill(abi.kvm_coalesced_mmio_zone, addr=addr, size=size, pio=int(pio))
+
     def register_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
         """Buffer guest writes to this range in the coalesced ring instead of exiting."""
         if pio:
             self.require(abi.Capability.COALESCED_PIO, "coalesced PIO")
         else:
             self.require(abi.Capability.COALESCED_MMIO, "coalesced MMIO")
-        zone = abi.kvm_coalesced_mmio_zone(addr=addr, size=size)
-        zone.pio = int(pio)
-        self.ioctl(abi.KVM_REGISTER_COALESCED_MMIO, zone)
+        self.ioctl(abi.KVM_REGISTER_COALESCED_MMIO, self._coalesced_zone(addr, size, pio))
 
     def unregister_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
-        zone = abi.kvm_coalesced_mmio_zone(addr=addr, size=size)
-        zone.pio = int(pio)
-        self.ioctl(abi.KVM_UNREGISTER_COALESCED_MMIO, zone)
+        self.ioctl(abi.KVM_UNREGISTER_COALESCED_MMIO, self._coalesced_zone(addr, size, pio))
 
     def get_clock(self) -> Any:
         """KVM_GET_CLOCK: the guest's kvmclock (kvm_clock_data)."""
         return self._get(abi.KVM_GET_CLOCK, abi.kvm_clock_data)
 
     def set_clock(self, clock: Any) -> None:
-        self.ioctl(abi.KVM_SET_CLOCK, clock)
+        self.ioctl(abi.KVM_SET_CLOCK, expect(clock, abi.kvm_clock_data, "set_clock()"))
 
     def set_msr_filter(self, ranges: list[tuple[int, int, int, bytes]], *,
                        default_deny: bool = False) -> None:
@@ -338,11 +475,11 @@ class Vm(CapabilityOwner, DeviceAttributes):
             raise ValueError(f"at most {len(filt.ranges)} MSR filter ranges")
         keep = []
         for slot, (flags, base, count, bitmap) in zip(filt.ranges, ranges):
+            fill(slot, {"base": "base MSR", "nmsrs": "count"}, flags=flags, base=base, nmsrs=count)
             if len(bitmap) * 8 < count:
                 raise ValueError(f"the bitmap for MSRs {base:#x}+{count} needs {(count + 7) // 8} bytes")
             buf = (ctypes.c_uint8 * len(bitmap)).from_buffer_copy(bitmap)
             keep.append(buf)
-            slot.flags, slot.base, slot.nmsrs = flags, base, count
             slot.bitmap = ctypes.addressof(buf)
         self.ioctl(abi.KVM_X86_SET_MSR_FILTER, filt)
 
@@ -350,6 +487,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
         """Switch dirty tracking to per-vCPU rings of `entries` kvm_dirty_gfn each
         (KVM_CAP_DIRTY_LOG_RING_ACQ_REL or KVM_CAP_DIRTY_LOG_RING); before any vCPU exists.
         Read them with vcpu.dirty_ring(), then call reset_dirty_rings()."""
+        entries = check_int(entries, ctypes.c_uint64, "entries")
         size = entries * ctypes.sizeof(abi.kvm_dirty_gfn)
         if size < PAGE_SIZE or size & (size - 1):
             raise ValueError(f"the dirty ring must be a power-of-two size of at least a page: "
@@ -373,34 +511,67 @@ class Vm(CapabilityOwner, DeviceAttributes):
         return self.ioctl(abi.KVM_RESET_DIRTY_RINGS)
 
     # -- devices and stats
+    def has_device_type(self, device_type: int) -> bool:
+        """Whether KVM_CREATE_DEVICE could create this device type here (KVM_CREATE_DEVICE_TEST)."""
+        self.require(abi.Capability.DEVICE_CTRL, "KVM_CREATE_DEVICE")
+        req = fill(abi.kvm_create_device, {"type": "device_type"}, type=device_type,
+                   flags=abi.KVM_CREATE_DEVICE_TEST)
+        try:
+            self.ioctl(abi.KVM_CREATE_DEVICE, req)
+        except KvmError as e:
+            if e.errno in (errno.ENODEV, errno.ENOENT, errno.EINVAL, errno.ENOTSUP):
+                return False
+            raise
+        return True
+
     def create_device(self, device_type: int, flags: int = 0) -> Device:
-        """KVM_CREATE_DEVICE (KVM_CAP_DEVICE_CTRL): an in-kernel device with its own fd."""
+        """KVM_CREATE_DEVICE (KVM_CAP_DEVICE_CTRL): an in-kernel device with its own fd,
+        closed with the VM. (To ask whether a type exists, use has_device_type().)"""
         from .device import Device
         self.require(abi.Capability.DEVICE_CTRL, "KVM_CREATE_DEVICE")
-        req = abi.kvm_create_device(type=device_type, flags=flags)
+        req = fill(abi.kvm_create_device, {"type": "device_type"}, type=device_type, flags=flags)
+        if req.flags & abi.KVM_CREATE_DEVICE_TEST:
+            # With TEST the kernel creates nothing and returns no fd: a Device would wrap
+            # whatever fd 0 is and close it with the VM.
+            raise ValueError("KVM_CREATE_DEVICE_TEST creates no device; use vm.has_device_type()")
         self.ioctl(abi.KVM_CREATE_DEVICE, req)
         dev = Device(self, req.fd, device_type)
-        self._devices.append(dev)
+        self._children.append(dev)
         return dev
 
     def stats(self) -> Stats:
-        """The binary statistics fd (KVM_GET_STATS_FD, KVM_CAP_BINARY_STATS_FD)."""
+        """The binary statistics fd (KVM_GET_STATS_FD, KVM_CAP_BINARY_STATS_FD); closed with the VM."""
         from .stats import Stats
         self.require(abi.Capability.BINARY_STATS_FD, "KVM_GET_STATS_FD")
-        return Stats(self.ioctl(abi.KVM_GET_STATS_FD))
+        stats = Stats(self.ioctl(abi.KVM_GET_STATS_FD))
+        self._children.append(stats)
+        return stats
 
     # -- lifetime
     def _release(self) -> None:
-        for vcpu in list(self._vcpus.values()):
+        # vCPUs first: each running one is kicked now, so they all leave KVM_RUN together.
+        vcpus = list(self._vcpus.values())
+        for vcpu in vcpus:
+            vcpu._stop()
+        for vcpu in vcpus:
             vcpu.close()
-        for dev in self._devices:
-            dev.close()
-        for region in self.memory.regions:
-            self.memory._remove(region)
-            region._unmap()
-        for fd in self._guest_memfds:
-            os.close(fd)
-        self._guest_memfds.clear()
+        for child in self._children:
+            child.close()
+        self._children.clear()
+        with self._vm_lock:
+            # The kernel's rule: a slot is deleted in KVM before its mapping goes. A vCPU
+            # that did not stop in time would otherwise write into whatever the process
+            # maps at that address next.
+            for region in self.memory.regions:
+                try:
+                    self._set_region(region, size=0)
+                except KvmError:
+                    _NEVER_UNMAPPED.append(region)   # KVM may still use it: keep it mapped
+                    continue
+                self._forget(region)
+            for fd in self._unmapped_vcpu_fds.values():
+                os.close(fd)
+            self._unmapped_vcpu_fds.clear()
 
     def __repr__(self) -> str:
         if self.closed:
@@ -411,7 +582,23 @@ class Vm(CapabilityOwner, DeviceAttributes):
 def _enable_cap(cap: int, args: tuple[int, ...], flags: int) -> Any:
     if len(args) > 4:
         raise ValueError("KVM_ENABLE_CAP takes at most four arguments")
-    req = abi.kvm_enable_cap(cap=int(cap), flags=flags)
+    req = fill(abi.kvm_enable_cap, cap=cap, flags=flags)
     for i, a in enumerate(args):
-        req.args[i] = a
+        req.args[i] = check_int(a, ctypes.c_uint64, f"args[{i}]", where=f"kvm_enable_cap.args[{i}]")
     return req
+
+
+# Mappings KVM may still reach (deleting their slot failed): kept for the life of the process.
+_NEVER_UNMAPPED: list[MemoryRegion] = []
+_LIVE_VMS: weakref.WeakSet[Vm] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_vms() -> None:
+    """At interpreter exit, before modules are torn down: stop every vCPU and delete every
+    slot while the machinery to do so still exists."""
+    for vm in list(_LIVE_VMS):
+        try:
+            vm.close()
+        except Exception:
+            pass

@@ -23,13 +23,19 @@ def test_missing_dev_kvm_is_kvm_unavailable_with_a_hint(tmp_path):
     assert isinstance(err.value, OSError)
 
 
-def test_a_file_that_is_not_kvm_is_refused_without_leaking(tmp_path):
+@pytest.mark.parametrize("kind", ["regular file", "fifo", "/dev/null"])
+def test_a_path_that_is_not_kvm_is_kvm_unavailable_without_leaking(tmp_path, kind):
     path = tmp_path / "not-kvm"
-    path.write_bytes(b"")
+    if kind == "regular file":
+        path.write_bytes(b"")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path = "/dev/null"
     before = _open_fds()
-    with pytest.raises(KvmError) as err:
+    with pytest.raises(KvmUnavailable, match="not a character device|not a KVM device") as err:
         Kvm(str(path))
-    assert err.value.ioctl == "KVM_GET_API_VERSION"
+    assert err.value.errno == errno.ENODEV and str(path) in str(err.value)
     assert _open_fds() == before
 
 

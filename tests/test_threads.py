@@ -25,7 +25,7 @@ def _run_in_thread(vcpu):
 
 def _wait_until_in_guest(vcpu, thread):
     deadline = time.monotonic() + GIVE_UP
-    while vcpu._thread is None and thread.is_alive():
+    while vcpu._runner is None and thread.is_alive():
         assert time.monotonic() < deadline, "the vCPU thread never entered KVM_RUN"
         time.sleep(0.001)
     time.sleep(0.01)   # let it get past the ioctl entry into the guest
