@@ -14,11 +14,12 @@ _EXPORTS = {
     "Capability": "abi", "ExitReason": "abi",
     "Device": "device",
     "GuestMemoryError": "errors", "KvmError": "errors", "KvmUnavailable": "errors",
-    "KvmUnsupported": "errors",
+    "KvmUnsupported": "errors", "StaleExitError": "errors", "StaleHandleError": "errors",
+    "VcpuBusyError": "errors",
     "Exit": "exits", "HltExit": "exits", "InterruptedExit": "exits", "IoExit": "exits",
     "MmioExit": "exits", "MsrExit": "exits", "PayloadExit": "exits", "ShutdownExit": "exits",
     "SimpleExit": "exits", "UnknownExit": "exits",
-    "GuestMemory": "memory", "MemoryRegion": "memory",
+    "GuestMemfd": "memory", "GuestMemory": "memory", "MemoryRegion": "memory",
     "Kvm": "system", "Vcpu": "vcpu", "Vm": "vm",
 }
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Device",
     "Exit",
     "ExitReason",
+    "GuestMemfd",
     "GuestMemory",
     "GuestMemoryError",
     "HltExit",
@@ -41,15 +43,26 @@ __all__ = [
     "PayloadExit",
     "ShutdownExit",
     "SimpleExit",
+    "StaleExitError",
+    "StaleHandleError",
     "UnknownExit",
     "Vcpu",
+    "VcpuBusyError",
     "Vm",
 ]
 
 if TYPE_CHECKING:
     from .abi import Capability, ExitReason
     from .device import Device
-    from .errors import GuestMemoryError, KvmError, KvmUnavailable, KvmUnsupported
+    from .errors import (
+        GuestMemoryError,
+        KvmError,
+        KvmUnavailable,
+        KvmUnsupported,
+        StaleExitError,
+        StaleHandleError,
+        VcpuBusyError,
+    )
     from .exits import (
         Exit,
         HltExit,
@@ -62,7 +75,7 @@ if TYPE_CHECKING:
         SimpleExit,
         UnknownExit,
     )
-    from .memory import GuestMemory, MemoryRegion
+    from .memory import GuestMemfd, GuestMemory, MemoryRegion
     from .system import Kvm
     from .vcpu import Vcpu
     from .vm import Vm

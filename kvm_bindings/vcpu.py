@@ -430,10 +430,11 @@ class Vcpu(DeviceAttributes):
 
     def set_tsc_khz(self, khz: int) -> None:
         """KVM_SET_TSC_KHZ (KVM_CAP_TSC_CONTROL)."""
-        self.vm.require(abi.Capability.TSC_CONTROL, "KVM_SET_TSC_KHZ")
         # The ioctl's argument is an unsigned long, but the kernel keeps the frequency as a
         # u32 (kvm_set_tsc_khz): a larger value would be cut to its low 32 bits.
-        self.ioctl(abi.KVM_SET_TSC_KHZ, check_int(khz, ctypes.c_uint32, "khz"))
+        khz = check_int(khz, ctypes.c_uint32, "khz")
+        self.vm.require(abi.Capability.TSC_CONTROL, "KVM_SET_TSC_KHZ")
+        self.ioctl(abi.KVM_SET_TSC_KHZ, khz)
 
     def translate(self, linear_address: int) -> Any:
         """KVM_TRANSLATE: walk the guest's page tables -> kvm_translation."""

@@ -320,6 +320,13 @@ class Vm(CapabilityOwner, DeviceAttributes):
                                    f"two); nothing was created") from None
                 try:
                     fd = self.ioctl(abi.KVM_CREATE_VCPU, vcpu_id)
+                except KvmError as e:
+                    if e.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    # KVM destroys a vCPU it could not give an fd: the id stays free.
+                    raise KvmError("KVM_CREATE_VCPU", e.errno,
+                                   f"no free file descriptor for vCPU {vcpu_id} (each vCPU needs "
+                                   f"two); nothing was created") from None
                 finally:
                     os.close(spare)
             try:

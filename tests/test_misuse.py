@@ -1,0 +1,613 @@
+"""The misuse matrix: every way an adversarial user broke the runtime, each now a clear
+Python exception or correct behaviour. Cases that once crashed the interpreter run in a
+subprocess, so a regression fails the test instead of killing pytest."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import errno
+import gc
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import pytest
+
+from kvm_bindings import (
+    IoExit,
+    KvmError,
+    StaleExitError,
+    StaleHandleError,
+    VcpuBusyError,
+    abi,
+    x86,
+)
+from kvm_bindings.memory import PAGE_SIZE
+
+from .conftest import REQUIRE_KVM, ROOT, need
+
+
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def _in_subprocess(body: str, *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run body with a Kvm as `kvm` in a fresh interpreter; a crash shows as a signal exit."""
+    code = "import sys\nfrom kvm_bindings import *\nfrom kvm_bindings import abi, x86\nkvm = Kvm()\n"
+    code += textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+# ---- 1. handles that know what they name ---------------------------------------------
+
+def test_dirty_log_of_a_removed_region_whose_slot_was_reused_is_refused(kvm):
+    """Once SIGSEGV every time: KVM filled a bitmap sized for the old, smaller region."""
+    result = _in_subprocess("""
+        vm = kvm.create_vm()
+        old = vm.add_memory(0x100000, 0x1000, log_dirty=True)
+        vm.remove_memory(old)
+        big = vm.add_memory(0x10000000, 0x10000000, log_dirty=True)    # 256 MiB, same slot
+        assert big.slot == old.slot
+        try:
+            vm.dirty_log(old)
+        except StaleHandleError as e:
+            print("refused:", e)
+        print("live region still answers:", vm.dirty_log(big) == [])
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "was removed" in result.stdout
+    assert "live region still answers: True" in result.stdout
+
+
+def test_a_region_of_another_vm_is_refused_by_every_call_taking_a_region(kvm):
+    result = _in_subprocess("""
+        a, b = kvm.create_vm(), kvm.create_vm()
+        ra = a.add_memory(0, 0x1000, log_dirty=True)
+        b.add_memory(0, 0x100000, log_dirty=True)           # b's slot 0 is larger
+        calls = [lambda: b.dirty_log(ra), lambda: b.remove_memory(ra),
+                 lambda: b.set_dirty_logging(ra, False), lambda: b.move_memory(ra, 0x200000),
+                 lambda: b.clear_dirty_log(ra)]
+        for call in calls:
+            try:
+                call()
+            except StaleHandleError as e:
+                assert "belongs to" in str(e), e
+                print("refused")
+            except KvmUnsupported:
+                print("refused")      # clear_dirty_log: the capability check comes first
+        print("a still has its region:", a.memory.regions == (ra,))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("refused") == 5
+    assert "a still has its region: True" in result.stdout
+
+
+def test_removing_a_region_twice_does_not_touch_the_slot_that_reused_its_number(vm, real_mode):
+    first = vm.add_memory(0xD0000, 0x1000)
+    vm.remove_memory(first)
+    second = vm.add_memory(0xD0000, 0x1000)          # same slot number, same GPA
+    assert second.slot == first.slot
+    with pytest.raises(StaleHandleError, match="was removed"):
+        vm.remove_memory(first)
+    assert second in vm.memory.regions
+    # KVM still has the slot: the mmio guest's write to 0xd0010 lands in memory, no exit
+    vcpu = real_mode("mmio")
+    e = vcpu.run()
+    assert not (isinstance(e, type(e)) and e.reason.name == "MMIO" and e.phys_addr == 0xD0010)
+    assert vm.memory.read(0xD0010, 4) == (0xCAFEF00D).to_bytes(4, "little")
+
+
+def test_set_dirty_logging_on_a_removed_region_creates_no_slot(vm):
+    region = vm.add_memory(0x20000, 0x1000)
+    vm.remove_memory(region)
+    with pytest.raises(StaleHandleError):
+        vm.set_dirty_logging(region, True)
+    with pytest.raises(StaleHandleError):
+        region.view()
+    assert vm.memory.region_at(0x20000) is None
+    # KVM has no slot there either: a new region at that GPA and slot is accepted
+    assert vm.add_memory(0x20000, 0x1000, slot=region.slot).slot == region.slot
+
+
+def test_a_failed_kvm_call_leaves_the_region_as_it_was(vm, monkeypatch):
+    region = vm.add_memory(0x20000, 0x1000)
+    real = vm._set_region
+
+    def refuse(*args, **kwargs):
+        raise KvmError("KVM_SET_USER_MEMORY_REGION", errno.EINVAL)
+    monkeypatch.setattr(vm, "_set_region", refuse)
+    with pytest.raises(KvmError):
+        vm.set_dirty_logging(region, True)
+    assert not region.flags & abi.KVM_MEM_LOG_DIRTY_PAGES
+    with pytest.raises(KvmError):
+        vm.remove_memory(region)
+    monkeypatch.setattr(vm, "_set_region", real)
+    assert region in vm.memory.regions and not region.removed
+
+
+# ---- 2. teardown order ------------------------------------------------------------------
+
+def _record_teardown(monkeypatch, vm):
+    """Record, in order, KVM slot deletions and unmaps."""
+    from kvm_bindings.memory import MemoryRegion
+    events: list[tuple[str, int]] = []
+    set_region, unmap = type(vm)._set_region, MemoryRegion._unmap
+
+    def spy_set(self, region, size=None, **kw):
+        if size == 0:
+            events.append(("delete", region.slot))
+        return set_region(self, region, size=size, **kw)
+
+    def spy_unmap(self):
+        if not self.removed:
+            events.append(("unmap", self.slot))
+        return unmap(self)
+    monkeypatch.setattr(type(vm), "_set_region", spy_set)
+    monkeypatch.setattr(MemoryRegion, "_unmap", spy_unmap)
+    return events
+
+
+@pytest.mark.parametrize("how", ["remove", "close", "garbage collection"])
+def test_kvm_forgets_a_slot_before_its_memory_is_unmapped(kvm, monkeypatch, how):
+    vm = kvm.create_vm()
+    events = _record_teardown(monkeypatch, vm)
+    a, b = vm.add_memory(0, 0x1000), vm.add_memory(0x1000, 0x1000)
+    if how == "remove":
+        vm.remove_memory(a)
+        vm.remove_memory(b)
+        vm.close()
+    elif how == "close":
+        vm.close()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            del vm, a, b
+            gc.collect()
+    assert sorted(events) == [("delete", 0), ("delete", 1), ("unmap", 0), ("unmap", 1)]
+    for slot in (0, 1):
+        assert events.index(("delete", slot)) < events.index(("unmap", slot))
+
+
+def test_interpreter_exit_deletes_slots_before_unmapping(kvm):
+    result = _in_subprocess("""
+        import threading
+        from kvm_bindings import memory, vm as vm_module
+        unmap, set_region = memory.MemoryRegion._unmap, vm_module.Vm._set_region
+        def spy_unmap(self):
+            print("unmap", self.slot, flush=True); unmap(self)
+        def spy_set(self, region, size=None, **kw):
+            if size == 0: print("delete", region.slot, flush=True)
+            return set_region(self, region, size=size, **kw)
+        memory.MemoryRegion._unmap, vm_module.Vm._set_region = spy_unmap, spy_set
+        vm = kvm.create_vm()            # never closed: the interpreter's exit must do it
+        vm.set_tss_addr(0xFFFBD000)
+        vm.add_memory(0, 0x10000)
+        vm.memory.write(0x1000, bytes.fromhex("ebfe"))      # jmp $: spins until kicked
+        vcpu = vm.create_vcpu(0)
+        x86.setup_real_mode(vcpu, 0x1000)
+        threading.Thread(target=vcpu.run, daemon=True).start()
+        import time; time.sleep(0.1)
+        print("exiting", flush=True)
+    """)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("exiting\n", 1)[1].split()
+    assert lines[:4] == ["delete", "0", "unmap", "0"], result.stdout
+
+
+# real mode at 0x1000: 1: incw 0x2000; jmp 1b -- a guest that shows it is running
+COUNTER_GUEST, COUNTER = bytes.fromhex("ff060020ebfa"), 0x2000
+
+
+def _start_counting(vm, vcpu_id=0, *, before_run=None):
+    """A vCPU running COUNTER_GUEST in a thread; returns once the guest has counted."""
+    vm.memory.write(0x1000, COUNTER_GUEST)
+    vm.memory.write_int(COUNTER, 2, 0)
+    vcpu = vm.create_vcpu(vcpu_id)
+    x86.setup_real_mode(vcpu, 0x1000)
+    result: dict = {}
+
+    def body():
+        if before_run:
+            before_run()
+        try:
+            result["exit"] = vcpu.run()
+        except BaseException as e:
+            result["error"] = e
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while vm.memory.read_int(COUNTER, 2) == 0:
+        assert time.monotonic() < deadline, "the guest never ran"
+        time.sleep(0.001)
+    return vcpu, t, result
+
+
+def test_vcpu_close_while_running_waits_or_defers_and_the_fd_is_closed_once(vm, monkeypatch):
+    """A run() thread that blocks the kick signal cannot be stopped by close(): close() gives
+    up after CLOSE_TIMEOUT, and that run() closes the fd itself when it returns."""
+    from kvm_bindings import vcpu as vcpu_module
+    monkeypatch.setattr(vcpu_module, "CLOSE_TIMEOUT", 0.2)
+    previous = signal.signal(signal.SIGUSR1, lambda *a: None)
+    try:
+        vcpu, t, result = _start_counting(vm, before_run=lambda: signal.pthread_sigmask(
+            signal.SIG_BLOCK, {vcpu_module.KICK_SIGNAL}))
+        fd = vcpu.fd
+        with pytest.warns(RuntimeWarning, match="did not leave KVM_RUN"):
+            vcpu.close()
+        assert vcpu.closed and t.is_alive()
+        os.fstat(fd)                                 # still open: run() holds it
+        signal.pthread_kill(t.ident, signal.SIGUSR1)  # an unblocked signal ends KVM_RUN
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert isinstance(result["error"], StaleHandleError) and "closed" in str(result["error"])
+    with pytest.raises(OSError):
+        os.fstat(fd)                                 # closed by run() on its way out
+
+
+def test_vcpu_close_while_running_kicks_and_waits(vm):
+    before = _open_fds()
+    vcpu, t, result = _start_counting(vm)
+    vcpu.close()
+    assert not t.is_alive()                          # close() returned after run() did
+    assert isinstance(result["error"], StaleHandleError) and "closed" in str(result["error"])
+    assert _open_fds() < before | {vcpu._fd} and vcpu._fd not in _open_fds()
+
+
+def test_the_kick_signal_cannot_be_blocked_through_the_signal_mask(vm):
+    from kvm_bindings.vcpu import KICK_SIGNAL
+    vcpu = vm.create_vcpu(0)
+    with pytest.raises(ValueError, match="kick signal"):
+        vcpu.set_signal_mask([signal.SIGUSR2, KICK_SIGNAL])
+
+
+# ---- 3. one owner per fd --------------------------------------------------------------
+
+def test_handles_cannot_be_copied_or_pickled(vm):
+    region = vm.add_memory(0x20000, 0x1000)
+    vcpu = vm.create_vcpu(0)
+    for obj in (vm.kvm, vm, vcpu, region, vm.memory):
+        for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="cannot be (copied|pickled)"):
+                attempt(obj)
+    vm.create_vcpu(1)                  # the originals still work
+    assert vm.memory.read(0x20000, 1) == b"\0"
+
+
+def test_a_vm_constructor_failure_closes_its_fd_exactly_once(kvm, monkeypatch, tmp_path):
+    from kvm_bindings.system import Kvm
+    before = _open_fds()
+
+    def broken(self):
+        raise RuntimeError("injected")
+    monkeypatch.setattr(Kvm, "vcpu_mmap_size", property(broken))
+    with pytest.raises(RuntimeError, match="injected"):
+        kvm.create_vm()
+    monkeypatch.undo()
+    assert _open_fds() == before
+    # The freed number goes to the next file; a second close would close that file.
+    with open(tmp_path / "bystander", "w") as bystander:
+        gc.collect()
+        os.fstat(bystander.fileno())
+
+
+def test_create_device_test_flag_returns_no_device(vm):
+    with pytest.raises(ValueError, match="has_device_type"):
+        vm.create_device(abi.DeviceType.VFIO, flags=abi.KVM_CREATE_DEVICE_TEST)
+    # the kernel's own answer, through the TEST flag
+    assert vm.has_device_type(abi.DeviceType.VFIO) is True
+    assert vm.has_device_type(abi.DeviceType.ARM_VGIC_V3) is False
+    os.fstat(0)
+
+
+def test_children_close_with_their_parent(vm):
+    before = _open_fds()
+    vcpu = vm.create_vcpu(0)
+    vm_stats, vcpu_stats = vm.stats(), vcpu.stats()
+    dev = vm.create_device(abi.DeviceType.VFIO)
+    assert len(_open_fds()) >= len(before) + 4
+    vm.close()
+    assert vm_stats.closed and vcpu_stats.closed and dev.closed and vcpu.closed
+    with pytest.raises(StaleHandleError):
+        vcpu_stats.read()
+
+
+# ---- 4. values checked against the C types they go into --------------------------------
+
+@pytest.mark.parametrize("call, names", [
+    (lambda vm: vm.add_memory(2**64, 0x1000), ("guest_phys_addr", "__u64")),
+    (lambda vm: vm.add_memory(-0x1000, 0x1000), ("guest_phys_addr", "__u64")),
+    (lambda vm: vm.add_memory(0x100000, 2**64), ("size", "memory_size", "__u64")),
+    (lambda vm: vm.create_vcpu(2**64 + 1), ("vcpu_id",)),
+    (lambda vm: vm.create_vcpu(-1), ("vcpu_id",)),
+    (lambda vm: vm.set_tss_addr(2**64 + 0xFFFBD000), ("addr",)),
+    (lambda vm: vm.create_vcpu(0).set_msrs({0xC0000103: 2**70}), ("MSR 0xc0000103", "__u64")),
+    (lambda vm: vm.create_vcpu(0).get_msrs([2**32]), ("MSR index", "__u32")),
+    (lambda vm: vm.irq_line(2**32, 1), ("irq", "__u32")),
+    (lambda vm: vm.irqfd(-1, 5), ("eventfd", "kvm_irqfd.fd", "__u32")),
+    (lambda vm: vm.ioeventfd(3, 0x1000, 2**32), ("length", "kvm_ioeventfd.len", "__u32")),
+    (lambda vm: vm.enable_cap(abi.Capability.X86_DISABLE_EXITS, 2**64), ("args[0]", "__u64")),
+    (lambda vm: vm.create_vcpu(0).interrupt(2**32), ("vector", "kvm_interrupt.irq")),
+    (lambda vm: vm.create_vcpu(0).set_tsc_khz(2**32 + 1), ("khz", "__u32")),
+    (lambda vm: vm.signal_msi(2**64, 0), ("address", "__u64")),
+    (lambda vm: vm.memory.write_int(0, 1, 0x1FF), ("0x1ff", "1 bytes")),
+], ids=lambda v: v[0] if isinstance(v, tuple) else None)
+def test_out_of_range_integers_are_refused_naming_parameter_and_type(vm, call, names):
+    with pytest.raises(OverflowError) as err:
+        call(vm)
+    for name in names:
+        assert name in str(err.value)
+    assert vm.memory.regions[0].guest_phys_addr == 0 and len(vm.memory.regions) == 1
+
+
+def test_a_vcpu_id_beyond_the_kernels_limit_is_a_value_error_naming_it(vm):
+    limit = vm.check_extension(abi.Capability.MAX_VCPU_ID)
+    with pytest.raises(ValueError, match="KVM_CAP_MAX_VCPU_ID"):
+        vm.create_vcpu(limit)
+    assert vm.create_vcpu(limit - 1).id == limit - 1       # the last valid id works
+
+
+@pytest.mark.parametrize("value", [1.0, "1", None, b"\x01"])
+def test_non_integers_are_type_errors(vm, value):
+    with pytest.raises(TypeError, match="must be an integer"):
+        vm.add_memory(value, 0x1000)
+    with pytest.raises(TypeError, match="must be an integer"):
+        vm.create_vcpu(value)
+
+
+def test_setters_accept_only_their_own_struct(vm):
+    vcpu = vm.create_vcpu(0)
+    with pytest.raises(TypeError, match="set_regs.. takes a kvm_regs, not kvm_sregs"):
+        vcpu.set_regs(vcpu.get_sregs())
+    with pytest.raises(TypeError, match="kvm_sregs"):
+        vcpu.set_sregs(abi.kvm_regs())
+    with pytest.raises(TypeError):
+        vcpu.set_lapic(bytearray(1024))
+    with pytest.raises(TypeError):
+        vm.set_clock(abi.kvm_pit_state2())
+    assert vcpu.get_regs().rip == 0xFFF0          # nothing reached the vCPU
+
+
+def test_flexible_structs_claiming_more_entries_than_they_hold_are_refused(vm):
+    vcpu = vm.create_vcpu(0)
+    cpuid = abi.kvm_cpuid2.alloc(2)
+    cpuid.nent = 100
+    with pytest.raises(ValueError, match="claims more entries"):
+        vcpu.set_cpuid2(cpuid)
+    state = abi.kvm_nested_state()
+    state.size = 0x10000
+    if vm.check_extension(abi.Capability.NESTED_STATE):
+        with pytest.raises(ValueError, match="state.size"):
+            vcpu.set_nested_state(state)
+
+
+def test_one_reg_buffers_are_sized_from_the_register_id(vm):
+    """KVM writes as many bytes as the id's size field says; an 8-byte buffer for a 2048-bit
+    register would be overrun."""
+    vcpu = vm.create_vcpu(0)
+    for size_field, nbytes in ((abi.KVM_REG_SIZE_U8, 1), (abi.KVM_REG_SIZE_U64, 8),
+                               (abi.KVM_REG_SIZE_U128, 16), (abi.KVM_REG_SIZE_U2048, 256)):
+        _, buf = vcpu._one_reg(abi.KVM_REG_X86 | size_field | 0x1234)
+        assert len(buf) == nbytes
+    with pytest.raises(OverflowError, match="64 bits wide"):
+        vcpu.set_one_reg(abi.KVM_REG_X86 | abi.KVM_REG_SIZE_U64, 2**64)
+
+
+# ---- 6. exit lifetime -------------------------------------------------------------------
+
+def test_held_exits_keep_their_own_data(vm, real_mode, assemble):
+    """Three held port writes once all read the last exit's byte."""
+    vcpu = real_mode("port_io")
+    vcpu.run()                                              # 'H' to 0x3f8
+    e = vcpu.run()                                          # the IN
+    e.data[0] = 0
+    vcpu.run()
+    writes = []
+    while len(writes) < 3:
+        x = vcpu.run()
+        assert isinstance(x, IoExit) and x.is_write
+        writes.append(x)
+    assert [bytes(w.data) for w in writes] == [b"h", b"e", b"l"]   # rep outsb of "hello, kvm"
+
+
+def test_an_answer_after_the_next_run_is_refused_and_reaches_nothing(vm, real_mode):
+    vcpu = real_mode("port_io")
+    vcpu.run()
+    inp = vcpu.run()
+    held = inp.data
+    held[0] = 0x5A
+    echo = vcpu.run()                                       # the answer went in here
+    assert bytes(echo.data) == b"\x5a"
+    with pytest.raises(StaleExitError, match="stale"):
+        inp.data[0] = 0x11
+    with pytest.raises(ValueError):                         # the view handed out is retired
+        held[0] = 0x11
+    assert bytes(echo.data) == b"\x5a"
+
+
+def test_reply_after_the_next_run_is_refused(vm, protected_mode):
+    vm.enable_cap(abi.Capability.X86_USER_SPACE_MSR, abi.KVM_MSR_EXIT_REASON_UNKNOWN)
+    vcpu = protected_mode("msr")
+    w = vcpu.run()
+    w.reply()
+    r = vcpu.run()                                          # the RDMSR: pending
+    page_before = bytes(vcpu._page[:4096])
+    with pytest.raises(StaleExitError, match="reply"):
+        w.reply(error=True)
+    assert bytes(vcpu._page[:4096]) == page_before          # nothing was written
+    r.reply(0x1122)
+    assert bytes(vcpu.run().data) == (0x1122).to_bytes(4, "little")
+
+
+def test_replies_are_range_checked_against_the_member_types(vm, protected_mode):
+    vm.enable_cap(abi.Capability.X86_USER_SPACE_MSR, abi.KVM_MSR_EXIT_REASON_UNKNOWN)
+    vcpu = protected_mode("msr")
+    vcpu.run().reply()
+    r = vcpu.run()
+    with pytest.raises(OverflowError, match="data"):
+        r.reply(2**64)
+    r.reply(5)                                              # still answerable
+    assert bytes(vcpu.run().data) == (5).to_bytes(4, "little")
+
+
+def test_closing_a_vcpu_makes_its_exits_stale(vm, real_mode):
+    vcpu = real_mode("port_io")
+    out = vcpu.run()
+    inp = vcpu.run()
+    vcpu.close()
+    assert bytes(out.data) == b"H"                          # a snapshot stays readable
+    with pytest.raises(StaleExitError):
+        inp.data                                            # noqa: B018
+    with pytest.raises(StaleHandleError):
+        vcpu.kvm_run                                        # noqa: B018
+    with pytest.raises(StaleHandleError):
+        vcpu.kick()
+
+
+# ---- 5. threads -------------------------------------------------------------------------
+
+def test_run_on_a_running_vcpu_names_the_thread_running_it(real_mode):
+    vcpu = real_mode("spin")
+    t = threading.Thread(target=lambda: vcpu.run(), name="guest-runner", daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while vcpu._runner is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    with pytest.raises(VcpuBusyError, match="guest-runner"):
+        vcpu.run()
+    vcpu.kick()
+    t.join(10)
+    assert not t.is_alive()
+
+
+def test_a_failed_kick_leaves_no_immediate_exit(real_mode, monkeypatch):
+    vcpu = real_mode("spin")
+    vcpu._runner = 12345           # as if another thread were in KVM_RUN
+
+    def fail(thread, sig):
+        raise OSError(errno.EPERM, "injected")
+    monkeypatch.setattr(signal, "pthread_kill", fail)
+    with pytest.raises(OSError, match="injected"):
+        vcpu.kick()
+    vcpu._runner = None
+    assert not vcpu.immediate_exit
+
+
+def test_an_exception_leaving_run_clears_a_pending_kick(real_mode, monkeypatch):
+    from kvm_bindings import vcpu as vcpu_module
+    vcpu = real_mode("port_io")
+    vcpu.kick()                                    # nobody running: the next run() returns
+    assert vcpu.immediate_exit
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vcpu_module, "_ioctl", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        vcpu.run()
+    monkeypatch.undo()
+    assert not vcpu.immediate_exit
+    assert isinstance(vcpu.run(), IoExit)          # the guest really runs
+
+
+# ---- 9. the smaller items ---------------------------------------------------------------
+
+def test_an_empty_view_is_empty(vm):
+    assert bytes(vm.memory.view(0x1000, 0)) == b""
+    assert vm.memory.read(0x1000, 0) == b""
+
+
+def test_a_slot_number_beyond_the_limit_says_so(vm):
+    limit = vm.check_extension(abi.Capability.NR_MEMSLOTS)
+    with pytest.raises(ValueError, match=f"slot 40000 is out of range.*{limit} memory slots"):
+        vm.add_memory(0x100000, 0x1000, slot=40000)
+    with pytest.raises(ValueError, match="in use"):
+        vm.add_memory(0x100000, 0x1000, slot=0)
+    assert vm.add_memory(0x100000, 0x1000, slot=limit - 1).slot == limit - 1
+
+
+def test_slots_fill_to_the_kernels_limit_and_the_next_add_says_so(kvm):
+    with kvm.create_vm() as vm:
+        limit = vm.check_extension(abi.Capability.NR_MEMSLOTS)
+        for i in range(limit):
+            vm.add_memory(i * PAGE_SIZE, PAGE_SIZE)
+        with pytest.raises(KvmError, match=f"all {limit} memory slots are in use") as err:
+            vm.add_memory(limit * PAGE_SIZE, PAGE_SIZE)
+        assert err.value.errno == errno.ENOSPC
+        vm.remove_memory(vm.memory.region_at(5 * PAGE_SIZE))
+        assert vm.add_memory(limit * PAGE_SIZE, PAGE_SIZE).slot == 5   # the freed number
+
+
+def test_out_of_fds_at_vcpu_creation_is_clear_and_burns_no_id(kvm):
+    result = _in_subprocess("""
+        import os, resource
+        vm = kvm.create_vm()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        hog = []
+        try:
+            while True:
+                hog.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        for free in (0, 1):        # a vCPU needs two: its fd and the one mmap duplicates
+            try:
+                vm.create_vcpu(0)
+                print(free, "created?!")
+            except KvmError as e:
+                print(free, e.errno, e)
+            os.close(hog.pop())
+        vcpu = vm.create_vcpu(0)                         # the same id, now with fds to spare
+        print("created", vcpu.id, vcpu.get_regs().rip == 0xFFF0)
+    """)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    for line in lines[:2]:
+        assert f" {errno.EMFILE} " in line and "nothing was created" in line
+    assert lines[-1] == "created 0 True"
+
+
+def test_a_failed_kvm_run_mapping_keeps_the_vcpu_for_a_retry(vm, monkeypatch):
+    from kvm_bindings import vcpu as vcpu_module
+    real = vcpu_module.map_run_page
+
+    def fail(fd, size):
+        raise OSError(errno.ENOMEM, "injected")
+    monkeypatch.setattr(vcpu_module, "map_run_page", fail)
+    with pytest.raises(KvmError, match=r"call create_vcpu\(3\) again"):
+        vm.create_vcpu(3)
+    monkeypatch.setattr(vcpu_module, "map_run_page", real)
+    vcpu = vm.create_vcpu(3)            # KVM_CREATE_VCPU again would say EEXIST
+    assert vcpu.id == 3 and vcpu.get_regs().rip == 0xFFF0
+
+
+def test_a_held_region_view_outlives_vm_close_safely(kvm):
+    vm = kvm.create_vm()
+    region = vm.add_memory(0x20000, 0x1000)
+    view = region.view()
+    slice_view = vm.memory.view(0x20000, 4)
+    vm.close()
+    view[:4] = b"safe"                       # the mapping lives while the views do...
+    assert bytes(slice_view) == b"safe"
+    with pytest.raises(StaleHandleError):    # ...but the region is gone as a handle
+        region.view()
+
+
+def test_the_kvm_device_path_must_be_a_kvm_device():
+    need(os.path.exists("/dev/kvm"), "no /dev/kvm", REQUIRE_KVM)
+    from kvm_bindings import Kvm, KvmUnavailable
+    with pytest.raises(KvmUnavailable, match="not a KVM device"):
+        Kvm("/dev/zero")
+    with open("/dev/zero", "rb") as f:        # nothing was left open or closed twice
+        os.fstat(f.fileno())
+    assert ctypes.sizeof(ctypes.c_ulong) == 8
