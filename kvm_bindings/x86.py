@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from ._layout import fill
 from .memory import GuestMemory
 from .vcpu import Vcpu
 
@@ -40,12 +41,25 @@ def _segment(seg: Any, selector: int, *, code: bool, long: bool = False, big: bo
 
 def setup_real_mode(vcpu: Vcpu, entry: int, stack: int = 0) -> None:
     """Real mode with every segment at base 0: the guest runs at physical address `entry` (< 64 KiB)."""
+    _check_entry(entry, stack, 0x10000)
     sregs = vcpu.get_sregs()
     for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
         seg.base, seg.selector = 0, 0
     vcpu.set_sregs(sregs)
+    _start_at(vcpu, entry, stack)
+
+
+def _check_entry(entry: int, stack: int, limit: int) -> None:
+    """Before any state is touched: entry and stack within what the mode addresses."""
+    for name, value in (("entry", entry), ("stack", stack)):
+        if isinstance(value, int) and not 0 <= value < limit:
+            raise ValueError(f"{name}={value:#x} is beyond what this mode addresses ({limit:#x})")
+
+
+def _start_at(vcpu: Vcpu, entry: int, stack: int) -> None:
+    """rip = entry, rsp = stack, rflags = its reserved bit, each checked against kvm_regs."""
     regs = vcpu.get_regs()
-    regs.rip, regs.rsp, regs.rflags = entry, stack, 2
+    fill(regs, {"rip": "entry", "rsp": "stack"}, rip=entry, rsp=stack, rflags=2)
     vcpu.set_regs(regs)
 
 
@@ -55,12 +69,13 @@ def write_gdt(memory: GuestMemory, gdt_addr: int) -> None:
 
 
 def _load_gdt(sregs: Any, gdt_addr: int) -> None:
-    sregs.gdt.base, sregs.gdt.limit = gdt_addr, GDT_SIZE - 1
+    fill(sregs.gdt, {"base": "gdt_addr"}, base=gdt_addr, limit=GDT_SIZE - 1)
 
 
 def setup_protected_mode(vcpu: Vcpu, memory: GuestMemory, entry: int, *, gdt_addr: int,
                          stack: int = 0) -> None:
     """32-bit protected mode, flat segments, no paging; the GDT goes at gdt_addr."""
+    _check_entry(entry, stack, 1 << 32)
     write_gdt(memory, gdt_addr)
     sregs = vcpu.get_sregs()
     _load_gdt(sregs, gdt_addr)
@@ -69,9 +84,7 @@ def setup_protected_mode(vcpu: Vcpu, memory: GuestMemory, entry: int, *, gdt_add
         _segment(seg, SEL_DATA, code=False)
     sregs.cr0 |= CR0_PE | CR0_ET | CR0_NE
     vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rsp, regs.rflags = entry, stack, 2
-    vcpu.set_regs(regs)
+    _start_at(vcpu, entry, stack)
 
 
 def page_table_size(identity_gib: int = 1) -> int:
@@ -106,6 +119,7 @@ def setup_long_mode(vcpu: Vcpu, memory: GuestMemory, entry: int, *, page_tables:
     GDT_SIZE bytes at gdt_addr. Sets the vCPU's CPUID to what KVM supports first
     (KVM refuses EFER.LME for a guest whose CPUID lacks long mode).
     """
+    _check_entry(entry, stack, 1 << 64)
     if set_cpuid:
         set_supported_cpuid(vcpu)
     cr3 = write_identity_page_tables(memory, page_tables, identity_gib)
@@ -120,9 +134,7 @@ def setup_long_mode(vcpu: Vcpu, memory: GuestMemory, entry: int, *, page_tables:
     sregs.efer |= EFER_LME | EFER_LMA
     sregs.cr0 |= CR0_PE | CR0_PG | CR0_ET | CR0_NE
     vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rsp, regs.rflags = entry, stack, 2
-    vcpu.set_regs(regs)
+    _start_at(vcpu, entry, stack)
 
 
 def set_supported_cpuid(vcpu: Vcpu) -> None:

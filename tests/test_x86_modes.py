@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvm_bindings import HltExit, IoExit, x86
 
 from .conftest import GDT_ADDR, LOAD_ADDR
@@ -55,3 +57,18 @@ def test_translate_walks_the_guests_page_tables(vm, assemble):
     x86.setup_long_mode(vcpu, vm.memory, LOAD_ADDR, page_tables=0x8000, gdt_addr=GDT_ADDR)
     tr = vcpu.translate(0x6123)
     assert tr.valid and tr.physical_address == 0x6123
+
+
+@pytest.mark.parametrize("setup", ["real", "protected"])
+def test_an_entry_beyond_the_mode_is_refused_before_any_state_changes(vm, setup):
+    from kvm_bindings import x86
+    vcpu = vm.create_vcpu(0)
+    before = bytes(vcpu.get_sregs()), bytes(vcpu.get_regs())
+    with pytest.raises(ValueError, match="entry=0x"):
+        if setup == "real":
+            x86.setup_real_mode(vcpu, entry=0x10000)
+        else:
+            x86.setup_protected_mode(vcpu, vm.memory, 1 << 32, gdt_addr=0x500)
+    with pytest.raises(ValueError, match="entry=0x"):
+        x86.setup_long_mode(vcpu, vm.memory, 2**64, page_tables=0x8000, gdt_addr=0x500)
+    assert (bytes(vcpu.get_sregs()), bytes(vcpu.get_regs())) == before
