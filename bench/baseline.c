@@ -3,6 +3,9 @@
  *   baseline exits GUEST.bin N   -> run N IO exits, print exits/second
  *   baseline cycle GUEST.bin M   -> M times: VM + memory + vCPU + run to HLT + close;
  *                                   print microseconds per cycle
+ *   baseline slots GUEST.bin N   -> add N one-page memory slots to one VM (mmap +
+ *                                   KVM_SET_USER_MEMORY_REGION each); print microseconds
+ *                                   per add over the first and the last tenth
  */
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -116,6 +119,27 @@ int main(int argc, char **argv)
     if (kvm < 0)
         die("/dev/kvm");
     struct vm v;
+    if (!strcmp(argv[1], "slots")) {
+        int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+        unsigned long tenth = n / 10;
+        double t = now(), first = 0;
+        for (unsigned long i = 0; i < n; i++) {
+            if (i == n - tenth)
+                t = now();
+            void *mem = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            struct kvm_userspace_memory_region region = {
+                .slot = i, .guest_phys_addr = i * 4096, .memory_size = 4096,
+                .userspace_addr = (unsigned long)mem,
+            };
+            if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0)
+                die("KVM_SET_USER_MEMORY_REGION");
+            if (i + 1 == tenth)
+                first = (now() - t) / tenth * 1e6;
+        }
+        printf("%.2f %.2f\n", first, (now() - t) / tenth * 1e6);
+        close(vm);
+        return 0;
+    }
     if (!strcmp(argv[1], "exits")) {
         vm_open(kvm, &v, code, len, n);
         double t = now();

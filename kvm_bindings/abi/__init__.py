@@ -20,17 +20,26 @@ if HOST_ARCH == "x86_64":
     from .x86_64 import *  # noqa: F401,F403
     from .x86_64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
                          KERNEL_VERSION, UNEXPRESSED)
-    from .x86_64 import __getattr__  # the enum classes, built on first use  # noqa: F401
+    from . import x86_64 as _host
 elif HOST_ARCH == "arm64":
     from .arm64 import *  # noqa: F401,F403
     from .arm64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
                          KERNEL_VERSION, UNEXPRESSED)
-    from .arm64 import __getattr__  # the enum classes, built on first use  # noqa: F401
+    from . import arm64 as _host
 elif HOST_ARCH == "riscv64":
     from .riscv64 import *  # noqa: F401,F403
     from .riscv64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
                          KERNEL_VERSION, UNEXPRESSED)
-    from .riscv64 import __getattr__  # the enum classes, built on first use  # noqa: F401
+    from . import riscv64 as _host
+else:
+    _host = None
+if _host is not None:
+    def __getattr__(name: str) -> object:
+        """The enum classes, built on first use and then kept here, so a later
+        abi.Capability is a plain attribute, not another call to this function."""
+        value = getattr(_host, name)
+        globals()[name] = value
+        return value
 else:
     # Submodules stay importable by name; only the host re-export is missing.
     def __getattr__(name: str) -> object:
