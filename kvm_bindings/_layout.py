@@ -66,7 +66,7 @@ def unpacker(cls: Any, names: tuple[str, ...]) -> struct.Struct:
 
 # ---- values headed for C: checked against the generated field types -------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field(cls: Any, name: str) -> tuple[Any, int | None]:
     """(ctypes type, bit width or None) of member `name` of cls, through anonymous members."""
     anonymous = getattr(cls, "_anonymous_", ())
@@ -88,7 +88,7 @@ def c_spelling(ctype: Any, bits: int | None = None) -> str:
     return f"{spelling} bitfield of {bits} bits" if bits is not None else spelling
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bounds(ctype: Any, bits: int | None = None) -> tuple[int, int]:
     """The smallest and largest value a C integer of this type (or bitfield width) holds."""
     width = bits if bits is not None else ctypes.sizeof(ctype) * 8

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 from typing import TYPE_CHECKING
 
 from . import abi
 from ._fd import FdObject
+from ._layout import check_int, fill
 from .errors import KvmError
 
 if TYPE_CHECKING:
     from .vm import Vm
 
 
+# Bytes behind every attribute buffer: KVM writes (and reads) an attribute's own size,
+# which for some (s390 CPU models) is kilobytes; a page covers every one KVM defines.
+ATTR_BUFFER = mmap.PAGESIZE
+
+
 class DeviceAttributes(FdObject):
     """KVM_{HAS,GET,SET}_DEVICE_ATTR, which device, vCPU and VM fds all answer."""
 
     def _attr(self, group: int, attr: int, addr: int = 0, flags: int = 0) -> ctypes.Structure:
-        return abi.kvm_device_attr(flags=flags, group=group, attr=attr, addr=addr)
+        return fill(abi.kvm_device_attr, flags=flags, group=group, attr=attr, addr=addr)  # type: ignore[no-any-return]
 
     def has_attr(self, group: int, attr: int) -> bool:
         """KVM_HAS_DEVICE_ATTR."""
@@ -31,18 +38,31 @@ class DeviceAttributes(FdObject):
             raise
 
     def get_attr(self, group: int, attr: int, size: int = 8) -> bytes:
-        """KVM_GET_DEVICE_ATTR into a size-byte buffer."""
-        buf = (ctypes.c_uint8 * size)()
+        """KVM_GET_DEVICE_ATTR -> the attribute's first `size` bytes.
+
+        The kernel writes as many bytes as the attribute holds, which the caller cannot
+        tell it; the buffer is at least a page, more than any attribute KVM defines."""
+        size = check_int(size, ctypes.c_uint32, "size")
+        buf = (ctypes.c_uint8 * max(size, ATTR_BUFFER))()
         self.ioctl(abi.KVM_GET_DEVICE_ATTR, self._attr(group, attr, ctypes.addressof(buf)))
-        return bytes(buf)
+        return bytes(buf[:size])
 
     def set_attr(self, group: int, attr: int, value: bytes | int | None = None, size: int = 8) -> None:
-        """KVM_SET_DEVICE_ATTR; an int value is passed as a size-byte little-endian buffer."""
+        """KVM_SET_DEVICE_ATTR; an int value is passed as a size-byte little-endian buffer
+        (negative values as two's complement)."""
         if value is None:
             self.ioctl(abi.KVM_SET_DEVICE_ATTR, self._attr(group, attr))
             return
-        data = value.to_bytes(size, "little") if isinstance(value, int) else bytes(value)
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if isinstance(value, int):
+            try:
+                data = value.to_bytes(size, "little", signed=value < 0)
+            except OverflowError:
+                raise OverflowError(f"value={value:#x} does not fit in size={size} bytes") from None
+        else:
+            data = bytes(value)
+        # The kernel reads as many bytes as the attribute holds: never less than a page here.
+        buf = (ctypes.c_uint8 * max(len(data), ATTR_BUFFER)).from_buffer_copy(
+            data.ljust(max(len(data), ATTR_BUFFER), b"\0"))
         self.ioctl(abi.KVM_SET_DEVICE_ATTR, self._attr(group, attr, ctypes.addressof(buf)))
 
 

@@ -71,7 +71,10 @@ class MemoryRegion(Unshareable):
         """Drop the mapping; only ever after KVM has deleted the slot."""
         if self._mmap is None:
             return
-        self._view.release()
+        try:
+            self._view.release()
+        except BufferError:
+            pass        # re-exported by a caller (ctypes from_buffer...): the mapping stays
         mm, self._mmap = self._mmap, None
         try:
             mm.close()

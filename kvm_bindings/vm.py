@@ -562,9 +562,11 @@ class Vm(CapabilityOwner, DeviceAttributes):
             vcpu._stop()
         for vcpu in vcpus:
             vcpu.close()
-        for child in self._children:
-            child.close()
-        self._children.clear()
+        # guest_memfds last: the slots that name them are deleted first.
+        children = sorted(self._children, key=lambda c: isinstance(c, GuestMemfd))
+        for child in children:
+            if not isinstance(child, GuestMemfd):
+                child.close()
         with self._vm_lock:
             # The kernel's rule: a slot is deleted in KVM before its mapping goes. A vCPU
             # that did not stop in time would otherwise write into whatever the process
@@ -579,6 +581,9 @@ class Vm(CapabilityOwner, DeviceAttributes):
             for fd in self._unmapped_vcpu_fds.values():
                 os.close(fd)
             self._unmapped_vcpu_fds.clear()
+        for child in children:
+            child.close()
+        self._children.clear()
 
     def __repr__(self) -> str:
         if self.closed:
