@@ -119,7 +119,7 @@ def fill(obj: Any, names: dict[str, str] | None = None, /, **fields: Any) -> Any
     its generated C type. names maps a field to the caller's parameter name for messages."""
     if isinstance(obj, type):
         obj = obj()
-    cls = type(obj)
+    cls: Any = type(obj)
     for name, value in fields.items():
         ctype, bits = field(cls, name)
         param = (names or {}).get(name, name)
