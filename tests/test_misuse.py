@@ -611,3 +611,42 @@ def test_the_kvm_device_path_must_be_a_kvm_device():
     with open("/dev/zero", "rb") as f:        # nothing was left open or closed twice
         os.fstat(f.fileno())
     assert ctypes.sizeof(ctypes.c_ulong) == 8
+
+
+def test_ctrl_c_during_a_kicked_run_leaves_no_immediate_exit(kvm):
+    """A real SIGINT to a process whose main thread is in KVM_RUN, right after a kick: the
+    KeyboardInterrupt may surface inside run() or just after it, and either way the next
+    run() enters the guest."""
+    result = _in_subprocess("""
+        import os, signal, threading
+        vm = kvm.create_vm()
+        vm.set_tss_addr(0xFFFBD000)
+        vm.add_memory(0, 0x10000)
+        vm.memory.write(0x1000, bytes.fromhex("ff060020ebfa"))   # incw 0x2000; jmp back
+        vcpu = vm.create_vcpu(0)
+        interrupted = 0
+        for _ in range(20):
+            x86.setup_real_mode(vcpu, 0x1000)
+            def strike():
+                while vcpu._runner is None:
+                    pass
+                vcpu.kick()
+                os.kill(os.getpid(), signal.SIGINT)
+            t = threading.Thread(target=strike)
+            t.start()
+            try:
+                while True:
+                    vcpu.run()
+            except KeyboardInterrupt:
+                interrupted += 1
+            t.join()
+            assert not vcpu.immediate_exit
+            vm.memory.write_int(0x2000, 2, 0)
+            vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP)
+            e = vcpu.run()                      # enters the guest: one step, then DEBUG
+            vcpu.set_guest_debug(0)
+            assert e.reason.name == "DEBUG", e
+        print("interrupted", interrupted)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "interrupted 20"
