@@ -7,6 +7,7 @@ import errno
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from . import abi
@@ -74,6 +75,25 @@ class FdObject(Unshareable):
         self._closed = False
         self._users = 0
         self._lock = threading.Lock()
+        self._children: list[FdObject] = []
+
+    def _adopt(self, child: FdObject) -> None:
+        """Make child (a device, stats fd...) close with this object. A child made while this
+        object was being closed in another thread is closed at once instead of escaping."""
+        with self._lock:
+            if not self._closing:
+                self._children.append(child)
+                return
+        child.close()
+        raise self._stale()
+
+    def _close_children(self, keep: Callable[[FdObject], bool] = lambda child: False) -> None:
+        """Close every adopted child but those keep() says to keep for later."""
+        with self._lock:         # after _closing is set, nothing is adopted any more
+            children = list(self._children)
+        for child in children:
+            if not keep(child):
+                child.close()
 
     def _stale(self) -> StaleHandleError:
         return StaleHandleError(f"I/O operation on closed {type(self).__name__}")
@@ -104,6 +124,11 @@ class FdObject(Unshareable):
         with self._lock:
             if self._closing:
                 raise self._stale()
+            self._users += 1
+
+    def _hold_closing(self) -> None:
+        """Keep the fd open past close() for a call that is still in flight (see Vcpu)."""
+        with self._lock:
             self._users += 1
 
     def _unhold(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import operator
 import struct
 from typing import Any
 
@@ -103,9 +104,12 @@ def check_int(value: Any, ctype: Any, what: str, bits: int | None = None, where:
     ctypes would silently keep the low bits of an out-of-range value (2**64 + 1 becomes 1):
     every integer the runtime hands to KVM goes through here first.
     """
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{what} must be an integer, not {type(value).__name__}")
-    value = value.__index__()
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an integer, not bool")
+    try:
+        value = operator.index(value)     # refuses an __index__ that returns a non-int
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, not {type(value).__name__}") from None
     lo, hi = bounds(ctype, bits)
     if not lo <= value <= hi:
         target = f"{where} ({c_spelling(ctype, bits)})" if where else c_spelling(ctype, bits)
@@ -136,17 +140,23 @@ def expect(obj: Any, cls: Any, where: str) -> Any:
 
 
 def capacity(obj: Any) -> int:
-    """Bytes the kernel may read or write at addressof(obj): to the end of the memory it lives in
-    (its own size, or the rest of the buffer it was made from with from_buffer or alloc)."""
+    """Bytes the kernel may read or write at addressof(obj): to the end of the memory it is
+    known to live in (the rest of the buffer it was made from, or else its own size)."""
     root = obj
-    while root._b_base_ is not None:
+    # Walk up only through bases that really contain the object: a pointer's .contents
+    # names the pointer as its base, which says nothing about the memory pointed to.
+    while (root._b_base_ is not None
+           and ctypes.addressof(root._b_base_) <= ctypes.addressof(root)
+           and ctypes.addressof(root) + ctypes.sizeof(root)
+           <= ctypes.addressof(root._b_base_) + ctypes.sizeof(root._b_base_)):
         root = root._b_base_
     size = ctypes.sizeof(root)
-    objects = root._objects
+    objects = root._objects if root._b_base_ is None else None
     source = objects.get("ffffffff") if isinstance(objects, dict) else None
     if isinstance(source, memoryview) and not source.readonly:
         start = ctypes.addressof(ctypes.c_char.from_buffer(source))
-        size = start + source.nbytes - ctypes.addressof(root)
+        if start <= ctypes.addressof(root) <= start + source.nbytes:
+            size = start + source.nbytes - ctypes.addressof(root)
     return size - (ctypes.addressof(obj) - ctypes.addressof(root))
 
 

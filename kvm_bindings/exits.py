@@ -116,13 +116,21 @@ class PayloadExit(Exit):
         """Set fields of this exit's kvm_run member in the live kvm_run: the answer
         the kernel reads on the next KVM_RUN. Only until then: after it, StaleExitError."""
         vcpu = self._vcpu
-        if vcpu._seq != self._seq:
-            raise StaleExitError(f"reply() to a stale {type(self).__name__}: vCPU {vcpu.id} ran "
-                                 f"again (or closed) since; the guest has moved on")
-        fill(self._payload, **fields)         # checked against the member's C types first
-        live = vcpu._run_member(self.reason)
-        for k in fields:
-            setattr(live, k, getattr(self._payload, k))
+        fill(self._payload.__class__(), **fields)     # checked against the member's C types
+        # Holding the run lock, no run() can start between the staleness check and the write.
+        if not vcpu._run_lock.acquire(False):
+            raise StaleExitError(f"reply() to a {type(self).__name__} while vCPU {vcpu.id} is "
+                                 f"running again (or closed): the guest has moved on")
+        try:
+            if vcpu._seq != self._seq:
+                raise StaleExitError(f"reply() to a stale {type(self).__name__}: vCPU {vcpu.id} "
+                                     f"ran again (or closed) since; the guest has moved on")
+            fill(self._payload, **fields)
+            live = vcpu._run_member(self.reason)
+            for k in fields:
+                setattr(live, k, getattr(self._payload, k))
+        finally:
+            vcpu._run_lock.release()
 
     def __repr__(self) -> str:
         p = self._payload
@@ -304,6 +312,7 @@ class Decoder:
 
     def release(self) -> None:
         self.answer = None
+        self.page = _GONE_PAGE
 
     def reason(self) -> int:
         return int(self._reason_fmt.unpack_from(self.page, self._reason_at)[0])
@@ -363,3 +372,4 @@ class Decoder:
 
 _IO = int(ExitReason.IO)
 _MMIO = int(ExitReason.MMIO)
+_GONE_PAGE = b""      # a closed vCPU's decoder reads nothing

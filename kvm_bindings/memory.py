@@ -6,7 +6,9 @@ import bisect
 import ctypes
 import heapq
 import mmap
+import operator
 import os
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -93,6 +95,14 @@ def _nobody() -> None:
     return None
 
 
+def _index(value: object, what: str) -> int:
+    """value as an int (anything with a true __index__), else a TypeError naming it."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, not {type(value).__name__}") from None
+
+
 class GuestMemory(Unshareable):
     """Every memory region of a VM, addressed by guest-physical address (GPA).
 
@@ -101,49 +111,68 @@ class GuestMemory(Unshareable):
     """
 
     def __init__(self) -> None:
+        # Two parallel lists, sorted by start; the lock keeps them paired for readers in
+        # other threads while a region is added or removed.
         self._starts: list[int] = []
         self._regions: list[MemoryRegion] = []
+        self._lock = threading.Lock()
 
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:
-        return tuple(self._regions)
+        with self._lock:
+            return tuple(self._regions)
 
     def _add(self, region: MemoryRegion) -> None:
-        i = bisect.bisect(self._starts, region.guest_phys_addr)
-        self._starts.insert(i, region.guest_phys_addr)
-        self._regions.insert(i, region)
+        with self._lock:
+            i = bisect.bisect(self._starts, region.guest_phys_addr)
+            self._starts.insert(i, region.guest_phys_addr)
+            self._regions.insert(i, region)
 
     def _remove(self, region: MemoryRegion) -> None:
-        i = self._regions.index(region)
-        del self._starts[i], self._regions[i]
+        with self._lock:
+            i = bisect.bisect(self._starts, region.guest_phys_addr) - 1
+            if i < 0 or self._regions[i] is not region:
+                i = self._regions.index(region)
+            del self._starts[i], self._regions[i]
 
     def overlapping(self, gpa: int, size: int) -> MemoryRegion | None:
-        # Regions never overlap, so sorted by start they are sorted by end too: only the
-        # last region starting before gpa + size can reach into the range.
-        i = bisect.bisect_left(self._starts, gpa + size) - 1
-        if i >= 0 and gpa < self._regions[i].end:
-            return self._regions[i]
-        return None
+        """The region overlapping gpa..gpa+size, if any."""
+        gpa, size = _index(gpa, "gpa"), _index(size, "size")
+        with self._lock:
+            # Regions never overlap, so sorted by start they are sorted by end too: only the
+            # last region starting before gpa + size can reach into the range.
+            i = bisect.bisect_left(self._starts, gpa + size) - 1
+            if i >= 0 and gpa < self._regions[i].end:
+                return self._regions[i]
+            return None
 
     def region_at(self, gpa: int) -> MemoryRegion | None:
+        """The region backing gpa, if any."""
+        gpa = _index(gpa, "gpa")
+        with self._lock:
+            return self._region_at(gpa)
+
+    def _region_at(self, gpa: int) -> MemoryRegion | None:
         i = bisect.bisect(self._starts, gpa) - 1
         if i >= 0 and gpa < self._regions[i].end:
             return self._regions[i]
         return None
 
     def _pieces(self, gpa: int, size: int) -> list[tuple[MemoryRegion, int, int]]:
+        gpa, size = _index(gpa, "gpa"), _index(size, "size")
         if gpa < 0 or size < 0:
             raise GuestMemoryError(f"negative GPA or size ({gpa:#x}, {size})")
         out, cur, end = [], gpa, gpa + size
-        while cur < end:
-            r = self.region_at(cur)
-            if r is None:
-                raise GuestMemoryError(
-                    f"GPA range {gpa:#x}..{end:#x} is not fully backed by guest memory: "
-                    f"{cur:#x} is outside every memory region ({self._describe()})")
-            n = min(end, r.end) - cur
-            out.append((r, cur - r.guest_phys_addr, n))
-            cur += n
+        with self._lock:
+            while cur < end:
+                r = self._region_at(cur)
+                if r is None:
+                    raise GuestMemoryError(
+                        f"GPA range {gpa:#x}..{end:#x} is not fully backed by guest memory: "
+                        f"{cur:#x} is outside every memory region ({self._describe()})")
+                n = min(end, r.end) - cur
+                out.append((r, cur - r.guest_phys_addr, n))
+                cur += n
         return out
 
     def _describe(self) -> str:
@@ -179,6 +208,7 @@ class GuestMemory(Unshareable):
     def write_int(self, gpa: int, size: int, value: int) -> None:
         """Write value as size little-endian bytes (negative values as two's complement);
         OverflowError if it does not fit in size bytes, rather than a silent truncation."""
+        value, size = _index(value, "value"), _index(size, "size")
         try:
             data = value.to_bytes(size, "little", signed=value < 0)
         except OverflowError:
@@ -190,8 +220,11 @@ class GuestMemory(Unshareable):
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
                 data = f.read()
-        else:
+        elif hasattr(source, "read"):
             data = source.read()
+        else:
+            raise TypeError(f"load() takes a path or a binary file object, not "
+                            f"{type(source).__name__}")
         self.write(gpa, data)
         return len(data)
 

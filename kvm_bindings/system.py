@@ -12,6 +12,7 @@ from . import _msrs, abi
 from ._fd import CapabilityOwner
 from ._layout import check_int
 from .errors import KvmError, KvmUnavailable
+from .vm import Vm
 
 DEFAULT_PATH = "/dev/kvm"
 
@@ -55,7 +56,8 @@ class Kvm(CapabilityOwner):
     # -- capabilities
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on /dev/kvm: 0 if absent, else a capability-specific value."""
-        cap = int(cap)
+        cap = check_int(cap, ctypes.c_long, "cap")
+        self.fd  # noqa: B018 - a closed Kvm answers nothing, not even from the cache
         if cap not in self._caps:
             self._caps[cap] = self.ioctl(abi.KVM_CHECK_EXTENSION, cap)
         return self._caps[cap]
@@ -145,7 +147,6 @@ class Kvm(CapabilityOwner):
 
     def create_vm(self, vm_type: int = 0) -> Any:
         """KVM_CREATE_VM: a new VM ("kvm-vm" anonymous fd)."""
-        from .vm import Vm
         fd = self.ioctl(abi.KVM_CREATE_VM, check_int(vm_type, ctypes.c_ulong, "vm_type"))
         return Vm(self, fd, vm_type)      # the Vm owns fd from its first line, even if it fails
 

@@ -9,18 +9,18 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _msrs, abi
-from ._fd import FdObject, _ioctl
+from ._fd import _ioctl
 from ._layout import capacity, check_flex, check_int, expect, fill, member, offset_of, type_of
 from .device import DeviceAttributes
 from .errors import KvmError, KvmUnsupported, StaleHandleError, VcpuBusyError
 from .exits import Decoder, Exit, InterruptedExit
+from .stats import Stats
 
 if TYPE_CHECKING:
-    from .stats import Stats
     from .vm import Vm
 
 # kick() interrupts KVM_RUN with this signal; any handler will do, what matters
@@ -54,6 +54,11 @@ _KVM_RUN = abi.KVM_RUN
 CLOSE_TIMEOUT = 2.0
 
 
+# What a closed vCPU's page is replaced by: a mapping that says it is closed.
+_GONE = mmap.mmap(-1, mmap.PAGESIZE)
+_GONE.close()
+
+
 def map_run_page(fd: int, size: int) -> mmap.mmap:
     """The vCPU's shared kvm_run page (and the rings after it): mmap of its fd at offset 0."""
     return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -85,7 +90,7 @@ class Vcpu(DeviceAttributes):
         self._seq = 0                       # bumped by each run() and close(): older exits go stale
         self._ring: mmap.mmap | None = None
         self._ring_next = 0
-        self._children: list[FdObject] = []
+        self._ring_lock = threading.Lock()
         self._decoder = Decoder(self, page)
         self._kvm_run = abi.kvm_run.from_buffer(page)
         _install_kick_handler()
@@ -331,7 +336,10 @@ class Vcpu(DeviceAttributes):
         return _msrs.results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
 
     def set_msrs(self, values: dict[int, int]) -> int:
-        """KVM_SET_MSRS; raises KvmError naming the first MSR KVM refused."""
+        """KVM_SET_MSRS for {index: value}; raises KvmError naming the first MSR KVM refused."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"set_msrs() takes a mapping of MSR index to value, not "
+                            f"{type(values).__name__}")
         msrs = _msrs.request(values.keys(), values.values())
         done = self.ioctl(abi.KVM_SET_MSRS, msrs)
         if done != len(values):
@@ -476,27 +484,39 @@ class Vcpu(DeviceAttributes):
 
         Each harvested entry is marked for reset; vm.reset_dirty_rings() then re-arms them.
         """
-        fd = self.fd
         entries = self.vm.dirty_ring_entries
         if not entries:
             raise ValueError("the dirty ring is off; call vm.enable_dirty_ring() before "
                              "creating vCPUs")
-        if self._ring is None:
-            self._ring = mmap.mmap(fd, entries * ctypes.sizeof(abi.kvm_dirty_gfn),
-                                   mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                                   offset=abi.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
-        ring = (abi.kvm_dirty_gfn * entries).from_buffer(self._ring)
-        out = []
-        while True:
-            gfn = ring[self._ring_next % entries]
-            # The kernel publishes an entry by setting DIRTY last; reading flags first
-            # keeps slot/offset from being read early (x86 keeps loads in order).
-            if not gfn.flags & abi.KVM_DIRTY_GFN_F_DIRTY:
-                break
-            out.append((int(gfn.slot), int(gfn.offset)))
-            gfn.flags = abi.KVM_DIRTY_GFN_F_RESET
-            self._ring_next += 1
-        del ring, gfn
+        with self._ring_lock:
+            if self._ring is None:
+                self._hold()             # the fd stays open (and is this vCPU's) while mapping
+                try:
+                    ring_map = mmap.mmap(self._fd, entries * ctypes.sizeof(abi.kvm_dirty_gfn),
+                                         mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                         offset=abi.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+                finally:
+                    self._unhold()
+                with self._lock:         # published before close() looks, or refused after
+                    if self._closing:
+                        ring_map.close()
+                        raise self._stale()
+                    self._ring = ring_map
+            try:
+                ring = (abi.kvm_dirty_gfn * entries).from_buffer(self._ring)
+            except ValueError:
+                raise self._stale() from None          # unmapped by close() meanwhile
+            out = []
+            while True:
+                gfn = ring[self._ring_next % entries]
+                # The kernel publishes an entry by setting DIRTY last; reading flags first
+                # keeps slot/offset from being read early (x86 keeps loads in order).
+                if not gfn.flags & abi.KVM_DIRTY_GFN_F_DIRTY:
+                    break
+                out.append((int(gfn.slot), int(gfn.offset)))
+                gfn.flags = abi.KVM_DIRTY_GFN_F_RESET
+                self._ring_next += 1
+            del ring, gfn
         return out
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
@@ -507,10 +527,9 @@ class Vcpu(DeviceAttributes):
 
     def stats(self) -> Stats:
         """The vCPU's binary statistics fd (KVM_GET_STATS_FD); closed with the vCPU."""
-        from .stats import Stats
         self.vm.require(abi.Capability.BINARY_STATS_FD, "KVM_GET_STATS_FD")
         stats = Stats(self.ioctl(abi.KVM_GET_STATS_FD))
-        self._children.append(stats)
+        self._adopt(stats)
         return stats
 
     # -- coalesced MMIO ring, shared through this vCPU's mapping
@@ -518,12 +537,17 @@ class Vcpu(DeviceAttributes):
         """Drain the coalesced MMIO/PIO ring: [(address, data, is_pio), ...] oldest first."""
         self.fd  # noqa: B018 - refuse a closed vCPU before touching its page
         page = self.vm.require(abi.Capability.COALESCED_MMIO, "coalesced MMIO")
-        ring = abi.kvm_coalesced_mmio_ring.from_buffer(self._page, page * mmap.PAGESIZE)
         entry_size = ctypes.sizeof(abi.kvm_coalesced_mmio)
         # The ring fills the rest of its page (KVM_COALESCED_MMIO_MAX, which needs PAGE_SIZE).
         slots = (mmap.PAGESIZE - ctypes.sizeof(abi.kvm_coalesced_mmio_ring)) // entry_size
-        entries = (abi.kvm_coalesced_mmio * slots).from_buffer(
-            self._page, page * mmap.PAGESIZE + member(abi.kvm_coalesced_mmio_ring, "coalesced_mmio")[0])
+        try:
+            # While these views exist close() cannot unmap the page under them.
+            ring = abi.kvm_coalesced_mmio_ring.from_buffer(self._page, page * mmap.PAGESIZE)
+            entries = (abi.kvm_coalesced_mmio * slots).from_buffer(
+                self._page,
+                page * mmap.PAGESIZE + member(abi.kvm_coalesced_mmio_ring, "coalesced_mmio")[0])
+        except ValueError:
+            raise self._stale() from None              # unmapped by close() meanwhile
         out = []
         first = ring.first
         while first != ring.last:
@@ -537,38 +561,39 @@ class Vcpu(DeviceAttributes):
     # -- lifetime
     def _release(self) -> None:
         self._seq += 1                  # every exit handed out is stale from here
-        for child in self._children:
-            child.close()
+        self._close_children()
         if not self._run_lock.acquire(False):
             if self._runner == threading.get_ident():
-                self._defer()           # close() from inside run() (a signal handler)
+                self._defer(warn=False)     # close() from inside run() (a signal handler)
                 return
-            deadline = time.monotonic() + CLOSE_TIMEOUT
-            while True:
-                self._stop()            # again each round: a kick can land between two runs
-                if self._run_lock.acquire(timeout=0.01):
-                    break
-                if time.monotonic() > deadline:
-                    self._defer()
-                    return
+            try:
+                deadline = time.monotonic() + CLOSE_TIMEOUT
+                while True:
+                    self._stop()            # again each round: a kick can land between two runs
+                    if self._run_lock.acquire(timeout=0.01):
+                        break
+                    if time.monotonic() > deadline:
+                        self._defer(warn=True)
+                        return
+            except BaseException:
+                # Interrupted while waiting (Ctrl-C): run() finishes the close instead.
+                self._defer(warn=False)
+                raise
         self._teardown()
 
-    def _defer(self) -> None:
+    def _defer(self, warn: bool) -> None:
         """run() is still in KVM_RUN: it keeps the fd open and tears down when it returns."""
-        self._hold_for_run()
+        self._hold_closing()
         self._deferred = True
         if self._run_lock.acquire(False):      # it returned just now: finish here after all
             self._deferred = False
             self._teardown()
             self._unhold()
             return
-        warnings.warn(f"vCPU {self.id} did not leave KVM_RUN within {CLOSE_TIMEOUT} s of being "
-                      f"kicked (is the kick signal blocked in its thread?); it is closed when "
-                      f"that run() returns", RuntimeWarning, stacklevel=4)
-
-    def _hold_for_run(self) -> None:
-        with self._lock:
-            self._users += 1
+        if warn:
+            warnings.warn(f"vCPU {self.id} did not leave KVM_RUN within {CLOSE_TIMEOUT} s of "
+                          f"being kicked (is the kick signal blocked in its thread?); it is "
+                          f"closed when that run() returns", RuntimeWarning, stacklevel=5)
 
     def _finish_close(self) -> None:
         """In run(), after close() deferred to it: tear down and let the fd go."""
@@ -581,18 +606,22 @@ class Vcpu(DeviceAttributes):
                 self._run_lock.release()
 
     def _teardown(self) -> None:
-        """Unmap the kvm_run page and rings; called holding the run lock, which stays held."""
+        """Unmap the kvm_run page and rings; called holding the run lock, which stays held.
+
+        A view the caller still holds (vcpu.kvm_run kept in a variable) keeps its mapping
+        until it goes: the references here are dropped either way, so the mapping and the
+        fd Python's mmap duplicated go with the last view.
+        """
         self._decoder.release()
-        if self._ring is not None:
+        with self._lock:
+            maps = [m for m in (self._ring, self._page) if m is not None]
+            self._ring, self._page = None, _GONE
+        del self._kvm_run
+        for m in maps:
             try:
-                self._ring.close()
+                m.close()
             except BufferError:
                 pass
-        del self._kvm_run
-        try:
-            self._page.close()
-        except BufferError:
-            pass    # a kvm_run view the caller holds keeps the page until it goes
 
     def __repr__(self) -> str:
         if self.closed:

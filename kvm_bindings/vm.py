@@ -9,20 +9,20 @@ import mmap
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import abi
-from ._fd import CapabilityOwner, FdObject
+from ._fd import CapabilityOwner
 from ._layout import check_int, expect, fill
-from .device import DeviceAttributes
+from .device import Device, DeviceAttributes
 from .errors import KvmError, KvmUnsupported, StaleHandleError
 from .memory import PAGE_SIZE, GuestMemfd, GuestMemory, MemoryRegion, SlotTable
+from .stats import Stats
+from .vcpu import Vcpu, map_run_page
 
 if TYPE_CHECKING:
-    from .device import Device
-    from .stats import Stats
     from .system import Kvm
-    from .vcpu import Vcpu
 
 
 class Vm(CapabilityOwner, DeviceAttributes):
@@ -42,7 +42,6 @@ class Vm(CapabilityOwner, DeviceAttributes):
         self._vm_lock = threading.RLock()   # memory slots and vCPU creation
         self._vcpus: dict[int, Vcpu] = {}
         self._unmapped_vcpu_fds: dict[int, int] = {}
-        self._children: list[FdObject] = []     # devices, stats and guest_memfd fds
         self._caps: dict[int, int] = {}
         _LIVE_VMS.add(self)
         try:
@@ -57,6 +56,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd where the kernel supports it, else on /dev/kvm."""
         cap = check_int(cap, ctypes.c_long, "cap")
+        self.fd  # noqa: B018 - a closed VM answers nothing, not even from the cache
         if cap not in self._caps:
             if self._ask_vm_fd:
                 self._caps[cap] = self.ioctl(abi.KVM_CHECK_EXTENSION, cap)
@@ -123,6 +123,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
         guest_memfd of this VM (KVM_SET_USER_MEMORY_REGION2, KVM_CAP_GUEST_MEMFD).
         slot: the slot number (default: the lowest free one). Safe from several threads.
         """
+        self.fd  # noqa: B018 - a closed VM refuses before anything is mapped
         gpa, size = self._check_range(guest_phys_addr, size)
         flags = 0
         if readonly:
@@ -169,22 +170,27 @@ class Vm(CapabilityOwner, DeviceAttributes):
         return region
 
     def _set_region(self, region: MemoryRegion, size: int | None = None, flags: int | None = None,
-                    gpa: int | None = None) -> None:
+                    gpa: int | None = None, *, closing: bool = False) -> None:
         """KVM_SET_USER_MEMORY_REGION(2) for region, optionally with another size (0 deletes
-        the slot), flags or address. Issued while closing too, to delete slots."""
+        the slot), flags or address. closing: from _release, on the fd close() is about to
+        close (every other caller goes through ioctl(), which refuses a closed VM)."""
+        size = region.size if size is None else size
         fields = {"slot": region.slot, "flags": region.flags if flags is None else flags,
                   "guest_phys_addr": region.guest_phys_addr if gpa is None else gpa,
-                  "memory_size": region.size if size is None else size,
-                  "userspace_addr": region.host_addr}
-        if region.guest_memfd is not None:
+                  "memory_size": size, "userspace_addr": region.host_addr}
+        if size and region.guest_memfd is not None:
             self.require(abi.Capability.USER_MEMORY2, "KVM_SET_USER_MEMORY_REGION2")
-            req = fill(abi.kvm_userspace_memory_region2, guest_memfd=region.guest_memfd._fd,
+            req = fill(abi.kvm_userspace_memory_region2, guest_memfd=region.guest_memfd.fd,
                        guest_memfd_offset=region.guest_memfd_offset, **fields)
             number, name = abi.KVM_SET_USER_MEMORY_REGION2, "KVM_SET_USER_MEMORY_REGION2"
         else:
+            if not size:
+                # Deleting a slot, KVM reads nothing but its number: no flags, and no
+                # guest_memfd (which the caller may have closed meanwhile).
+                fields.update(flags=0, guest_phys_addr=0, userspace_addr=0)
             req = fill(abi.kvm_userspace_memory_region, **fields)
             number, name = abi.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION"
-        if self._closing:
+        if closing:
             self._raw_ioctl(number, ctypes.addressof(req), name)
         else:
             self.ioctl(number, req, name=name)
@@ -210,6 +216,8 @@ class Vm(CapabilityOwner, DeviceAttributes):
             clash = self.memory.overlapping(gpa, region.size)
             if clash is not None and clash is not region:
                 raise ValueError(f"{gpa:#x} overlaps {clash!r}")
+            if region.guest_memfd is not None:
+                region.guest_memfd.fd  # noqa: B018 - closed: refuse before deleting anything
             self._set_region(region, size=0)   # a slot cannot move in place
             try:
                 self._set_region(region, gpa=gpa)
@@ -282,7 +290,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
         self.require(abi.Capability.GUEST_MEMFD, "KVM_CREATE_GUEST_MEMFD")
         req = fill(abi.kvm_create_guest_memfd, size=size, flags=flags)
         memfd = GuestMemfd(self, self.ioctl(abi.KVM_CREATE_GUEST_MEMFD, req), req.size)
-        self._children.append(memfd)
+        self._adopt(memfd)
         return memfd
 
     def set_memory_attributes(self, address: int, size: int, attributes: int) -> None:
@@ -299,7 +307,6 @@ class Vm(CapabilityOwner, DeviceAttributes):
         descriptors nothing is created; if the kvm_run mapping fails after KVM made the
         vCPU, the fd is kept and create_vcpu(vcpu_id) tries the mapping again.
         """
-        from .vcpu import Vcpu, map_run_page
         vcpu_id = check_int(vcpu_id, ctypes.c_ulong, "vcpu_id")
         limit = self.check_extension(abi.Capability.MAX_VCPU_ID) or self.kvm.max_vcpus
         if vcpu_id >= limit:
@@ -338,8 +345,12 @@ class Vm(CapabilityOwner, DeviceAttributes):
                                f"mapped; its fd is kept: free some file descriptors or memory "
                                f"and call create_vcpu({vcpu_id}) again") from None
             vcpu = Vcpu(self, fd, vcpu_id, page)
-            self._vcpus[vcpu_id] = vcpu
-        return vcpu
+            with self._lock:
+                if not self._closing:
+                    self._vcpus[vcpu_id] = vcpu
+                    return vcpu
+            vcpu.close()                   # the VM was closed meanwhile: nothing escapes it
+            raise self._stale()
 
     @property
     def vcpus(self) -> tuple[Vcpu, ...]:
@@ -534,7 +545,6 @@ class Vm(CapabilityOwner, DeviceAttributes):
     def create_device(self, device_type: int, flags: int = 0) -> Device:
         """KVM_CREATE_DEVICE (KVM_CAP_DEVICE_CTRL): an in-kernel device with its own fd,
         closed with the VM. (To ask whether a type exists, use has_device_type().)"""
-        from .device import Device
         self.require(abi.Capability.DEVICE_CTRL, "KVM_CREATE_DEVICE")
         req = fill(abi.kvm_create_device, {"type": "device_type"}, type=device_type, flags=flags)
         if req.flags & abi.KVM_CREATE_DEVICE_TEST:
@@ -543,47 +553,59 @@ class Vm(CapabilityOwner, DeviceAttributes):
             raise ValueError("KVM_CREATE_DEVICE_TEST creates no device; use vm.has_device_type()")
         self.ioctl(abi.KVM_CREATE_DEVICE, req)
         dev = Device(self, req.fd, device_type)
-        self._children.append(dev)
+        self._adopt(dev)
         return dev
 
     def stats(self) -> Stats:
         """The binary statistics fd (KVM_GET_STATS_FD, KVM_CAP_BINARY_STATS_FD); closed with the VM."""
-        from .stats import Stats
         self.require(abi.Capability.BINARY_STATS_FD, "KVM_GET_STATS_FD")
         stats = Stats(self.ioctl(abi.KVM_GET_STATS_FD))
-        self._children.append(stats)
+        self._adopt(stats)
         return stats
 
     # -- lifetime
     def _release(self) -> None:
-        # vCPUs first: each running one is kicked now, so they all leave KVM_RUN together.
-        vcpus = list(self._vcpus.values())
-        for vcpu in vcpus:
-            vcpu._stop()
-        for vcpu in vcpus:
-            vcpu.close()
-        # guest_memfds last: the slots that name them are deleted first.
-        children = sorted(self._children, key=lambda c: isinstance(c, GuestMemfd))
-        for child in children:
-            if not isinstance(child, GuestMemfd):
-                child.close()
+        # Every step runs even if one before it was interrupted (Ctrl-C while a vCPU is
+        # waited for): a half-closed VM would keep slots pointing at memory that garbage
+        # collection later unmaps. The first interruption is raised at the end.
+        pending: list[BaseException] = []
+        with self._vm_lock:           # nothing is being created now, nor after (_closing)
+            vcpus = list(self._vcpus.values())
+
+
+        def kick_all() -> None:       # all at once, so they leave KVM_RUN together
+            for vcpu in vcpus:
+                vcpu._stop()
+
+        def close_all_but_memfds() -> None:
+            self._close_children(keep=lambda child: isinstance(child, GuestMemfd))
+
+        steps: list[Callable[[], None]] = [kick_all, *(v.close for v in vcpus),
+                                           close_all_but_memfds, self._delete_all_slots,
+                                           self._close_children]   # guest_memfds last
+        for step in steps:
+            try:
+                step()
+            except BaseException as e:
+                pending.append(e)
+        if pending:
+            raise pending[0]
+
+    def _delete_all_slots(self) -> None:
+        """The kernel's rule: a slot is deleted in KVM before its mapping goes. A vCPU that
+        did not stop in time would otherwise write into whatever the process maps at that
+        address next."""
         with self._vm_lock:
-            # The kernel's rule: a slot is deleted in KVM before its mapping goes. A vCPU
-            # that did not stop in time would otherwise write into whatever the process
-            # maps at that address next.
             for region in self.memory.regions:
                 try:
-                    self._set_region(region, size=0)
-                except KvmError:
+                    self._set_region(region, size=0, closing=True)
+                except BaseException:
                     _NEVER_UNMAPPED.append(region)   # KVM may still use it: keep it mapped
-                    continue
+                    raise
                 self._forget(region)
             for fd in self._unmapped_vcpu_fds.values():
                 os.close(fd)
             self._unmapped_vcpu_fds.clear()
-        for child in children:
-            child.close()
-        self._children.clear()
 
     def __repr__(self) -> str:
         if self.closed:

@@ -21,6 +21,7 @@ import warnings
 import pytest
 
 from kvm_bindings import (
+    GuestMemoryError,
     IoExit,
     KvmError,
     StaleExitError,
@@ -578,15 +579,15 @@ def test_out_of_fds_at_vcpu_creation_is_clear_and_burns_no_id(kvm):
 
 
 def test_a_failed_kvm_run_mapping_keeps_the_vcpu_for_a_retry(vm, monkeypatch):
-    from kvm_bindings import vcpu as vcpu_module
-    real = vcpu_module.map_run_page
+    from kvm_bindings import vm as vm_module
+    real = vm_module.map_run_page
 
     def fail(fd, size):
         raise OSError(errno.ENOMEM, "injected")
-    monkeypatch.setattr(vcpu_module, "map_run_page", fail)
+    monkeypatch.setattr(vm_module, "map_run_page", fail)
     with pytest.raises(KvmError, match=r"call create_vcpu\(3\) again"):
         vm.create_vcpu(3)
-    monkeypatch.setattr(vcpu_module, "map_run_page", real)
+    monkeypatch.setattr(vm_module, "map_run_page", real)
     vcpu = vm.create_vcpu(3)            # KVM_CREATE_VCPU again would say EEXIST
     assert vcpu.id == 3 and vcpu.get_regs().rip == 0xFFF0
 
@@ -650,3 +651,274 @@ def test_ctrl_c_during_a_kicked_run_leaves_no_immediate_exit(kvm):
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "interrupted 20"
+
+
+def _vm_calls(vm, region):
+    return {
+        "add_memory": lambda: vm.add_memory(0x100000, 0x1000),
+        "remove_memory": lambda: vm.remove_memory(region),
+        "move_memory": lambda: vm.move_memory(region, 0x200000),
+        "set_dirty_logging": lambda: vm.set_dirty_logging(region, True),
+        "dirty_log": lambda: vm.dirty_log(region),
+        "create_vcpu": lambda: vm.create_vcpu(1),
+        "check_extension": lambda: vm.check_extension(abi.Capability.NR_MEMSLOTS),
+        "enable_cap": lambda: vm.enable_cap(abi.Capability.X86_DISABLE_EXITS, 0),
+        "set_tss_addr": lambda: vm.set_tss_addr(0xFFFBD000),
+        "create_irqchip": lambda: vm.create_irqchip(),
+        "irq_line": lambda: vm.irq_line(4, 1),
+        "get_clock": lambda: vm.get_clock(),
+        "ioeventfd": lambda: vm.ioeventfd(0, 0x1000, 4),
+        "create_device": lambda: vm.create_device(abi.DeviceType.VFIO),
+        "has_device_type": lambda: vm.has_device_type(abi.DeviceType.VFIO),
+        "create_guest_memfd": lambda: vm.create_guest_memfd(0x1000),
+        "stats": lambda: vm.stats(),
+    }
+
+
+def test_every_call_on_a_closed_vm_is_refused_and_reaches_no_other_fd(kvm):
+    """A closed VM's fd number is reused at once by the next VM: a call that got through
+    would land there (a slot of the old VM's memory in the new VM, say)."""
+    vm = kvm.create_vm()
+    region = vm.add_memory(0, 0x1000, log_dirty=True)
+    number = vm.fd
+    vm.close()
+    with kvm.create_vm() as other:
+        assert other.fd == number                  # the same number, now another VM
+        for call in _vm_calls(vm, region).values():
+            with pytest.raises(StaleHandleError, match="closed|removed"):
+                call()
+        assert other.memory.regions == ()
+        # KVM agrees: slot 0 at GPA 0x100000 is free in the other VM
+        assert other.add_memory(0x100000, 0x1000, slot=0).slot == 0
+        other.set_tss_addr(0xFFFBD000)
+
+
+def test_every_call_on_a_closed_vcpu_is_refused(vm):
+    vcpu = vm.create_vcpu(0)
+    vcpu.close()
+    calls = [vcpu.run, vcpu.get_regs, lambda: vcpu.set_regs(abi.kvm_regs()), vcpu.get_sregs,
+             vcpu.kick, lambda: vcpu.get_msrs([0x10]), vcpu.get_lapic, vcpu.coalesced_mmio,
+             vcpu.stats, lambda: vcpu.immediate_exit, lambda: vcpu.kvm_run,
+             lambda: vcpu.set_signal_mask(None), lambda: vcpu.enable_cap(0)]
+    for call in calls:
+        with pytest.raises(StaleHandleError, match="closed"):
+            call()
+
+
+# ---- found by an adversarial pass: each a test now ---------------------------------------
+
+def _kvm_fds() -> set[str]:
+    """The process's fds that name a KVM object (anon_inode:kvm-vm, kvm-vcpu:N, ...)."""
+    out = set()
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{n}")
+        except OSError:
+            continue
+        if target.startswith("anon_inode:kvm") or "kvm-gmem" in target:
+            out.add(f"{n}:{target}")
+    return out
+
+
+def test_add_memory_racing_close_never_leaves_a_slot_behind(kvm):
+    for _ in range(100):
+        vm = kvm.create_vm()
+        vm.add_memory(0, 0x1000)
+        added: list = []
+
+        def add(vm=vm, added=added):
+            try:
+                added.append(vm.add_memory(0x100000, 0x1000))
+            except StaleHandleError:
+                pass
+        t = threading.Thread(target=add, daemon=True)
+        t.start()
+        vm.close()
+        t.join(10)
+        assert vm.memory.regions == ()
+        assert all(r.removed for r in added)
+
+
+def _in_other_thread_now(call) -> threading.Thread:
+    """Run call in another thread and give it a moment: as if the scheduler switched threads
+    at exactly this point. Returns the thread (it may still be blocked, by design)."""
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(0.2)
+    return t
+
+
+@pytest.mark.parametrize("child", ["vm.stats", "vcpu.stats", "device", "vcpu"])
+def test_a_child_made_while_the_vm_closes_closes_with_it(kvm, monkeypatch, child):
+    """The VM is closed (in another thread) after KVM made the child's fd and before the
+    runtime files it: the child must not escape the close."""
+    from kvm_bindings import device, stats
+    from kvm_bindings import vcpu as vcpu_module
+    vm = kvm.create_vm()
+    parent_vcpu = vm.create_vcpu(0)
+    cls = {"vm.stats": stats.Stats, "vcpu.stats": stats.Stats, "device": device.Device,
+           "vcpu": vcpu_module.Vcpu}[child]
+    real_init = cls.__init__
+    closers: list[threading.Thread] = []
+
+    def init_then_close(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        if not closers:
+            closers.append(_in_other_thread_now(vm.close))
+    monkeypatch.setattr(cls, "__init__", init_then_close)
+    make = {"vm.stats": vm.stats, "vcpu.stats": parent_vcpu.stats,
+            "device": lambda: vm.create_device(abi.DeviceType.VFIO),
+            "vcpu": lambda: vm.create_vcpu(1)}[child]
+    before = _kvm_fds()
+    with pytest.raises(StaleHandleError):
+        make()
+    closers[0].join(10)
+    assert vm.closed and not closers[0].is_alive()
+    # with vm still referenced: the VM's and vCPU 0's fds are gone, and nothing new is open
+    left = _kvm_fds()
+    assert left < before and not any("stats" in f or "vfio" in f or "vcpu:1" in f for f in left)
+
+
+def test_guest_memory_reads_never_see_a_half_added_region(kvm):
+    """A write racing add_memory once went to the wrong region: the region lists were
+    updated one after the other, and a reader in between paired them wrongly."""
+    with kvm.create_vm() as vm:
+        vm.add_memory(0, 0x10000)
+        b = vm.add_memory(0x20000, 0x10000)
+        memory = vm.memory
+        outcome: list = []
+
+        def write():
+            try:
+                memory.write(0x1F000, b"Z" * 16)
+                outcome.append("written")
+            except GuestMemoryError:
+                outcome.append("unbacked")
+
+        class SwitchAfterInsert(list):
+            def insert(self, i, value):
+                super().insert(i, value)
+                outcome.append(_in_other_thread_now(write))    # mid-update
+        memory._starts = SwitchAfterInsert(memory._starts)
+        c = vm.add_memory(0x10000, 0x10000)
+        outcome[0].join(10)
+        assert b"Z" not in bytes(b.view())
+        assert outcome[1:] == ["written"] and bytes(c.view()[0xF000:0xF010]) == b"Z" * 16
+
+
+def test_a_pointers_contents_cannot_claim_more_entries_than_exist(vm):
+    vcpu = vm.create_vcpu(0)
+    small = abi.kvm_cpuid2.alloc(0)
+    lying = ctypes.pointer(small).contents
+    lying.nent = 10
+    with pytest.raises(ValueError, match="claims more entries"):
+        vcpu.set_cpuid2(lying)
+    assert vcpu.get_cpuid2().nent == 0
+
+
+def test_a_closed_guest_memfd_is_refused_and_its_slot_still_removable(kvm):
+    with kvm.create_vm() as vm:
+        if not vm.check_extension(abi.Capability.GUEST_MEMFD):
+            need(False, "no guest_memfd on this kernel", False)
+        memfd = vm.create_guest_memfd(0x10000)
+        region = vm.add_memory(0x100000, 0x10000, guest_memfd=memfd)
+        memfd.close()
+        other = vm.create_guest_memfd(0x10000)      # likely the same fd number
+        with pytest.raises(StaleHandleError, match="closed"):
+            vm.move_memory(region, 0x200000)
+        assert region in vm.memory.regions and region.guest_phys_addr == 0x100000
+        vm.remove_memory(region)                     # deleting needs no guest_memfd
+        vm.add_memory(0x100000, 0x10000, guest_memfd=other)   # KVM has no slot there
+
+
+def test_dirty_ring_racing_close_leaks_nothing(kvm, assemble):
+    baseline = _kvm_fds()
+    for _ in range(60):
+        vm = kvm.create_vm()
+        if not (vm.check_extension(abi.Capability.DIRTY_LOG_RING_ACQ_REL)
+                or vm.check_extension(abi.Capability.DIRTY_LOG_RING)):
+            vm.close()
+            need(False, "no dirty ring on this kernel", False)
+        vm.enable_dirty_ring(512)
+        vcpu = vm.create_vcpu(0)
+
+        def harvest(vcpu=vcpu):
+            try:
+                vcpu.dirty_ring()
+            except StaleHandleError:
+                pass
+        t = threading.Thread(target=harvest, daemon=True)
+        t.start()
+        vm.close()
+        t.join(10)
+        gc.collect()
+        assert _kvm_fds() == baseline
+
+
+def test_a_held_kvm_run_view_keeps_the_page_only_while_held(kvm):
+    baseline = _kvm_fds()
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    run = vcpu.kvm_run
+    vm.close()
+    assert run.exit_reason == 0                 # still mapped: reading it is safe
+    assert _kvm_fds() != baseline               # ...which takes the mmap's fd
+    del run
+    gc.collect()
+    assert _kvm_fds() == baseline               # and both go with the view
+    assert vm.closed                            # (the Vm object itself still exists)
+
+
+def test_reply_while_the_vcpu_runs_in_another_thread_is_refused(vm, protected_mode):
+    vm.enable_cap(abi.Capability.X86_USER_SPACE_MSR, abi.KVM_MSR_EXIT_REASON_UNKNOWN)
+    vcpu = protected_mode("msr")
+    w = vcpu.run()
+    vcpu._run_lock.acquire()                    # as if another thread were inside run()
+    try:
+        page_before = bytes(vcpu._page[:4096])
+        with pytest.raises(StaleExitError, match="running again"):
+            w.reply()
+        assert bytes(vcpu._page[:4096]) == page_before
+    finally:
+        vcpu._run_lock.release()
+    w.reply()                                   # once nothing runs, it is still answerable
+    assert vcpu.run().reason.name == "X86_RDMSR"
+
+
+class _LyingIndex:
+    def __index__(self):
+        return 2.9
+
+
+@pytest.mark.parametrize("call", [
+    lambda vm: vm.create_vcpu(0).set_mp_state(_LyingIndex()),
+    lambda vm: vm.check_extension(1.9),
+    lambda vm: vm.kvm.check_extension(True),
+    lambda vm: vm.memory.host_address(1.5),
+    lambda vm: vm.memory.write_int(0, 4, _LyingIndex()),
+    lambda vm: vm.create_vcpu(0).set_msrs(5),
+    lambda vm: vm.memory.load(0, 5),
+])
+def test_odd_arguments_are_type_errors(vm, call):
+    with pytest.raises(TypeError):
+        call(vm)
+
+
+def test_close_from_a_signal_handler_inside_run_finishes_without_a_warning(vm):
+    vm.memory.write(0x1000, COUNTER_GUEST)
+    vcpu = vm.create_vcpu(0)
+    x86.setup_real_mode(vcpu, 0x1000)
+    previous = signal.signal(signal.SIGALRM, lambda *a: vcpu.close())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with pytest.raises(StaleHandleError, match="closed"):
+                for _ in range(100_000):
+                    vcpu.run()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert vcpu.closed
+    with pytest.raises(OSError):
+        os.fstat(vcpu._fd)
