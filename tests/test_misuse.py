@@ -922,3 +922,44 @@ def test_close_from_a_signal_handler_inside_run_finishes_without_a_warning(vm):
     assert vcpu.closed
     with pytest.raises(OSError):
         os.fstat(vcpu._fd)
+
+
+def test_ctrl_c_during_vm_close_still_deletes_every_slot_and_closes_every_vcpu(kvm):
+    result = _in_subprocess("""
+        import mmap, os, signal, threading, time
+        from kvm_bindings import vcpu as vcpu_module
+        vm = kvm.create_vm()
+        vm.set_tss_addr(0xFFFBD000)
+        vm.add_memory(0, 0x10000)
+        vm.memory.write(0x1000, bytes.fromhex("ff060020ebfa"))   # incw 0x2000; jmp back
+        stuck, idle = vm.create_vcpu(0), vm.create_vcpu(1)
+        x86.setup_real_mode(stuck, 0x1000)
+        def body():     # blocks the kick signal: close() can only wait for it
+            signal.pthread_sigmask(signal.SIG_BLOCK, {vcpu_module.KICK_SIGNAL})
+            try:
+                stuck.run()
+            except StaleHandleError:
+                print("run: closed while it ran", flush=True)
+        t = threading.Thread(target=body, daemon=True)
+        t.start()
+        while vm.memory.read_int(0x2000, 2) == 0:
+            time.sleep(0.001)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            vm.close()
+        except KeyboardInterrupt:
+            print("close interrupted", flush=True)
+        print("idle closed:", idle.closed, "regions:", vm.memory.regions, flush=True)
+        # The slot is gone, so the spinning guest faults on its next fetch and run() returns.
+        t.join(10)
+        print("run thread done:", not t.is_alive(), flush=True)
+        kvm.close()
+        left = [os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{n}")]
+        print("kvm fds left:", [f for f in left if "kvm" in f])
+    """)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()      # the run thread prints when it gets to it
+    assert {"close interrupted", "idle closed: True regions: ()", "run: closed while it ran",
+            "run thread done: True"} <= set(lines), result.stdout
+    assert lines[-1] == "kvm fds left: []"
