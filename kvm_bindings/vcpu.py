@@ -113,7 +113,7 @@ class Vcpu(DeviceAttributes):
         if not self._run_lock.acquire(False):
             raise self._busy()
         try:
-            if self._closing:
+            if self._closing or self.vm._closing:
                 raise self._stale()
             self._seq += 1
             dec = self._decoder
@@ -124,8 +124,9 @@ class Vcpu(DeviceAttributes):
                 ret = _ioctl(self._fd, _KVM_RUN, None)
             finally:
                 self._runner = None
-            if self._closing:
-                raise StaleHandleError(f"vCPU {self.id} was closed while it ran")
+            if self._closing or self.vm._closing:
+                what = f"vCPU {self.id}" if self._closing else "its VM"
+                raise StaleHandleError(f"{what} was closed while vCPU {self.id} ran")
             if ret < 0:
                 err = ctypes.get_errno()
                 if err == errno.EINTR:
