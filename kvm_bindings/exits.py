@@ -118,10 +118,7 @@ class PayloadExit(Exit):
         vcpu = self._vcpu
         fill(self._payload.__class__(), **fields)     # checked against the member's C types
         # Holding the run lock, no run() can start between the staleness check and the write.
-        if not vcpu._run_lock.acquire(False):
-            raise StaleExitError(f"reply() to a {type(self).__name__} while vCPU {vcpu.id} is "
-                                 f"running again (or closed): the guest has moved on")
-        try:
+        with vcpu._between_runs(f"reply() to a {type(self).__name__}"):
             if vcpu._seq != self._seq:
                 raise StaleExitError(f"reply() to a stale {type(self).__name__}: vCPU {vcpu.id} "
                                      f"ran again (or closed) since; the guest has moved on")
@@ -129,8 +126,6 @@ class PayloadExit(Exit):
             live = vcpu._run_member(self.reason)
             for k in fields:
                 setattr(live, k, getattr(self._payload, k))
-        finally:
-            vcpu._run_lock.release()
 
     def __repr__(self) -> str:
         p = self._payload

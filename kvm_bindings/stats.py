@@ -35,6 +35,13 @@ class Stats(FdObject):
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
+        try:
+            self._read_descriptors(fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_descriptors(self, fd: int) -> None:
         header = abi.kvm_stats_header.from_buffer_copy(
             os.pread(fd, ctypes.sizeof(abi.kvm_stats_header), 0))
         self.id = os.pread(fd, header.name_size, header.id_offset).split(b"\0")[0].decode()
@@ -58,7 +65,11 @@ class Stats(FdObject):
 
     def read(self) -> dict[str, int | list[int]]:
         """Current values: an int per scalar statistic, a list per histogram."""
-        data = os.pread(self.fd, self._data_size, self._data_offset)
+        self._hold()       # the fd number stays this stats fd's while it is read
+        try:
+            data = os.pread(self._fd, self._data_size, self._data_offset)
+        finally:
+            self._unhold()
         out: dict[str, int | list[int]] = {}
         for d in self.descriptors:
             values = [int.from_bytes(data[d.offset + 8 * i:d.offset + 8 * i + 8], "little")

@@ -8,7 +8,7 @@ import os
 import stat
 from typing import Any
 
-from . import _msrs, abi
+from . import _requests, abi
 from ._fd import CapabilityOwner
 from ._layout import check_int
 from .errors import KvmError, KvmUnavailable
@@ -137,8 +137,8 @@ class Kvm(CapabilityOwner):
         """Values of feature MSRs (KVM_GET_MSRS on /dev/kvm), all of them by default."""
         if indices is None:
             indices = self.feature_msr_index_list()
-        msrs = _msrs.request(indices)
-        return _msrs.results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
+        msrs = _requests.msrs(indices)
+        return _requests.msr_results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
 
     # -- VMs
     def vm_types(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -9,14 +10,14 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import _msrs, abi
+from . import _requests, abi
 from ._fd import _ioctl
 from ._layout import capacity, check_flex, check_int, expect, fill, member, offset_of, type_of
 from .device import DeviceAttributes
-from .errors import KvmError, KvmUnsupported, StaleHandleError, VcpuBusyError
+from .errors import KvmError, KvmUnsupported, StaleExitError, StaleHandleError, VcpuBusyError
 from .exits import Decoder, Exit, InterruptedExit
 from .stats import Stats
 
@@ -86,6 +87,8 @@ class Vcpu(DeviceAttributes):
         self._page = page
         self._run_lock = threading.Lock()   # held by run() and, once closed, forever
         self._runner: int | None = None     # the thread inside KVM_RUN
+        self._owner: int | None = None      # the thread holding the run lock
+        self._close_deadline: float | None = None   # set by a VM closing several vCPUs
         self._deferred = False              # close() left the teardown to run()
         self._seq = 0                       # bumped by each run() and close(): older exits go stale
         self._ring: mmap.mmap | None = None
@@ -108,18 +111,22 @@ class Vcpu(DeviceAttributes):
 
         The answer to the previous exit (data written into an IN or MMIO-read exit) is
         delivered first. VcpuBusyError if another thread is running this vCPU;
-        StaleHandleError if the vCPU is (or gets) closed.
+        StaleHandleError if the vCPU or its VM is (or gets) closed.
         """
         if not self._run_lock.acquire(False):
             raise self._busy()
+        self._owner = threading.get_ident()
+        held = False
         try:
-            if self._closing or self.vm._closing:
+            self._hold()        # like any ioctl: a closed vCPU refuses, and the fd stays open
+            held = True         # until this call is done, whatever close() does meanwhile
+            if self.vm._closing:
                 raise self._stale()
             self._seq += 1
             dec = self._decoder
             if dec.answer is not None:
                 dec.deliver()
-            self._runner = threading.get_ident()
+            self._runner = self._owner
             try:
                 ret = _ioctl(self._fd, _KVM_RUN, None)
             finally:
@@ -140,11 +147,32 @@ class Vcpu(DeviceAttributes):
         except BaseException:
             # Whatever leaves run() this way (KeyboardInterrupt from a signal that also
             # interrupted KVM_RUN, a closed vCPU...) takes a pending kick with it, so the
-            # next run() enters the guest.
-            if not self._page.closed:
+            # next run() enters the guest. (Held, the page is ours: teardown needs the lock.)
+            if held:
                 self._page[_IMMEDIATE_EXIT] = 0
             raise
         finally:
+            self._owner = None
+            if held:
+                # Before the run lock goes: a close() waiting for it then finds the fd free
+                # and closes it itself; a close() that gave up waiting left it to us.
+                self._unhold()
+            self._run_lock.release()
+            if self._deferred:
+                self._finish_close()
+
+    @contextlib.contextmanager
+    def _between_runs(self, what: str) -> Iterator[None]:
+        """Hold the run lock for a moment (answering an exit): no run() starts meanwhile,
+        and one that is running means the answer is too late."""
+        if not self._run_lock.acquire(False):
+            raise StaleExitError(f"{what} while vCPU {self.id} is running again (or closed): "
+                                 f"the guest has moved on")
+        self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._owner = None
             self._run_lock.release()
             if self._deferred:
                 self._finish_close()
@@ -152,25 +180,34 @@ class Vcpu(DeviceAttributes):
     def _busy(self) -> Exception:
         if self._closing:
             return self._stale()
-        runner = self._runner
-        if runner == threading.get_ident():
+        owner = self._owner
+        if owner == threading.get_ident():
             return VcpuBusyError(f"vCPU {self.id} is already running in this thread "
                                  f"(run() called from inside run(), e.g. from a signal handler)")
-        return VcpuBusyError(f"vCPU {self.id} is running in {_thread_name(runner)}: one thread "
+        return VcpuBusyError(f"vCPU {self.id} is running in {_thread_name(owner)}: one thread "
                              f"at a time runs a vCPU (kick() it to make that run() return)")
+
+    def _live_page(self) -> mmap.mmap:
+        """The kvm_run page, or StaleHandleError once close() has unmapped it."""
+        page = self._page
+        if self._closing or page.closed:
+            raise self._stale()
+        return page
 
     @property
     def immediate_exit(self) -> bool:
         """kvm_run.immediate_exit: when set, KVM_RUN returns EINTR without entering the guest."""
-        if self._closing:
-            raise self._stale()
-        return bool(self._page[_IMMEDIATE_EXIT])
+        try:
+            return bool(self._live_page()[_IMMEDIATE_EXIT])
+        except ValueError as e:            # unmapped between the check and the read
+            raise self._stale() from e
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
-        if self._closing:
-            raise self._stale()
-        self._page[_IMMEDIATE_EXIT] = int(bool(value))
+        try:
+            self._live_page()[_IMMEDIATE_EXIT] = int(bool(value))
+        except ValueError as e:
+            raise self._stale() from e
 
     def kick(self) -> None:
         """Make run() return promptly, from any thread: the running one, or else the next.
@@ -179,35 +216,37 @@ class Vcpu(DeviceAttributes):
         before KVM_RUN is entered still stops it (the race KVM documents). A kick that
         fails leaves immediate_exit as it was.
         """
-        if self._closing:
-            raise self._stale()
         thread = self._runner
         if thread is not None and thread != threading.get_ident() and not _install_kick_handler():
             raise RuntimeError("kick() needs a handler for the kick signal, and signal handlers "
                                "can only be installed from the main thread: create the first "
                                "Vcpu there, or install a handler for vcpu.KICK_SIGNAL")
-        self._page[_IMMEDIATE_EXIT] = 1
-        if thread is not None and thread != threading.get_ident():
+        self.immediate_exit = True
+        try:
+            self._signal_runner()
+        except BaseException:
+            self.immediate_exit = False
+            raise
+
+    def _stop(self) -> None:
+        """Kick a running vCPU without waiting: the VM stops all of them before closing each."""
+        page = self._page                   # (close() uses this: not _live_page())
+        try:
+            if self._runner is not None:
+                page[_IMMEDIATE_EXIT] = 1
+        except ValueError:
+            return                          # torn down already: nothing runs
+        self._signal_runner()
+
+    def _signal_runner(self) -> None:
+        """Interrupt KVM_RUN in the thread running it, if that is another thread."""
+        thread = self._runner
+        # Without a handler the kick signal would kill the process: immediate_exit alone then.
+        if thread is not None and thread != threading.get_ident() and _install_kick_handler():
             try:
                 signal.pthread_kill(thread, KICK_SIGNAL)
             except ProcessLookupError:
                 pass    # the thread has left run() already; immediate_exit covers the next one
-            except BaseException:
-                self._page[_IMMEDIATE_EXIT] = 0
-                raise
-
-    def _stop(self) -> None:
-        """Kick a running vCPU without waiting: the VM stops all of them before closing each."""
-        thread = self._runner
-        if thread is None or self._page.closed:
-            return
-        self._page[_IMMEDIATE_EXIT] = 1
-        # Without a handler the kick signal would kill the process: immediate_exit alone then.
-        if thread != threading.get_ident() and _install_kick_handler():
-            try:
-                signal.pthread_kill(thread, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
 
     def _run_member(self, reason: int) -> Any:
         return self._decoder.live_member(reason)
@@ -333,15 +372,15 @@ class Vcpu(DeviceAttributes):
     # -- MSRs and CPUID
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS for these MSR indices -> {index: value} (only those KVM returned)."""
-        msrs = _msrs.request(indices)
-        return _msrs.results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
+        msrs = _requests.msrs(indices)
+        return _requests.msr_results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
 
     def set_msrs(self, values: dict[int, int]) -> int:
         """KVM_SET_MSRS for {index: value}; raises KvmError naming the first MSR KVM refused."""
         if not isinstance(values, Mapping):
             raise TypeError(f"set_msrs() takes a mapping of MSR index to value, not "
                             f"{type(values).__name__}")
-        msrs = _msrs.request(values.keys(), values.values())
+        msrs = _requests.msrs(values.keys(), values.values())
         done = self.ioctl(abi.KVM_SET_MSRS, msrs)
         if done != len(values):
             index = list(values)[done]
@@ -522,9 +561,8 @@ class Vcpu(DeviceAttributes):
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on this vCPU."""
-        from .vm import _enable_cap
         self.vm.require(abi.Capability.ENABLE_CAP, "KVM_ENABLE_CAP on a vCPU")
-        self.ioctl(abi.KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
+        self.ioctl(abi.KVM_ENABLE_CAP, _requests.enable_cap(cap, args, flags))
 
     def stats(self) -> Stats:
         """The vCPU's binary statistics fd (KVM_GET_STATS_FD); closed with the vCPU."""
@@ -562,47 +600,57 @@ class Vcpu(DeviceAttributes):
     # -- lifetime
     def _release(self) -> None:
         self._seq += 1                  # every exit handed out is stale from here
-        self._close_children()
-        if not self._run_lock.acquire(False):
-            if self._runner == threading.get_ident():
-                self._defer(warn=False)     # close() from inside run() (a signal handler)
-                return
-            try:
-                deadline = time.monotonic() + CLOSE_TIMEOUT
-                while True:
-                    self._stop()            # again each round: a kick can land between two runs
-                    if self._run_lock.acquire(timeout=0.01):
-                        break
-                    if time.monotonic() > deadline:
-                        self._defer(warn=True)
-                        return
-            except BaseException:
-                # Interrupted while waiting (Ctrl-C): run() finishes the close instead.
-                self._defer(warn=False)
-                raise
-        self._teardown()
+        try:
+            if self._stop_running():
+                self._teardown()
+        finally:
+            self._close_children()
 
-    def _defer(self, warn: bool) -> None:
-        """run() is still in KVM_RUN: it keeps the fd open and tears down when it returns."""
-        self._hold_closing()
+    def _stop_running(self) -> bool:
+        """Take the run lock from a running run(): kick it and wait, up to the deadline.
+        False: it did not stop (or cannot, being this thread), and tears down itself."""
+        if self._run_lock.acquire(False):
+            return True
+        if self._owner in (None, threading.get_ident()):
+            # close() from a signal handler inside run() (or run() between taking the lock
+            # and naming its thread, where it refuses a closing vCPU anyway): waiting would
+            # wait for ourselves. immediate_exit stops a KVM_RUN about to be entered, and
+            # run() finishes the close on its way out.
+            self._page[_IMMEDIATE_EXIT] = 1
+            return self._defer(warn=False)
+        deadline = self._close_deadline or time.monotonic() + CLOSE_TIMEOUT
+        try:
+            while not self._run_lock.acquire(timeout=0.01):
+                self._stop()            # again each round: a kick can land between two runs
+                if time.monotonic() > deadline:
+                    return self._defer(warn=True)
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C): run() finishes the close, unless it has
+            # returned meanwhile, and then it is finished here.
+            if self._defer(warn=False):
+                self._teardown()
+            raise
+        return True
+
+    def _defer(self, warn: bool) -> bool:
+        """run() has not returned: it tears down when it does (and, holding the fd as any
+        call in flight does, closes that too). True if it returned just now after all."""
         self._deferred = True
-        if self._run_lock.acquire(False):      # it returned just now: finish here after all
+        if self._run_lock.acquire(False):
             self._deferred = False
-            self._teardown()
-            self._unhold()
-            return
+            return True
         if warn:
             warnings.warn(f"vCPU {self.id} did not leave KVM_RUN within {CLOSE_TIMEOUT} s of "
                           f"being kicked (is the kick signal blocked in its thread?); it is "
                           f"closed when that run() returns", RuntimeWarning, stacklevel=5)
+        return False
 
     def _finish_close(self) -> None:
-        """In run(), after close() deferred to it: tear down and let the fd go."""
+        """In run(), after close() deferred to it: tear down, once."""
         if self._run_lock.acquire(False):
             if self._deferred:
                 self._deferred = False
                 self._teardown()
-                self._unhold()
             else:
                 self._run_lock.release()
 
@@ -614,7 +662,7 @@ class Vcpu(DeviceAttributes):
         fd Python's mmap duplicated go with the last view.
         """
         self._decoder.release()
-        with self._lock:
+        with self._ring_lock, self._lock:
             maps = [m for m in (self._ring, self._page) if m is not None]
             self._ring, self._page = None, _GONE
         del self._kvm_run

@@ -8,11 +8,13 @@ import errno
 import mmap
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import abi
+from . import _requests, abi
+from . import vcpu as vcpu_module
 from ._fd import CapabilityOwner
 from ._layout import check_int, expect, fill
 from .device import Device, DeviceAttributes
@@ -67,7 +69,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM with up to four arguments."""
         self.require(abi.Capability.ENABLE_CAP_VM, "KVM_ENABLE_CAP on a VM")
-        self.ioctl(abi.KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
+        self.ioctl(abi.KVM_ENABLE_CAP, _requests.enable_cap(cap, args, flags))
 
     # -- memory
     def _own(self, region: object, call: str) -> MemoryRegion:
@@ -178,9 +180,11 @@ class Vm(CapabilityOwner, DeviceAttributes):
         fields = {"slot": region.slot, "flags": region.flags if flags is None else flags,
                   "guest_phys_addr": region.guest_phys_addr if gpa is None else gpa,
                   "memory_size": size, "userspace_addr": region.host_addr}
-        if size and region.guest_memfd is not None:
+        memfd = region.guest_memfd if size else None
+        if memfd is not None:
             self.require(abi.Capability.USER_MEMORY2, "KVM_SET_USER_MEMORY_REGION2")
-            req = fill(abi.kvm_userspace_memory_region2, guest_memfd=region.guest_memfd.fd,
+            memfd._hold()       # its fd number stays its own until KVM has taken the file
+            req = fill(abi.kvm_userspace_memory_region2, guest_memfd=memfd._fd,
                        guest_memfd_offset=region.guest_memfd_offset, **fields)
             number, name = abi.KVM_SET_USER_MEMORY_REGION2, "KVM_SET_USER_MEMORY_REGION2"
         else:
@@ -190,10 +194,14 @@ class Vm(CapabilityOwner, DeviceAttributes):
                 fields.update(flags=0, guest_phys_addr=0, userspace_addr=0)
             req = fill(abi.kvm_userspace_memory_region, **fields)
             number, name = abi.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION"
-        if closing:
-            self._raw_ioctl(number, ctypes.addressof(req), name)
-        else:
-            self.ioctl(number, req, name=name)
+        try:
+            if closing:
+                self._raw_ioctl(number, ctypes.addressof(req), name)
+            else:
+                self.ioctl(number, req, name=name)
+        finally:
+            if memfd is not None:
+                memfd._unhold()
 
     def _forget(self, region: MemoryRegion) -> None:
         """After KVM deleted region's slot: drop it from the tables, then unmap it."""
@@ -574,7 +582,9 @@ class Vm(CapabilityOwner, DeviceAttributes):
 
 
         def kick_all() -> None:       # all at once, so they leave KVM_RUN together
+            deadline = time.monotonic() + vcpu_module.CLOSE_TIMEOUT
             for vcpu in vcpus:
+                vcpu._close_deadline = deadline      # one wait for all, not one each
                 vcpu._stop()
 
         def close_all_but_memfds() -> None:
@@ -582,6 +592,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
 
         steps: list[Callable[[], None]] = [kick_all, *(v.close for v in vcpus),
                                            close_all_but_memfds, self._delete_all_slots,
+                                           self._close_unmapped_vcpu_fds,
                                            self._close_children]   # guest_memfds last
         for step in steps:
             try:
@@ -594,32 +605,31 @@ class Vm(CapabilityOwner, DeviceAttributes):
     def _delete_all_slots(self) -> None:
         """The kernel's rule: a slot is deleted in KVM before its mapping goes. A vCPU that
         did not stop in time would otherwise write into whatever the process maps at that
-        address next."""
+        address next. A slot KVM would not delete stays mapped for good; the rest go on."""
+        failed: list[BaseException] = []
         with self._vm_lock:
             for region in self.memory.regions:
                 try:
                     self._set_region(region, size=0, closing=True)
-                except BaseException:
+                except BaseException as e:
                     _NEVER_UNMAPPED.append(region)   # KVM may still use it: keep it mapped
-                    raise
+                    failed.append(e)
+                    continue
                 self._forget(region)
-            for fd in self._unmapped_vcpu_fds.values():
-                os.close(fd)
+        if failed:
+            raise failed[0]
+
+    def _close_unmapped_vcpu_fds(self) -> None:
+        with self._vm_lock:
+            fds = list(self._unmapped_vcpu_fds.values())
             self._unmapped_vcpu_fds.clear()
+        for fd in fds:
+            os.close(fd)
 
     def __repr__(self) -> str:
         if self.closed:
             return "<Vm closed>"
         return f"<Vm fd={self._fd} vcpus={len(self.vcpus)} slots={len(self.memory.regions)}>"
-
-
-def _enable_cap(cap: int, args: tuple[int, ...], flags: int) -> Any:
-    if len(args) > 4:
-        raise ValueError("KVM_ENABLE_CAP takes at most four arguments")
-    req = fill(abi.kvm_enable_cap, cap=cap, flags=flags)
-    for i, a in enumerate(args):
-        req.args[i] = check_int(a, ctypes.c_uint64, f"args[{i}]", where=f"kvm_enable_cap.args[{i}]")
-    return req
 
 
 # Mappings KVM may still reach (deleting their slot failed): kept for the life of the process.

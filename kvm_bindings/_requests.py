@@ -1,15 +1,17 @@
-"""struct kvm_msrs requests, shared by KVM_GET_MSRS on /dev/kvm (feature MSRs) and on vCPUs."""
+"""Request structs more than one kind of fd takes: kvm_msrs (KVM_GET_MSRS on /dev/kvm for
+feature MSRs, and on vCPUs) and kvm_enable_cap (KVM_ENABLE_CAP on VMs and vCPUs)."""
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterable
 from typing import Any
 
 from . import abi
-from ._layout import fill
+from ._layout import check_int, fill
 
 
-def request(indices: Iterable[int], values: Iterable[int] | None = None) -> Any:
+def msrs(indices: Iterable[int], values: Iterable[int] | None = None) -> Any:
     """A kvm_msrs with one entry per index (and value), each checked against its C type."""
     indices = list(indices)
     msrs = abi.kvm_msrs.alloc(len(indices))
@@ -24,6 +26,16 @@ def request(indices: Iterable[int], values: Iterable[int] | None = None) -> Any:
     return msrs
 
 
-def results(msrs: Any, done: int) -> dict[int, int]:
+def msr_results(msrs: Any, done: int) -> dict[int, int]:
     """{index: value} for the first `done` entries, the ones KVM_GET_MSRS filled in."""
     return {int(e.index): int(e.data) for e in msrs.flex_array()[:done]}
+
+
+def enable_cap(cap: int, args: tuple[int, ...], flags: int) -> Any:
+    """A kvm_enable_cap with up to four arguments, each checked against its C type."""
+    if len(args) > 4:
+        raise ValueError("KVM_ENABLE_CAP takes at most four arguments")
+    req = fill(abi.kvm_enable_cap, cap=cap, flags=flags)
+    for i, a in enumerate(args):
+        req.args[i] = check_int(a, ctypes.c_uint64, f"args[{i}]", where=f"kvm_enable_cap.args[{i}]")
+    return req
