@@ -75,6 +75,7 @@ class FdObject(Unshareable):
         self._closed = False
         self._users = 0
         self._lock = threading.Lock()
+        self._close_lock = threading.Lock()
         self._children: list[FdObject] = []
 
     def _adopt(self, child: FdObject) -> None:
@@ -120,23 +121,27 @@ class FdObject(Unshareable):
             self._unhold()
 
     def _hold(self) -> None:
-        """A call is about to use the fd: refuse if closing, else keep the fd open until _unhold."""
-        with self._lock:
-            if self._closing:
-                raise self._stale()
-            self._users += 1
+        """A call is about to use the fd: refuse if closing, else keep the fd open until _unhold.
 
-    def _hold_closing(self) -> None:
-        """Keep the fd open past close() for a call that is still in flight (see Vcpu)."""
-        with self._lock:
-            self._users += 1
+        Either the caller holds on return, or nothing changed: an exception raised in here
+        after the count went up (Ctrl-C as the lock is let go) takes the count back down."""
+        held = False
+        try:
+            with self._lock:
+                if self._closing:
+                    raise self._stale()
+                self._users += 1
+                held = True
+        except BaseException:
+            if held:
+                self._unhold()
+            raise
 
     def _unhold(self) -> None:
-        with self._lock:
+        with self._lock:       # the fd is closed inside: an interruption cannot skip it
             self._users -= 1
-            last = self._closed and self._users == 0
-        if last:
-            os.close(self._fd)
+            if self._closed and self._users == 0:
+                os.close(self._fd)
 
     def _raw_ioctl(self, number: int, ptr: int | None, name: str) -> int:
         """The ioctl itself, retried on EINTR; callers make sure the fd is still open."""
@@ -154,24 +159,32 @@ class FdObject(Unshareable):
         self.ioctl(number, obj)
         return obj
 
-    def _release(self) -> None:
+    def _release(self) -> BaseException | None:
         """Free what the object holds besides its fd (mappings, children), in the order the
-        kernel needs. A call still in flight can keep the fd open: see _hold()."""
+        kernel needs. A call still in flight can keep the fd open: see _hold(). Returns an
+        interruption that came while releasing but did not stop it: close() raises it once
+        the fd is closed too."""
+        return None
 
     def close(self) -> None:
-        """Release everything the object holds, then its fd. Closing again does nothing."""
-        with self._lock:
-            if self._closing:
+        """Release everything the object holds, then its fd.
+
+        Closing again does nothing; a close() racing another waits for it. If the release is
+        interrupted (Ctrl-C), the object stays closing, refusing every call, and the next
+        close() (or the garbage collector) finishes the job: every step is idempotent.
+        """
+        with self._close_lock:
+            if self._closed:
                 return
-            self._closing = True      # from here every new call is refused
-        try:
-            self._release()
-        finally:
             with self._lock:
+                self._closing = True      # from here every new call is refused
+            pending = self._release()
+            with self._lock:              # the fd is closed inside: nothing can skip it
                 self._closed = True
-                last = self._users == 0
-            if last:
-                os.close(self._fd)
+                if self._users == 0:
+                    os.close(self._fd)
+        if pending is not None:
+            raise pending
 
     def __enter__(self) -> Any:
         self.fd  # noqa: B018 - refuse a closed object here rather than later
@@ -181,7 +194,7 @@ class FdObject(Unshareable):
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closing", True):
+        if not getattr(self, "_closed", True):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
             try:
                 self.close()
@@ -189,7 +202,7 @@ class FdObject(Unshareable):
                 pass
 
     def __repr__(self) -> str:
-        state = "closed" if self._closing else f"fd={self._fd}"
+        state = "closed" if getattr(self, "_closing", True) else f"fd={self._fd}"
         return f"<{type(self).__name__} {state}>"
 
 

@@ -151,6 +151,6 @@ class Kvm(CapabilityOwner):
         return Vm(self, fd, vm_type)      # the Vm owns fd from its first line, even if it fails
 
     def __repr__(self) -> str:
-        if self.closed:
+        if getattr(self, "_closing", True) or not hasattr(self, "api_version"):
             return "<Kvm closed>"
         return f"<Kvm {self.path} fd={self._fd} api={self.api_version}>"

@@ -598,17 +598,26 @@ class Vcpu(DeviceAttributes):
         return out
 
     # -- lifetime
-    def _release(self) -> None:
+    def _release(self) -> BaseException | None:
         self._seq += 1                  # every exit handed out is stale from here
+        pending: BaseException | None = None
         try:
             if self._stop_running():
                 self._teardown()
-        finally:
+        except BaseException as e:      # interrupted while waiting: run() finishes the close
+            pending = e
+        try:
             self._close_children()
+        except BaseException as e:
+            pending = pending or e
+        return pending
 
     def _stop_running(self) -> bool:
         """Take the run lock from a running run(): kick it and wait, up to the deadline.
-        False: it did not stop (or cannot, being this thread), and tears down itself."""
+        False: it did not stop (or cannot, being this thread), and tears down itself; or this
+        is a close() finishing an interrupted one, and the teardown is done already."""
+        if self._page is _GONE:
+            return False
         if self._run_lock.acquire(False):
             return True
         if self._owner in (None, threading.get_ident()):
@@ -673,6 +682,6 @@ class Vcpu(DeviceAttributes):
                 pass
 
     def __repr__(self) -> str:
-        if self.closed:
-            return f"<Vcpu {self.id} closed>"
+        if getattr(self, "_closing", True):
+            return f"<Vcpu {getattr(self, 'id', '?')} closed>"
         return f"<Vcpu {self.id} fd={self._fd}>"

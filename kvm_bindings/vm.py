@@ -213,8 +213,10 @@ class Vm(CapabilityOwner, DeviceAttributes):
         """Delete the memory slot in KVM, then unmap its memory. The region is stale after."""
         with self._vm_lock:
             self._own(region, "remove_memory")
-            self._set_region(region, size=0)
+            interrupted = self._delete_slot(region)
             self._forget(region)
+        if interrupted is not None:
+            raise interrupted
 
     def move_memory(self, region: MemoryRegion, guest_phys_addr: int) -> None:
         """Move a slot to another GPA; its contents stay (KVM deletes and re-creates it)."""
@@ -572,7 +574,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
         return stats
 
     # -- lifetime
-    def _release(self) -> None:
+    def _release(self) -> BaseException | None:
         # Every step runs even if one before it was interrupted (Ctrl-C while a vCPU is
         # waited for): a half-closed VM would keep slots pointing at memory that garbage
         # collection later unmaps. The first interruption is raised at the end.
@@ -599,8 +601,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
                 step()
             except BaseException as e:
                 pending.append(e)
-        if pending:
-            raise pending[0]
+        return pending[0] if pending else None
 
     def _delete_all_slots(self) -> None:
         """The kernel's rule: a slot is deleted in KVM before its mapping goes. A vCPU that
@@ -610,14 +611,36 @@ class Vm(CapabilityOwner, DeviceAttributes):
         with self._vm_lock:
             for region in self.memory.regions:
                 try:
-                    self._set_region(region, size=0, closing=True)
+                    interrupted = self._delete_slot(region, closing=True)
                 except BaseException as e:
                     _NEVER_UNMAPPED.append(region)   # KVM may still use it: keep it mapped
                     failed.append(e)
                     continue
                 self._forget(region)
+                if interrupted is not None:
+                    failed.append(interrupted)
         if failed:
             raise failed[0]
+
+    def _delete_slot(self, region: MemoryRegion, closing: bool = False) -> BaseException | None:
+        """Delete region's slot in KVM; returns once KVM has no such slot. Interrupted (Ctrl-C
+        as the ioctl returned: did it run?), it asks once more, and returns the interruption
+        for the caller to raise when its bookkeeping is done."""
+        try:
+            self._delete_slot_once(region, closing)
+        except KvmError:
+            raise
+        except BaseException as interrupted:
+            self._delete_slot_once(region, closing)
+            return interrupted
+        return None
+
+    def _delete_slot_once(self, region: MemoryRegion, closing: bool) -> None:
+        try:
+            self._set_region(region, size=0, closing=closing)
+        except KvmError as e:
+            if e.errno != errno.EINVAL:   # KVM's answer to deleting a slot it does not have
+                raise
 
     def _close_unmapped_vcpu_fds(self) -> None:
         with self._vm_lock:
@@ -627,7 +650,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
             os.close(fd)
 
     def __repr__(self) -> str:
-        if self.closed:
+        if getattr(self, "_closing", True) or not hasattr(self, "_vcpus"):
             return "<Vm closed>"
         return f"<Vm fd={self._fd} vcpus={len(self.vcpus)} slots={len(self.memory.regions)}>"
 

@@ -122,7 +122,7 @@ def test_a_failed_kvm_call_leaves_the_region_as_it_was(vm, monkeypatch):
     real = vm._set_region
 
     def refuse(*args, **kwargs):
-        raise KvmError("KVM_SET_USER_MEMORY_REGION", errno.EINVAL)
+        raise KvmError("KVM_SET_USER_MEMORY_REGION", errno.EFAULT)
     monkeypatch.setattr(vm, "_set_region", refuse)
     with pytest.raises(KvmError):
         vm.set_dirty_logging(region, True)
@@ -947,3 +947,118 @@ def test_ctrl_c_during_vm_close_still_deletes_every_slot_and_closes_every_vcpu(k
     assert {"close interrupted", "idle closed: True regions: ()", "run: closed while it ran",
             "run thread done: True"} <= set(lines), result.stdout
     assert lines[-1] == "kvm fds left: []"
+
+
+# ---- Ctrl-C at the worst moments: a KeyboardInterrupt where CPython can raise one ------------
+
+class _InterruptingLock:
+    """Stands in for an object's lock; raises KeyboardInterrupt once, as the lock is let go
+    when `when()` holds: where a SIGINT that arrived meanwhile would surface in CPython (its
+    handler runs after the C call that releases the lock)."""
+
+    def __init__(self, real, when):
+        self.real, self.when, self.fired = real, when, False
+
+    def __enter__(self):
+        return self.real.__enter__()
+
+    def __exit__(self, *exc):
+        self.real.__exit__(*exc)
+        if not self.fired and self.when():
+            self.fired = True
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_as_a_call_takes_hold_of_the_fd_does_not_pin_it_open(kvm):
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    fd = vcpu.fd
+    vcpu._lock = _InterruptingLock(vcpu._lock, lambda: vcpu._users > 0)
+    with pytest.raises(KeyboardInterrupt):
+        vcpu.get_regs()
+    assert vcpu._lock.fired and vcpu._users == 0
+    vm.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)                                # closed: no count left over kept it
+
+
+@pytest.mark.parametrize("what", ["vm", "vcpu"])
+def test_ctrl_c_right_as_close_starts_leaves_it_for_the_next_close(kvm, what):
+    vm = kvm.create_vm()
+    vm.add_memory(0, 0x1000)
+    vcpu = vm.create_vcpu(0)
+    obj = vm if what == "vm" else vcpu
+    fd = obj.fd
+    obj._lock = _InterruptingLock(obj._lock, lambda: obj._closing and not obj._closed)
+    with pytest.raises(KeyboardInterrupt):
+        obj.close()
+    assert obj.closed                               # refusing every call already...
+    with pytest.raises(StaleHandleError):
+        obj.fd                                      # noqa: B018
+    os.fstat(fd)                                    # ...but not yet released
+    obj.close()                                     # the next close finishes the job
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    vm.close()
+    assert vm.memory.regions == ()
+
+
+def test_ctrl_c_as_a_slot_deletion_returns_still_unmaps_its_memory(kvm):
+    from kvm_bindings import vm as vm_module
+    vm = kvm.create_vm()
+    region = vm.add_memory(0, 0x200000)
+    real = vm._raw_ioctl
+
+    def delete_then_ctrl_c(number, ptr, name):
+        real(number, ptr, name)                     # KVM deleted the slot...
+        vm._raw_ioctl = real
+        raise KeyboardInterrupt                     # ...and then the SIGINT surfaced
+    vm._raw_ioctl = delete_then_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        vm.close()
+    assert vm.closed and region.removed and region not in vm_module._NEVER_UNMAPPED
+    with pytest.raises(OSError):
+        os.fstat(vm._fd)
+
+
+def test_ctrl_c_between_remove_memorys_ioctl_and_its_bookkeeping(vm, monkeypatch):
+    from kvm_bindings import vm as vm_module
+    region = vm.add_memory(0x100000, 0x200000)
+    real = type(vm)._set_region
+    fired: list = []
+
+    def set_then_ctrl_c(self, r, size=None, **kw):
+        real(self, r, size=size, **kw)
+        if size == 0 and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(type(vm), "_set_region", set_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        vm.remove_memory(region)                    # interrupted: the bookkeeping happens first
+    assert region.removed and region not in vm_module._NEVER_UNMAPPED
+    assert vm.memory.regions == (vm.memory.regions[0],) and region not in vm.memory.regions
+    with pytest.raises(StaleHandleError):
+        vm.remove_memory(region)
+
+
+def test_a_second_close_waits_for_the_first(vm, monkeypatch):
+    from kvm_bindings import vcpu as vcpu_module
+    monkeypatch.setattr(vcpu_module, "CLOSE_TIMEOUT", 0.5)
+    previous = signal.signal(signal.SIGUSR1, lambda *a: None)
+    try:
+        vcpu, t, result = _start_counting(vm, before_run=lambda: signal.pthread_sigmask(
+            signal.SIG_BLOCK, {vcpu_module.KICK_SIGNAL}))
+        first = threading.Thread(target=vm.close, daemon=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            first.start()
+            _wait_until(lambda: vm.closed, "the first close() started")
+            vm.close()                              # returns only once the first is done
+            assert not first.is_alive() or first.join(10) is None
+            assert vm._closed and vm.memory.regions == ()
+            with pytest.raises(OSError):
+                os.fstat(vm._fd)
+        signal.pthread_kill(t.ident, signal.SIGUSR1)
+        t.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
