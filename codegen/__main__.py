@@ -116,15 +116,27 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--no-facts", action="store_true",
                            help="do not run the C probe to store its facts beside the module")
 
-    p = sub.add_parser("diff", help="what changed in the ABI between two header sets; "
-                                    "exit 1 if anything existing changed incompatibly")
-    p.add_argument("old", help="a pinned version (6.1.4), a headers/<version>-like folder, "
-                               "or an include directory")
-    p.add_argument("new")
-    p.add_argument("--arch", default="x86_64")
-    p.add_argument("--json", action="store_true")
+    from .arches import ARCHES
+    p = sub.add_parser(
+        "diff", help="what changed in the KVM ABI between two header sets; "
+                     "exit 1 if anything existing changed incompatibly",
+        description="Compare the KVM ABI of two header sets: what linux/kvm.h and the arch's "
+                    "asm/kvm.h declare, and the types those declarations use. Changes to "
+                    "anything else the KVM headers include are listed apart, as not KVM ABI, "
+                    "and never count as breaking. Exit status: 1 if the KVM ABI changed "
+                    "incompatibly, else 0.")
+    p.add_argument("old", help="the header set to compare from: a pinned version (6.1.4), "
+                               "a headers/<version>-like folder, or an include directory")
+    p.add_argument("new", help="the header set to compare to, given the same ways as OLD")
+    p.add_argument("--arch", default="x86_64", choices=sorted(ARCHES), metavar="ARCH",
+                   help=f"the arch whose asm/ headers and ABI rules to use: "
+                        f"{', '.join(sorted(ARCHES))} (default: x86_64)")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON (verdict, KVM changes, changes outside the "
+                        "KVM headers) instead of text")
     p.add_argument("--removals-ok", action="store_true",
-                   help="report removed names without counting them as breaking")
+                   help="list removals from the KVM ABI without counting them as breaking "
+                        "(verdict: compatible, N removals allowed)")
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("check", help="fail if kvm_bindings/abi/ differs from a fresh generation")

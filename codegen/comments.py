@@ -12,15 +12,17 @@ import re
 _TOKEN = re.compile(r"/\*.*?\*/|//[^\n]*|^[ \t]*#[^\n]*|[{};]|[A-Za-z_]\w*|\S", re.S | re.M)
 
 
-def exit_members(header_text: str) -> dict[str, str]:
-    """{"KVM_EXIT_IO": "io", ...}: the kvm_run union member each exit reason fills."""
+def exit_members(header_text: str) -> dict[str, tuple[str, int]]:
+    """{"KVM_EXIT_IO": ("io", line), ...}: the kvm_run union member each exit reason
+    fills, and the line of the comment that says so."""
     m = re.search(r"^struct kvm_run \{", header_text, re.M)
     if not m:
         return {}
     depth, union_depth = 0, None
     pending: list[str] = []
+    pending_line = 0
     last_id = None
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, int]] = {}
     for tok in _TOKEN.finditer(header_text, m.end() - 1):
         t = tok.group()
         if t.startswith("/*") or t.startswith("//"):
@@ -28,6 +30,7 @@ def exit_members(header_text: str) -> dict[str, str]:
             if names and (union_depth is None or depth == union_depth):
                 union_depth = depth
                 pending = [n for n in names if n not in out]
+                pending_line = header_text.count("\n", 0, tok.start()) + 1
             continue
         if t.lstrip().startswith("#"):
             continue
@@ -40,7 +43,7 @@ def exit_members(header_text: str) -> dict[str, str]:
         elif t == ";" and depth == union_depth:
             if pending and last_id:
                 for n in pending:
-                    out[n] = last_id
+                    out[n] = (last_id, pending_line)
             pending = []
         elif re.match(r"[A-Za-z_]", t):
             last_id = t

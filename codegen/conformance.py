@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import importlib
 import itertools
-import keyword
 import re
 import subprocess
 import sys
@@ -40,8 +39,10 @@ class Report:
                 f"{len(self.mismatches)} mismatches")
 
 
-def _py(name: str) -> str:
-    return name + "_" if keyword.iskeyword(name) else name
+def _py(cls, name: str) -> str:
+    """The Python name of C member `name` of class cls, as the module's RENAMED says."""
+    renamed = getattr(sys.modules[cls.__module__], "RENAMED", {})
+    return renamed.get(f"{cls.__name__}.{name}", name)
 
 
 def _member_type(t, name: str):
@@ -66,8 +67,9 @@ def resolve(cls, path: str):
             t = t._type_
             offset += int(part[1:-1]) * ctypes.sizeof(t)
             continue
-        descr = getattr(t, _py(part))
-        found = _member_type(t, _py(part))
+        py = _py(t, part)
+        descr = getattr(t, py)
+        found = _member_type(t, py)
         if found is None:
             raise KeyError(f"{t.__name__} has no member {part}")
         t, bits = found
@@ -89,8 +91,9 @@ def set_bits(cls, path: str) -> tuple[int, int]:
     parts = re.findall(r"\[\d+\]|\w+", path)
     target = obj
     for part in parts[:-1]:
-        target = target[int(part[1:-1])] if part.startswith("[") else getattr(target, _py(part))
-    setattr(target, _py(parts[-1]), -1)
+        target = target[int(part[1:-1])] if part.startswith("[") else \
+            getattr(target, _py(type(target), part))
+    setattr(target, _py(type(target), parts[-1]), -1)
     raw = int.from_bytes(bytes(obj), "little")
     if raw == 0:
         return -1, 0
@@ -158,11 +161,13 @@ def compare(mod: ModuleType, facts: dict, report: Report) -> None:
                        f"the number encodes {size}")
     enums = importlib.import_module(mod.__name__ + "_enums")
     from codegen.families import FAMILIES
+    c_names = {(key.split(".", 1)[0], py): key.split(".", 1)[1]
+               for key, py in mod.RENAMED.items() if "." in key}
     for fam in FAMILIES:
         cls = getattr(enums, fam.name, None)
         for member in cls or ():
             c["enum members"] += 1
-            cname = fam.prefix + member.name.lstrip("_")
+            cname = fam.prefix + c_names.get((fam.name, member.name), member.name)
             if k.get(cname) != member.value:
                 bad.append(f"{fam.name}.{member.name} = {member.value}, C {cname} = {k.get(cname)}")
     report.counts.update(c)

@@ -8,6 +8,7 @@ have raises Unevaluable with the reason, for the generated skip list.
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 
@@ -37,6 +38,9 @@ class IocParts:
     size: int
     arg: c_ast.Typename | None
 
+
+# Expressions nested deeper than this are not evaluated (the walk is recursive).
+MAX_DEPTH = 200
 
 _RANK = {"_Bool": 0, "char": 1, "short": 2, "int": 3, "long": 4, "long long": 5, "__int128": 6}
 
@@ -68,6 +72,7 @@ class Evaluator:
         self.ULLONG = Int(arch.size("long long"), False, "unsigned long long")
         self.ioc: IocParts | None = None
         self.type_of = None   # set by the pipeline: Typename -> model Type
+        self.depth = 0
 
     def __call__(self, node: c_ast.Node) -> int:
         v = self.eval(node)
@@ -95,9 +100,16 @@ class Evaluator:
     # -- literals
     def constant(self, node: c_ast.Constant) -> Value:
         if node.type == "string":
-            return Value(_c_string(node.value), None)
+            try:
+                return Value(_c_bytes(node.value).decode("utf-8"), None)
+            except UnicodeDecodeError:
+                raise Unevaluable(f"the string {node.value} is not UTF-8 text") from None
         if node.type == "char":
-            return Value(ord(_c_string(node.value.replace("'", '"'))), self.INT)
+            raw = _c_bytes(node.value)
+            if len(raw) != 1:
+                raise Unevaluable(f"the character constant {node.value} is not one byte")
+            value = raw[0] - 256 if raw[0] > 127 and self.model.arch.char_signed else raw[0]
+            return Value(value, self.INT)
         text = node.value
         m = re.fullmatch(r"(0[xX][0-9a-fA-F]+|0[bB][01]+|0[0-7]*|[1-9]\d*)([uUlL]*)", text)
         if not m:
@@ -131,7 +143,13 @@ class Evaluator:
         method = getattr(self, "_" + type(node).__name__, None)
         if method is None:
             raise Unevaluable(f"{type(node).__name__} expressions are not supported")
-        return method(node)
+        if self.depth >= MAX_DEPTH:
+            raise Unevaluable(f"the expression nests more than {MAX_DEPTH} operations deep")
+        self.depth += 1
+        try:
+            return method(node)
+        finally:
+            self.depth -= 1
 
     def _Constant(self, node: c_ast.Constant) -> Value:
         return self.constant(node)
@@ -241,6 +259,11 @@ def _sizeof_operand(node: c_ast.Node) -> c_ast.Typename | None:
     return None
 
 
-def _c_string(literal: str) -> str:
-    body = literal[1:-1]
-    return body.encode("latin-1").decode("unicode_escape")
+def _c_bytes(literal: str) -> bytes:
+    """The bytes of a C string or character literal (source bytes the preprocessor
+    could not decode arrive as surrogate escapes)."""
+    body = literal[1:-1].encode("utf-8", "surrogateescape")
+    try:
+        return codecs.escape_decode(body)[0]
+    except ValueError as e:
+        raise Unevaluable(f"the literal {literal} has a bad escape: {e}") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import GeneratorError
-from .model import Aligned, Array, Field, Function, Int, Model, Pointer, RecordRef, Type, Void
+from .model import MAX_SIZE, Aligned, Array, Field, Function, Int, Model, Pointer, RecordRef, Type, Void
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,10 @@ class Layout:
         out = []
         for f in rec.fields:
             fsize, falign = self.size_align(f.type)
+            if fsize >= MAX_SIZE or bit // 8 + fsize >= MAX_SIZE:
+                raise GeneratorError(f"{rec.kind} {rec.tag or key} would be {MAX_SIZE} bytes or "
+                                     f"more; the generator does not lay out types that large",
+                                     f.file or rec.file, f.line or rec.line)
             if rec.packed and not _has_member_align(f.type):
                 falign = 1
             if f.bits is not None:

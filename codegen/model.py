@@ -7,7 +7,6 @@ so later stages see numbers only.
 
 from __future__ import annotations
 
-import keyword
 from dataclasses import dataclass, field
 
 from pycparser import c_ast
@@ -15,6 +14,9 @@ from pycparser import c_ast
 from .arches import Arch
 from .errors import GeneratorError
 from .parse import INT128, PRELUDE_FILE, UINT128, Attribute, Parsed
+
+# Larger types are refused: gcc's limit is 2**63 bytes, and ctypes fails on sizes near it.
+MAX_SIZE = 1 << 40
 
 # ---- types ---------------------------------------------------------------
 
@@ -77,6 +79,8 @@ class Field:
     type: Type
     bits: int | None = None     # bitfield width
     py_name: str | None = None  # the Python attribute name, when it differs
+    file: str | None = None
+    line: int | None = None
 
 
 @dataclass
@@ -196,6 +200,8 @@ class Builder:
         self.used_attrs: set[int] = set()
         self.enum_types: dict[str, Int] = {}
         self.anon_count = 0
+        self.defining: set[str] = set()   # records whose member list is being read
+        self.on_complete = lambda key: None   # called with each record once it is defined
         self.evaluate = evaluator_factory(model)
 
     # -- entry
@@ -214,6 +220,12 @@ class Builder:
                 self.m.skipped.append(Skipped(node.name, "declaration",
                                               "objects and functions have no place in bindings",
                                               coord.file, coord.line))
+            elif isinstance(node, c_ast.FuncDef):
+                self.m.skipped.append(Skipped(node.decl.name, "function",
+                                              "function definitions have no place in bindings",
+                                              coord.file, coord.line))
+            elif isinstance(node, (c_ast.StaticAssert, c_ast.Pragma)):
+                self._static_assert_or_pragma(node)
             else:
                 raise GeneratorError(f"unexpected top-level {type(node).__name__}",
                                      coord.file if coord else None, coord.line if coord else None)
@@ -222,6 +234,15 @@ class Builder:
             a = unused[0]
             raise GeneratorError(f"__attribute__(({a.kind})) could not be tied to a declaration",
                                  a.file, a.line)
+
+    def _static_assert_or_pragma(self, node) -> None:
+        coord = node.coord
+        if isinstance(node, c_ast.Pragma):
+            raise GeneratorError(f"unsupported #pragma {node.string}: the generator does not "
+                                 f"know how it changes layout", coord.file, coord.line)
+        if not self.evaluate(node.cond):
+            msg = node.message.value if node.message is not None else "(no message)"
+            raise GeneratorError(f"static assertion failed: {msg}", coord.file, coord.line)
 
     def _attrs_at(self, table, coord) -> list[Attribute]:
         if coord is None:
@@ -251,8 +272,12 @@ class Builder:
             elem = self.type_of(node.type, owner, hint)
             if node.dim is None:
                 return Array(elem, None)
-            n = self.evaluate(node.dim)
-            return Array(elem, int(n))
+            n = int(self.evaluate(node.dim))
+            if n < 0 or n >= MAX_SIZE:
+                raise GeneratorError("size of array is negative" if n < 0 else
+                                     f"array of {n} elements is larger than the generator "
+                                     f"lays out", node.dim.coord.file, node.dim.coord.line)
+            return Array(elem, n)
         if isinstance(node, (c_ast.Struct, c_ast.Union)):
             return RecordRef(self.record(node, owner, hint))
         if isinstance(node, c_ast.Enum):
@@ -334,9 +359,17 @@ class Builder:
                     rec.align = max(rec.align or 1, a.value or 16)
             rec.fields = []
             named_owner = rec.key if rec.c_name or owner is None else owner
+            self.defining.add(rec.key)
             for d in node.decls:
-                rec.fields.append(self._field(d, named_owner, rec))
+                if isinstance(d, (c_ast.StaticAssert, c_ast.Pragma)):
+                    self._static_assert_or_pragma(d)
+                    continue
+                f = self._field(d, named_owner, rec)
+                if f is not None:
+                    rec.fields.append(f)
+            self.defining.discard(rec.key)
             self._check_names(rec)
+            self.on_complete(rec.key)
         return rec.key
 
     def _fresh(self, base: str) -> str:
@@ -346,14 +379,60 @@ class Builder:
             key = f"{base}{n}"
         return key
 
-    def _field(self, d: c_ast.Decl, owner: str, rec: Record) -> Field:
+    def _field(self, d: c_ast.Decl, owner: str, rec: Record) -> Field | None:
+        """One member, checked as gcc checks it; None for a declaration that declares
+        no member ("int;", or "struct tag {...};", which only defines the tag)."""
         t = self.type_of(d.type, owner, d.name)
         t = self._with_decl_attrs(t, d, exact=False)
         bits = int(self.evaluate(d.bitsize)) if d.bitsize is not None else None
-        return Field(d.name, t, bits)
+        coord = d.coord or (d.bitsize or d.type).coord   # pycparser: none on ": 3;"
+        where = (coord.file, coord.line)
+        label = f"'{d.name}'" if d.name else "an unnamed member"
+        if d.name is None and bits is None:
+            tagged = isinstance(d.type, (c_ast.Struct, c_ast.Union)) and d.type.name
+            if not isinstance(t, RecordRef) or tagged:
+                return None
+        inner = strip_aligned(t)
+        while isinstance(inner, Array):
+            inner = strip_aligned(inner.element)
+        if isinstance(inner, RecordRef):
+            target = self.m.records[inner.key]
+            if target.fields is None or inner.key in self.defining:
+                raise GeneratorError(f"field {label} has incomplete type "
+                                     f"{target.c_name or target.key}", *where)
+        if isinstance(inner, (Void, Function)):
+            raise GeneratorError(f"field {label} is declared as a "
+                                 f"{'function' if isinstance(inner, Function) else 'void'}",
+                                 *where)
+        if bits is not None:
+            base = strip_aligned(t)
+            if not isinstance(base, Int):
+                raise GeneratorError(f"bit-field {label} has an invalid type", *where)
+            width = 1 if base.cname == "_Bool" else base.size * 8
+            if bits < 0:
+                raise GeneratorError(f"negative width in bit-field {label}", *where)
+            if bits == 0 and d.name:
+                raise GeneratorError(f"zero width for bit-field {label}", *where)
+            if bits > width:
+                raise GeneratorError(f"width of {label} exceeds its type", *where)
+        return Field(d.name, t, bits, file=coord.file, line=coord.line)
+
+    def _member_names(self, rec: Record) -> list[tuple[str, Field]]:
+        out = []
+        for f in rec.fields or []:
+            if f.name is not None:
+                out.append((f.name, f))
+            elif isinstance(f.type, RecordRef) and f.bits is None:
+                out += self._member_names(self.m.records[f.type.key])
+        return out
 
     def _check_names(self, rec: Record) -> None:
         assert rec.fields is not None
+        seen: set[str] = set()
+        for name, f in self._member_names(rec):
+            if name in seen:
+                raise GeneratorError(f"duplicate member '{name}'", f.file, f.line)
+            seen.add(name)
         anon = 0
         for f in rec.fields:
             if f.name is None:
@@ -361,5 +440,3 @@ class Builder:
                     continue  # an unnamed bitfield: padding only
                 f.py_name = f"_anon{anon}"
                 anon += 1
-            elif keyword.iskeyword(f.name):
-                f.py_name = f.name + "_"

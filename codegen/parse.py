@@ -30,6 +30,11 @@ _TOKEN = re.compile(r'''
   | (?P<punct>.)
 ''', re.X | re.M)
 
+# Brackets nested deeper than this are refused: pycparser parses recursively, and no
+# header needs a tenth of it.
+MAX_NESTING = 64
+_OPENING, _CLOSING = "([{", ")]}"
+
 _INT128_SPELLINGS = [
     (re.compile(r"\bunsigned\s+__int128\b|\b__uint128_t\b"), UINT128),
     (re.compile(r"\b(?:signed\s+)?__int128\b|\b__int128_t\b"), INT128),
@@ -215,6 +220,85 @@ def _attribute_target(toks: list[tuple[str, str, int]], i: int,
                          f, ln, pos.line_text(toks[i][2]))
 
 
+def _nesting_too_deep(toks: list[tuple[str, str, int]]) -> int | None:
+    """Offset of the first bracket nested deeper than MAX_NESTING, if any."""
+    depth = 0
+    for kind, val, off in toks:
+        if kind != "punct":
+            continue
+        if val in _OPENING:
+            depth += 1
+            if depth > MAX_NESTING:
+                return off
+        elif val in _CLOSING:
+            depth = max(depth - 1, 0)
+    return None
+
+
+def check_nesting(text: str) -> None:
+    off = _nesting_too_deep(_tokens(text))
+    if off is not None:
+        pos = _Positions(text)
+        f, ln, _ = pos.at(off)
+        raise GeneratorError(f"brackets nested more than {MAX_NESTING} deep", f, ln,
+                             pos.line_text(off))
+
+
+_ATTRIBUTE_WORDS = ("__attribute__", "__attribute")
+
+
+def blank_function_bodies(text: str) -> str:
+    """Empty every function body at file scope ("f(...) { ... }" becomes "f(...) {}").
+
+    A body is code, not declarations: the bindings only list the function, and a
+    body may hold what pycparser cannot read (asm, statement expressions).
+    """
+    toks = _tokens(text)
+    out = list(text)
+    depth = 0
+    i = 0
+    while i < len(toks):
+        val = toks[i][1]
+        if val == "{" and depth == 0 and _is_body(toks, i):
+            j, level = i, 0
+            while j < len(toks):
+                level += toks[j][1] == "{"
+                level -= toks[j][1] == "}"
+                if level == 0:
+                    break
+                j += 1
+            if j == len(toks):
+                return "".join(out)   # unbalanced: the parser says where
+            for k in range(toks[i][2] + 1, toks[j][2]):
+                if out[k] != "\n":
+                    out[k] = " "
+            i = j + 1
+            continue
+        depth += (val == "{") - (val == "}")
+        i += 1
+    return "".join(out)
+
+
+def _is_body(toks: list[tuple[str, str, int]], i: int) -> bool:
+    """Whether the "{" at toks[i] opens a function body: it follows a parameter list
+    (perhaps then attributes), not a struct, union or enum keyword or tag."""
+    j = i - 1
+    while j >= 0 and toks[j][1] == ")":
+        try:
+            k = _open_bracket(toks, j, "(", ")")
+        except IndexError:
+            return False
+        if k > 1 and toks[k - 1][1] == "(" and toks[k - 2][1] in _ATTRIBUTE_WORDS:
+            j = k - 3
+            continue
+        if k > 0 and toks[k - 1][1] in _ATTRIBUTE_WORDS:
+            j = k - 2
+            continue
+        return k > 0 and toks[k - 1][0] in ("id", "punct") and toks[k - 1][1] not in \
+            ("struct", "union", "enum", "=", ",", "(", "{", ";")
+    return False
+
+
 def spell_int128(text: str) -> str:
     for pattern, name in _INT128_SPELLINGS:
         text = pattern.sub(name, text)
@@ -225,7 +309,8 @@ def _parse(text: str, parser: c_parser.CParser | None = None) -> c_ast.FileAST:
     return (parser or c_parser.CParser()).parse(text, "<kvmgen>")
 
 
-def _parse_error(e: c_parser.ParseError, parser: c_parser.CParser, lookup) -> GeneratorError:
+def _parse_error(e: c_parser.ParseError, parser: c_parser.CParser, lookup,
+                 text: str = "") -> GeneratorError:
     m = re.match(r"^(.*?):(\d+)(?::\d+)?: (.*)$", str(e), re.S)
     msg = m.group(3) if m else str(e).split(": ", 1)[-1]
     f, ln = (m.group(1), int(m.group(2))) if m else (None, None)
@@ -239,6 +324,12 @@ def _parse_error(e: c_parser.ParseError, parser: c_parser.CParser, lookup) -> Ge
         f, ln = tok.filename, tok.lineno
         if tok.type == "ID" and after is not None and after.type in ("ID", "TIMES"):
             msg = f"unknown type name {tok.value!r}"
+    if (f is None or ln is None) and text.strip():
+        # "At end of input": the input stopped too soon; say where it stopped.
+        toks = _tokens(text)
+        if toks:
+            f, ln, _ = _Positions(text).at(toks[-1][2])
+            msg += " (a declaration or brace is not closed)" if "end of input" in msg else ""
     if f is None or ln is None:
         return GeneratorError(f"cannot parse: {msg}")
     return GeneratorError(f"cannot parse: {msg}", f, ln, lookup(f, ln))
@@ -246,13 +337,14 @@ def _parse_error(e: c_parser.ParseError, parser: c_parser.CParser, lookup) -> Ge
 
 def parse(pp: Preprocessed, source_line) -> Parsed:
     """Parse the translation unit; source_line(file, line) gives text for messages."""
-    text, attrs = lift_attributes(spell_int128(pp.tu))
+    check_nesting(pp.tu)
+    text, attrs = lift_attributes(spell_int128(blank_function_bodies(pp.tu)))
     text = _PRELUDE + text
     parser = c_parser.CParser()
     try:
         ast = _parse(text, parser)
     except c_parser.ParseError as e:
-        raise _parse_error(e, parser, source_line) from None
+        raise _parse_error(e, parser, source_line, text) from None
     return Parsed(ast, attrs, text)
 
 
@@ -270,6 +362,8 @@ def parse_expressions(expansions: dict[str, str], typedef_names: list[str]
         first = exp.split(maxsplit=1)[0] if exp.strip() else ""
         if "__attribute__" in exp:
             bad[name] = f"expands to a type with attributes, not a value: {exp}"
+        elif _nesting_too_deep(_tokens(exp)) is not None:
+            bad[name] = f"its expansion nests brackets more than {MAX_NESTING} deep"
         elif not first:
             bad[name] = "expands to nothing after its own expansion"
         elif first in type_words:

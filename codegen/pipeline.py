@@ -31,7 +31,7 @@ class _EvalTypes:
         for node in _walk(tn):
             if isinstance(node, (c_ast.Struct, c_ast.Union)) and node.decls is None:
                 rec = self.builder.m.records.get(node.name)
-                if rec is None or rec.fields is None:
+                if rec is None or rec.fields is None or node.name in self.builder.defining:
                     kind = "struct" if isinstance(node, c_ast.Struct) else "union"
                     raise Unevaluable(f"names {kind} {node.name}, which these headers do not "
                                       f"define for {self.builder.m.arch.name}")
@@ -78,6 +78,7 @@ def build_model(hs: HeaderSet, arch: Arch) -> tuple[Model, Layout]:
                                  source_line(coord.file, coord.line) if coord else None) from None
 
     builder = Builder(model, parsed, lambda m: strict_eval)
+    builder.on_complete = layout.record   # each record laid out once its members are known
     evaluator.type_of = _EvalTypes(builder)
     builder.build()
     _check_layouts(model, layout)
@@ -94,10 +95,11 @@ def _exit_members(model: Model, hs: HeaderSet) -> None:
     if top is None or run is None:
         return
     names = _member_names(model, "kvm_run")
-    for reason, member in exit_members(top.read_text()).items():
+    for reason, (member, line) in exit_members(top.read_text(errors="replace")).items():
         if member not in names:
             raise GeneratorError(f"a comment in struct kvm_run names {reason} for member "
-                                 f"{member!r}, which kvm_run does not have", preprocess.TOP_HEADER)
+                                 f"{member!r}, which kvm_run does not have",
+                                 preprocess.TOP_HEADER, line)
         if reason in model.constants:
             model.exit_members[reason] = member
 
@@ -173,6 +175,19 @@ def _value(model: Model, name: str) -> int:
 
 def generate(hs: HeaderSet, arch: Arch, with_facts: bool = True) -> dict[str, str]:
     """Every file of one arch's bindings: {file name: text}."""
+    try:
+        return _generate(hs, arch, with_facts)
+    except GeneratorError as e:
+        if e.file and e.line and e.text is None:
+            e.text = preprocess._source_line(hs, e.file, e.line)
+        raise
+    except RecursionError:
+        # Nesting is bounded where it is parsed; this is the backstop.
+        raise GeneratorError("the headers nest too deeply for the generator",
+                             preprocess.TOP_HEADER, 1) from None
+
+
+def _generate(hs: HeaderSet, arch: Arch, with_facts: bool) -> dict[str, str]:
     from . import render
     model, layout = build_model(hs, arch)
     files = {f"{arch.name}.py": render.render_module(model, layout),
@@ -197,7 +212,7 @@ def write_files(out: Path, files: dict[str, str]) -> None:
     try:
         for name, text in files.items():
             fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.chmod(tmp, 0o644)
             staged.append((tmp, out / name))

@@ -49,7 +49,10 @@ class Preprocessed:
 def _run(cc: str, source: str, flags: list[str], hs: HeaderSet) -> str:
     cmd = [cc, "-E", "-nostdinc", "-x", "c", "-"] + flags + DEFINES + \
           [f"-I{d}" for d in hs.include_dirs]
-    proc = subprocess.run(cmd, input=source, capture_output=True, text=True)
+    # Header bytes that are not UTF-8 pass through as surrogate escapes, so a string
+    # literal keeps its bytes and nothing fails to decode.
+    proc = subprocess.run(cmd, input=source, capture_output=True, encoding="utf-8",
+                          errors="surrogateescape")
     if proc.returncode != 0:
         raise _compiler_error(proc.stderr, hs)
     return proc.stdout

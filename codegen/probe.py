@@ -187,8 +187,14 @@ def run_probe(model: Model, layout: Layout, hs: HeaderSet) -> dict:
 
 
 def _compile(cc: str, hs: HeaderSet, args: list[str]) -> None:
-    proc = subprocess.run([cc, *_compile_flags(hs), *args], capture_output=True, text=True)
+    proc = subprocess.run([cc, *_compile_flags(hs), *args], capture_output=True,
+                          encoding="utf-8", errors="replace")
     if proc.returncode != 0:
+        from .preprocess import _compiler_error
+        first = _compiler_error(proc.stderr, hs)
+        if first.file:   # gcc's first error, where gcc says it is
+            raise GeneratorError(f"the C probe did not compile with {Path(cc).name}: "
+                                 f"{first.message}", first.file, first.line, first.text)
         raise GeneratorError(f"the C probe did not compile with {cc}:\n{proc.stderr[-3000:]}")
 
 
@@ -265,7 +271,7 @@ def rejected_macros(model: Model, hs: HeaderSet) -> list[str]:
     def rejected(name: str) -> bool:
         src = f"#include <{TOP_HEADER}>\nlong long kvmgen_value = (long long)({name});\n"
         proc = subprocess.run([cc, *flags, "-fsyntax-only", "-x", "c", "-"], input=src,
-                              capture_output=True, text=True)
+                              capture_output=True, encoding="utf-8", errors="replace")
         return proc.returncode != 0
 
     names = sorted(s.name for s in model.skipped if s.kind == "macro")

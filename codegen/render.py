@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import jinja2
 
-from . import GENERATOR_VERSION
+from . import GENERATOR_VERSION, names
 from .errors import GeneratorError
 from .families import FAMILIES, FLEX_COUNT_FIELDS
-from .layout import Layout, round_up
+from .layout import FieldLayout, Layout, round_up
 from .model import Aligned, Array, Function, Int, Model, Pointer, RecordRef, Type, Void
 
 _ENV = jinja2.Environment(
@@ -50,9 +50,10 @@ class CtRecord:
 
 
 class _Renderer:
-    def __init__(self, model: Model, layout: Layout) -> None:
+    def __init__(self, model: Model, layout: Layout, plan: names.Plan) -> None:
         self.m = model
         self.layout = layout
+        self.plan = plan
         self.ct_align: dict[str, int] = {}
 
     # -- types
@@ -77,7 +78,8 @@ class _Renderer:
                 elem = f"({elem})"
             return f"{elem} * {t.length or 0}", align, f"ctypes.Array[{elem_ann}]"
         if isinstance(t, RecordRef):
-            return t.key, self.ct_align[t.key], t.key
+            cls = self.plan.classes[t.key]
+            return cls, self.ct_align[t.key], cls
         if isinstance(t, (Void, Function)):
             raise GeneratorError("a void or function member has no ctypes form")
         raise TypeError(t)
@@ -89,15 +91,18 @@ class _Renderer:
         union = rec.kind == "union"
         c_desc = rec.c_name or f"anonymous {rec.kind} in {rec.parent}"
         doc = f"{c_desc} ({rec.file}:{rec.line}), {lay.size} bytes."
-        out = CtRecord(key, "ctypes.Union" if union else "ctypes.Structure", doc)
+        out = CtRecord(self.plan.classes[key], "ctypes.Union" if union else "ctypes.Structure", doc)
         if rec.packed:
             out.pack = 1
         cur = 0                      # where ctypes has got to (structs)
         ct_align = 1
         npad = 0
-        for item in _runs(lay.fields, union):
+        items = list(_runs(lay.fields, union))
+        for i, item in enumerate(items):
             if isinstance(item, list):   # a run of bitfields in a struct
-                cur, ct_align, npad = self._bit_run(out, item, cur, ct_align, npad, rec)
+                nxt = items[i + 1] if i + 1 < len(items) else None
+                limit = nxt.offset if isinstance(nxt, FieldLayout) else lay.size
+                cur, ct_align, npad = self._bit_run(out, item, cur, ct_align, npad, rec, limit)
                 continue
             fl = item
             f = fl.field
@@ -141,22 +146,25 @@ class _Renderer:
             out.base = "_FlexibleStructure" if not union else out.base
         return out
 
-    def _bit_run(self, out: CtRecord, run: list, cur: int, ct_align: int, npad: int, rec):
+    def _bit_run(self, out: CtRecord, run: list, cur: int, ct_align: int, npad: int, rec,
+                 limit: int):
         """Lay out consecutive bitfields: as ctypes bitfields where ctypes packs them
-        as GCC does (one type, no zero-width or unnamed members), else as a byte
-        array with a property per bitfield."""
+        as GCC does (one type, no zero-width or unnamed members, and the storage unit
+        ends before the next member at `limit`), else as a byte array with a property
+        per bitfield."""
         types = {self.ctype(fl.field.type)[0] for fl in run}
         if len(types) == 1 and all(fl.field.name and fl.field.bits for fl in run) and not rec.packed:
             expr, align, ann = self.ctype(run[0].field.type)
             first_unit = run[0].offset
-            if cur <= first_unit and first_unit % align == 0 and run[0].bit_offset == first_unit * 8:
+            last = run[-1]
+            if cur <= first_unit and first_unit % align == 0 and \
+                    run[0].bit_offset == first_unit * 8 and last.offset + last.size <= limit:
                 if round_up(cur, align) != first_unit:
                     cur = self._pad(out, cur, first_unit, align, rec)
                 for fl in run:
                     name = fl.field.py_name or fl.field.name
                     out.fields.append(CtField(name, expr, fl.field.bits))
                     out.annotations.append((name, ann))
-                last = run[-1]
                 return last.offset + last.size, max(ct_align, align), npad
         start = min(fl.bit_offset for fl in run) // 8
         end = (max(fl.bit_offset + fl.bit_size for fl in run) + 7) // 8
@@ -207,9 +215,12 @@ class _Renderer:
         if not (isinstance(last.type, Array) and not last.type.length and last.name):
             return None
         count = FLEX_COUNT_FIELDS.get(key)
-        if count is not None and not any(f.name == count for f in rec.fields):
-            raise GeneratorError(f"families.FLEX_COUNT_FIELDS names {key}.{count}, which does "
-                                 f"not exist")
+        if count is not None:
+            member = next((f for f in rec.fields if f.name == count), None)
+            if member is None:
+                raise GeneratorError(f"families.FLEX_COUNT_FIELDS names {key}.{count}, which "
+                                     f"does not exist")
+            count = member.py_name or count
         return last.py_name or last.name, self.ctype(last.type.element)[0], count
 
     def order(self) -> list[str]:
@@ -223,17 +234,23 @@ class _Renderer:
             if isinstance(t, RecordRef):
                 yield t.key
 
-        def visit(key: str) -> None:
-            if key in seen:
-                return
-            seen.add(key)
-            for f in self.m.records[key].fields or []:
-                for d in deps(f.type):
-                    visit(d)
-            done.append(key)
+        def visit(root: str) -> None:   # depth-first, with a stack: chains can be long
+            stack = [(root, iter(self.m.records[root].fields or []))]
+            seen.add(root)
+            while stack:
+                key, fields = stack[-1]
+                for f in fields:
+                    d = next(deps(f.type), None)
+                    if d is not None and d not in seen:
+                        seen.add(d)
+                        stack.append((d, iter(self.m.records[d].fields or [])))
+                        break
+                else:
+                    stack.pop()
+                    done.append(key)
 
         for key, rec in self.m.records.items():
-            if rec.fields is not None:
+            if rec.fields is not None and key not in seen:
                 visit(key)
         return done
 
@@ -253,7 +270,7 @@ def _runs(fields, union: bool):
         yield run
 
 
-def _families(model: Model) -> list[dict]:
+def _families(model: Model, plan: names.Plan) -> list[dict]:
     out = []
     for fam in FAMILIES:
         members = []
@@ -263,10 +280,7 @@ def _families(model: Model) -> list[dict]:
                 continue
             if any(re.fullmatch(x, name) for x in fam.exclude):
                 continue
-            member = name[len(fam.prefix):]
-            if not member.isidentifier() or member[0].isdigit():
-                member = "_" + member
-            members.append((member, _py_value(c.value, c.hex), name))
+            members.append((name[len(fam.prefix):], _py_value(c.value, c.hex), name))
         for e in model.enums:   # C enum members with the prefix count too
             for name, value in e.members:
                 if name.startswith(fam.prefix) and name not in model.constants and \
@@ -274,25 +288,31 @@ def _families(model: Model) -> list[dict]:
                     members.append((name[len(fam.prefix):], str(value), name))
         if not members:
             continue
+        pys = names.assign(plan, [(f"{fam.name}.{m}", m) for m, _, _ in members], "enum", set())
+        members = [(py, value, name) for py, (_, value, name) in zip(pys, members)]
         if fam.unique:
             seen: dict[int, str] = {}
             for _, value, name in members:
                 value = int(value, 0)
                 if value in seen:
+                    c = model.constants.get(name)
+                    where = (c.file, c.line) if c else next(
+                        ((e.file, e.line) for e in model.enums if name in dict(e.members)), (None, None))
                     raise GeneratorError(f"enum family {fam.name}: {name} and {seen[value]} are both "
-                                         f"{value}; add an exclusion to codegen/families.py")
+                                         f"{value}; add an exclusion to codegen/families.py", *where)
                 seen[value] = name
         out.append({"name": fam.name, "doc": fam.doc, "flag": fam.flag, "members": members})
     return out
 
 
-def _c_enums(model: Model) -> list[dict]:
+def _c_enums(model: Model, plan: names.Plan) -> list[dict]:
     out = []
-    for e in model.enums:
-        if e.tag is None or not e.members:
+    for i, e in enumerate(model.enums):
+        cls = plan.enum_classes.get(i)
+        if cls is None:
             continue
-        out.append({"name": "".join(p.capitalize() for p in e.tag.split("_")), "tag": e.tag,
-                    "file": e.file, "line": e.line, "members": e.members})
+        out.append({"name": cls, "tag": e.tag, "file": e.file, "line": e.line,
+                    "members": [(plan.enum_members[(cls, n)], v) for n, v in e.members]})
     return out
 
 
@@ -303,11 +323,13 @@ def _py_value(v: int | str, as_hex: bool = False) -> str:
 
 
 def render_module(model: Model, layout: Layout) -> str:
-    r = _Renderer(model, layout)
+    plan = names.plan(model)
+    families, c_enums = _families(model, plan), _c_enums(model, plan)
+    r = _Renderer(model, layout, plan)
     records = [r.record(k) for k in r.order()]
-    declared = [k for k, rec in model.records.items() if rec.fields is not None]
+    declared = [plan.classes[k] for k, rec in model.records.items() if rec.fields is not None]
     by_name = {rec.name: rec for rec in records}
-    c_types = sorted((rec.c_name, key) for key, rec in model.records.items()
+    c_types = sorted((rec.c_name, plan.classes[key]) for key, rec in model.records.items()
                      if rec.c_name and rec.fields is not None)
     ioctls = []
     for io in model.ioctls.values():
@@ -319,15 +341,16 @@ def render_module(model: Model, layout: Layout) -> str:
                 arg = None
         ioctls.append({"name": io.name, "number": io.number, "direction": io.direction,
                        "size": io.size, "arg": arg, "arg_c": io.arg_c})
-    constants = [(c.name, _py_value(c.value, c.hex)) for c in model.constants.values()]
-    enum_consts = [(n, v) for e in model.enums for n, v in e.members if n not in model.constants]
+    constants = [(plan.values[c.name], _py_value(c.value, c.hex)) for c in model.constants.values()]
+    enum_consts = [(plan.values[n], v) for e in model.enums for n, v in e.members
+                   if n not in model.constants]
     return render_template("abi.py.j2",
         m=model, gen_version=GENERATOR_VERSION, records=[by_name[k] for k in declared],
         ordered=records, constants=constants, enum_consts=enum_consts,
-        families=_families(model), c_enums=_c_enums(model), ioctls=ioctls, c_types=c_types,
+        families=families, c_enums=c_enums, ioctls=ioctls, c_types=c_types,
         skipped=model.skipped, empty=model.empty_macros, files=sorted(model.files.items()),
         byteorder=model.arch.byteorder, exit_members=model.exit_members,
-        py_value=_py_value)
+        renamed=sorted(plan.renamed.items()), py_value=_py_value)
 
 
 def render_template(name: str, **kw) -> str:
@@ -335,9 +358,10 @@ def render_template(name: str, **kw) -> str:
 
 
 def render_enums(model: Model) -> str:
+    plan = names.plan(model)
     return render_template("enums.py.j2", m=model, gen_version=GENERATOR_VERSION,
-                           files=sorted(model.files.items()),
-                           families=_families(model), c_enums=_c_enums(model), py_value=_py_value)
+                           files=sorted(model.files.items()), families=_families(model, plan),
+                           c_enums=_c_enums(model, plan), py_value=_py_value)
 
 
 def render_init(arches, version: str, source: str) -> str:

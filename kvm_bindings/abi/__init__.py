@@ -19,17 +19,17 @@ HOST_ARCH = _MACHINES.get(_os.uname().machine.lower())
 if HOST_ARCH == "x86_64":
     from .x86_64 import *  # noqa: F401,F403
     from .x86_64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
-                         KERNEL_VERSION, UNEXPRESSED)
+                         KERNEL_VERSION, RENAMED, UNEXPRESSED)
     from . import x86_64 as _host
 elif HOST_ARCH == "arm64":
     from .arm64 import *  # noqa: F401,F403
     from .arm64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
-                         KERNEL_VERSION, UNEXPRESSED)
+                         KERNEL_VERSION, RENAMED, UNEXPRESSED)
     from . import arm64 as _host
 elif HOST_ARCH == "riscv64":
     from .riscv64 import *  # noqa: F401,F403
     from .riscv64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
-                         KERNEL_VERSION, UNEXPRESSED)
+                         KERNEL_VERSION, RENAMED, UNEXPRESSED)
     from . import riscv64 as _host
 else:
     _host = None

@@ -3519,3 +3519,9 @@ UNEXPRESSED: tuple[tuple[str, str, str, str], ...] = (
     ("KVM_S390_PV_CPU_COMMAND", "macro", "names struct kvm_pv_cmd, which these headers do not define for arm64", "linux/kvm.h:1618"),
     ("KVM_S390_ZPCI_OP", "macro", "names struct kvm_s390_zpci_op, which these headers do not define for arm64", "linux/kvm.h:1625"),
 )
+
+# C names Python cannot use as they are (keywords, names this module or ctypes uses,
+# taken names), each with the name it has here; members as "Class.member". The rule
+# is in codegen/names.py.
+RENAMED: dict[str, str] = {
+}
