@@ -9,6 +9,36 @@ from pathlib import Path
 from .errors import GeneratorError
 
 
+def _arch_names(args: argparse.Namespace, doing: str) -> list[str]:
+    """--arch, or by default every arch the headers have, saying so when that is not all."""
+    from . import headers
+    from .arches import ARCHES, host_arch
+    if args.arch:
+        return list(args.arch)
+    if args.include_dir:
+        names = headers.include_dir_arches(Path(args.include_dir))
+        where = f"{args.include_dir} has asm/kvm.h for"
+        if not names:
+            # no asm/ at all (headers that need none): the host's C ABI is the one to use
+            host = host_arch()
+            if host is None:
+                raise GeneratorError(f"no asm/kvm.h for any arch ({', '.join(ARCHES)}) under "
+                                     f"this include directory; name one with --arch",
+                                     str(Path(args.include_dir).resolve()))
+            names, where = [host.name], f"{args.include_dir} has no asm/kvm.h; this host is"
+    else:
+        version = args.version or headers.shipped_version()
+        manifest = headers.load_manifest()["versions"]
+        if version not in manifest:
+            return list(ARCHES)        # from_manifest names the pinned versions
+        names = [a for a in ARCHES if a in manifest[version]["arches"]]
+        where = f"kernel {version} is pinned for"
+    if names != list(ARCHES):
+        print(f"{where} {', '.join(names)} only: {doing} {', '.join(names)} "
+              f"(choose with --arch)")
+    return names
+
+
 def _header_sets(args: argparse.Namespace, arch_names: list[str]):
     from . import headers
     from .arches import get_arch
@@ -22,6 +52,7 @@ def _header_sets(args: argparse.Namespace, arch_names: list[str]):
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from . import fetch, headers
+    headers.HEADERS_DIR.mkdir(parents=True, exist_ok=True)   # the user cache may not exist yet
     for v in args.versions or headers.manifest_versions():
         fetch.fetch(v)
     return 0
@@ -29,7 +60,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_pin(args: argparse.Namespace) -> int:
     from . import fetch
-    entry = fetch.pin(args.version, pypi=args.pypi, debian=args.debian)
+    _need_checkout("pin", "it records the new version in headers/manifest.json, and an installed "
+                   "generator's manifest is read-only package data")
+    entry = fetch.pin(args.version, pypi=args.pypi, debian=args.debian, arches=args.arch,
+                      force=args.force)
     print(f"pinned {args.version}: {len(entry['files'])} headers, arches {', '.join(entry['arches'])}")
     return 0
 
@@ -37,11 +71,20 @@ def cmd_pin(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import pipeline
     from .arches import SHIPPED_ARCHES
+    if not args.out:
+        _need_checkout("generate without --out", "it rewrites the checkout's kvm_bindings/abi/; "
+                       "name a folder to write to with --out DIR")
     out = Path(args.out) if args.out else pipeline.ABI_DIR
     files = {}
-    for arch, hs in _header_sets(args, args.arch or list(SHIPPED_ARCHES)):
+    done = []
+    for arch, hs in _header_sets(args, _arch_names(args, "generating")):
         files.update(pipeline.generate(hs, arch, with_facts=not args.no_facts))
-    if not args.arch and not args.include_dir and not args.version:
+        done.append((arch.name, hs))
+    if args.out:
+        # its own package: `import <out's name>` gives the host arch, the others by name
+        files.update(pipeline.package_init([a for a, _ in done], done[0][1].version,
+                                           done[0][1].source))
+    elif not args.arch and not args.include_dir and not args.version:
         files.update(pipeline.package_init(SHIPPED_ARCHES))
     pipeline.write_files(out, files)
     for name in sorted(files):
@@ -50,6 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    _need_checkout("check", "it compares the checkout's kvm_bindings/abi/ with a fresh generation")
     from . import pipeline
     diffs = pipeline.check()
     if diffs:
@@ -65,7 +109,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from . import conformance
     status = 0
-    for arch, hs in _header_sets(args, args.arch or ["x86_64"]):
+    for arch, hs in _header_sets(args, _arch_names(args, "probing")):
         report = conformance.run(hs, arch)
         print(report.summary())
         for m in report.mismatches[:50]:
@@ -87,11 +131,26 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 1 if report.breaking else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m codegen", description=__doc__)
+def _need_checkout(what: str, why: str) -> None:
+    from .headers import CHECKOUT, ROOT
+    if CHECKOUT is None:
+        raise GeneratorError(f"{what} works only in a checkout of kvm-bindings: {why}. This "
+                             f"generator is installed (in {ROOT}), not in a checkout")
+
+
+def console() -> int:
+    """The kvm-codegen console script: python -m codegen under its installed name."""
+    return main(prog="kvm-codegen")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m codegen") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("fetch-headers", help="fetch pinned kernel headers into headers/<version>/")
+    p = sub.add_parser("fetch-headers",
+                       help="fetch pinned kernel headers into headers/<version>/ in a checkout, else "
+                            "into ~/.cache/kvm-bindings/headers/<version>/ ($KVM_BINDINGS_HEADERS "
+                            "overrides either)")
     p.add_argument("versions", nargs="*", help="kernel versions (default: every pinned one)")
     p.set_defaults(func=cmd_fetch)
 
@@ -102,17 +161,28 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--debian", action="append",
                      help="PACKAGE=VERSION of a linux-libc-dev-<arch>-cross package (repeat per arch; "
                           "the first also gives linux/ and asm-generic/)")
+    p.add_argument("--arch", action="append",
+                   help="an arch to pin (repeatable; default: every arch that has KVM in that "
+                        "kernel, e.g. not riscv64 before 5.16); the source must have its asm/kvm.h")
+    p.add_argument("--force", action="store_true", help="replace the version's existing pin")
     p.set_defaults(func=cmd_pin)
 
     for name, func, text in (("generate", cmd_generate, "write ctypes modules"),
                              ("probe", cmd_probe, "check generated bindings against the C compiler")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--version", help="a pinned kernel version (default: the shipped one)")
-        p.add_argument("--include-dir", help="use headers from this include directory instead")
-        p.add_argument("--arch", action="append", help="target arch (repeatable)")
+        p.add_argument("--include-dir",
+                       help="use headers from this include directory instead (a system one such "
+                            "as /usr/include, or a headers/<version>-like folder)")
+        p.add_argument("--arch", action="append",
+                       help="target arch (repeatable; default: every arch the headers have: "
+                            "those the manifest pins for the version, or with --include-dir "
+                            "those whose asm/kvm.h it holds, e.g. only the host's in /usr/include)")
         p.set_defaults(func=func)
         if name == "generate":
-            p.add_argument("--out", help="output directory (default: kvm_bindings/abi)")
+            p.add_argument("--out", help="output directory, written as an importable package "
+                                         "with an __init__.py (default: kvm_bindings/abi in a "
+                                         "checkout; required where the generator is installed)")
             p.add_argument("--no-facts", action="store_true",
                            help="do not run the C probe to store its facts beside the module")
 
@@ -143,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_check)
 
     args = ap.parse_args(argv)
+    from . import INSTALL_EXTRA, missing_requirements
+    missing = missing_requirements()
+    if missing:
+        print(f"error: the generator needs {' and '.join(missing)}, which the codegen extra "
+              f"installs: {INSTALL_EXTRA}", file=sys.stderr)
+        return 1
     try:
         return int(args.func(args))
     except GeneratorError as e:

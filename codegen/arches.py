@@ -7,6 +7,7 @@ an Arch and never tests an arch name itself.
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -27,7 +28,14 @@ class Arch:
     machines: tuple[str, ...]  # platform.machine() values of a host of this arch
     cross_compilers: tuple[str, ...]  # compilers to use when the host is another arch
     char_signed: bool
+    # ziglang wheels' folders for this arch's asm/, newest name first (zig renamed them in 0.9/0.10)
+    zig_dirs: tuple[str, ...] = ()
+    kvm_since: tuple[int, int] = (0, 0)   # the first kernel whose uapi has asm/kvm.h for this arch
     byteorder: str = "little"
+
+    def has_kvm(self, version: str) -> bool:
+        """Whether kernel `version` has KVM (an asm/kvm.h) on this arch."""
+        return tuple(int(x) for x in re.findall(r"\d+", version)[:2]) >= self.kvm_since
 
     @property
     def is_host(self) -> bool:
@@ -49,11 +57,13 @@ ARCHES: dict[str, Arch] = {
     a.name: a
     for a in (
         Arch("x86_64", "x86_64", "x86_64-linux-gnu", ("x86_64", "amd64"),
-             ("x86_64-linux-gnu-gcc",), True),
+             ("x86_64-linux-gnu-gcc",), True, ("x86-linux-any", "x86_64-linux-any")),
         Arch("arm64", "arm64", "aarch64-linux-gnu", ("aarch64", "arm64"),
-             ("aarch64-linux-gnu-gcc",), False),
+             ("aarch64-linux-gnu-gcc",), False,
+             ("aarch64-linux-any", "arm64-linux-any"), kvm_since=(3, 11)),
         Arch("riscv64", "riscv64", "riscv64-linux-gnu", ("riscv64",),
-             ("riscv64-linux-gnu-gcc",), False),
+             ("riscv64-linux-gnu-gcc",), False,
+             ("riscv-linux-any", "riscv64-linux-any"), kvm_since=(5, 16)),
     )
 }
 

@@ -165,11 +165,15 @@ def compare(mod: ModuleType, facts: dict, report: Report) -> None:
                for key, py in mod.RENAMED.items() if "." in key}
     for fam in FAMILIES:
         cls = getattr(enums, fam.name, None)
-        for member in cls or ():
+        # __members__, not iteration: iterating an IntFlag skips multi-bit members
+        for py, member in (cls.__members__.items() if cls else ()):
             c["enum members"] += 1
-            cname = fam.prefix + c_names.get((fam.name, member.name), member.name)
+            cname = fam.prefix + c_names.get((fam.name, py), py)
             if k.get(cname) != member.value:
-                bad.append(f"{fam.name}.{member.name} = {member.value}, C {cname} = {k.get(cname)}")
+                bad.append(f"{fam.name}.{py} = {member.value}, C {cname} = {k.get(cname)}")
+            if fam.flag and (member.value <= 0 or member.value & (member.value - 1)):
+                bad.append(f"{fam.name}.{py} = {member.value:#x} is not a single bit: "
+                           f"a mask belongs in the exclusions in codegen/families.py")
     report.counts.update(c)
 
 
@@ -217,6 +221,47 @@ def check_coverage(mod: ModuleType, facts: dict, hs: HeaderSet, arch: Arch, repo
         if re.sub(r"\s+", " ", tag) not in mod.C_TYPES:
             report.mismatches.append(f"{tag} is defined in the headers but has no class")
     report.counts["struct/union tags"] = len(tags)
+    check_membership(mod, facts, text, mine, report)
+
+
+def check_membership(mod: ModuleType, facts: dict, text: str, macros: dict[str, str],
+                     report: Report) -> None:
+    """Each enum class holds exactly its family: the C enum's members as gcc's preprocessed
+    text lists them, or every object-like macro (per gcc -dM) with the prefix that gcc
+    evaluates to an int; minus the exclusions declared in codegen/families.py."""
+    from codegen.families import FAMILIES
+    enums = importlib.import_module(mod.__name__ + "_enums")
+    c_names = {(key.split(".", 1)[0], py): key.split(".", 1)[1]
+               for key, py in mod.RENAMED.items() if "." in key}
+    k = facts["constants"]
+    tagged: dict[str, list[str]] = {}
+    anonymous: list[str] = []
+    for tag, body in re.findall(r"\benum\s+(\w*)\s*\{([^}]*)\}", text):
+        body = "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("#"))
+        names = [m.split("=")[0].strip() for m in body.split(",") if m.strip()]
+        if tag:
+            tagged[tag] = names
+        else:
+            anonymous += names
+    in_tagged = {n for names in tagged.values() for n in names}
+    n = 0
+    for fam in FAMILIES:
+        if fam.enum is not None:
+            expected = set(tagged.get(fam.enum, ()))
+        else:
+            expected = {name for name, body in macros.items()
+                        if not body.startswith("(")} | set(anonymous)   # object-like
+            expected = {name for name in expected - in_tagged
+                        if name.startswith(fam.prefix) and isinstance(k.get(name), int)}
+        expected = {name for name in expected if not fam.excludes(name)}
+        cls = getattr(enums, fam.name, None)
+        got = {fam.prefix + c_names.get((fam.name, m), m) for m in (cls.__members__ if cls else ())}
+        n += len(got)
+        for name in sorted(got - expected):
+            report.mismatches.append(f"{fam.name} has {name}, which is not a member of its family")
+        for name in sorted(expected - got):
+            report.mismatches.append(f"{fam.name} lacks {name}, a member of its family")
+    report.counts["enum membership"] = n
 
 
 def load_generated(files: dict[str, str], arch: Arch) -> ModuleType:

@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .arches import ARCHES
+from .arches import ARCHES, Arch, get_arch
 from .errors import GeneratorError
 from .headers import (
     HEADERS_DIR,
@@ -36,8 +36,6 @@ from .headers import (
 WHEEL_PLATFORM = "manylinux_2_12_x86_64"  # headers are the same in every platform's wheel
 ZIG_INCLUDE = "ziglang/lib/libc/include/"
 ZIG_COMMON = "any-linux-any"
-ZIG_ARCH_DIRS = {"x86_64": "x86-linux-any", "arm64": "aarch64-linux-any",
-                 "riscv64": "riscv-linux-any"}
 
 
 class Unfetchable(GeneratorError):
@@ -83,8 +81,11 @@ def _deb_data(deb: Path) -> tarfile.TarFile:
     raise GeneratorError(f"{deb.name} has no data.tar member")
 
 
-def _extract_deb(deb: Path, dest: Path, with_common: bool) -> str:
-    """Unpack usr/<triplet>/include from a linux-libc-dev-*-cross package; return its arch."""
+def _extract_deb(deb: Path, dest: Path, with_common: bool, seen: set[str] | None = None) -> str:
+    """Unpack usr/<triplet>/include from a linux-libc-dev-*-cross package; return its arch.
+
+    seen, if given, collects every usr/<triplet>/include folder the package has.
+    """
     triplets = {a.multiarch: a for a in ARCHES.values()}
     arch = None
     with _deb_data(deb) as tar:
@@ -92,6 +93,8 @@ def _extract_deb(deb: Path, dest: Path, with_common: bool) -> str:
             parts = Path(member.name).parts    # "./usr/<triplet>/include/..." without the "."
             if len(parts) < 5 or parts[0] != "usr" or parts[2] != "include" or not member.isfile():
                 continue
+            if seen is not None:
+                seen.add(f"usr/{parts[1]}/include")
             found = triplets.get(parts[1])
             if found is None:
                 continue
@@ -135,12 +138,43 @@ def _download_tree(source: dict, tmp: Path, version: str) -> Path:
     return tree
 
 
-def _extract_tree(wheel: Path, dest: Path) -> None:
-    """Unpack common/ and each arch's asm/ from a ziglang wheel into dest."""
+def zig_arch_dirs(folders: dict[str, bool]) -> dict[str, str]:
+    """Which of a ziglang wheel's include folders holds each arch's asm/.
+
+    folders: every folder under lib/libc/include that has an asm/, mapped to whether
+    that asm/ has a kvm.h. Zig renamed its folders over time (x86_64-linux-any in 0.8,
+    arm64-linux-any in 0.9.0, x86-linux-any and aarch64-linux-any later); each arch lists
+    them all in codegen/arches.py, and one that has asm/kvm.h is preferred.
+    """
+    out = {}
+    for arch in ARCHES.values():
+        present = [d for d in arch.zig_dirs if d in folders]
+        if present:
+            out[arch.name] = next((d for d in present if folders[d]), present[0])
+    return out
+
+
+def _zig_folders(z: zipfile.ZipFile) -> dict[str, bool]:
+    folders: dict[str, bool] = {}
+    for name in z.namelist():
+        if not name.startswith(ZIG_INCLUDE):
+            continue
+        parts = name[len(ZIG_INCLUDE):].split("/")
+        if len(parts) >= 3 and parts[1] == "asm" and parts[0] != ZIG_COMMON:
+            folders[parts[0]] = folders.get(parts[0], False) or parts[2] == "kvm.h"
+    return folders
+
+
+def _extract_tree(wheel: Path, dest: Path) -> list[str]:
+    """Unpack common/ and each arch's asm/ from a ziglang wheel into dest.
+
+    Returns the wheel's folders that have an asm/, for messages about a missing arch.
+    """
     wanted = {f"{ZIG_COMMON}/{sub}/": f"common/{sub}/" for sub in ("linux", "asm-generic", "asm")}
-    for arch, zdir in ZIG_ARCH_DIRS.items():
-        wanted[f"{zdir}/asm/"] = f"{ARCHES[arch].header_dir}/asm/"
     with zipfile.ZipFile(wheel) as z:
+        folders = _zig_folders(z)
+        for arch, zdir in zig_arch_dirs(folders).items():
+            wanted[f"{zdir}/asm/"] = f"{ARCHES[arch].header_dir}/asm/"
         for name in z.namelist():
             if not name.startswith(ZIG_INCLUDE) or name.endswith("/"):
                 continue
@@ -150,6 +184,7 @@ def _extract_tree(wheel: Path, dest: Path) -> None:
                     out = dest / (dst + rel[len(src):])
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(z.read(name))
+    return sorted(folders)
 
 
 def _closure(tree: Path, arch_dir: str) -> set[str]:
@@ -168,44 +203,70 @@ def _closure(tree: Path, arch_dir: str) -> set[str]:
     return out
 
 
-def pin(version: str, pypi: str | None = None, debian: list[str] | None = None) -> dict:
+def pin(version: str, pypi: str | None = None, debian: list[str] | None = None,
+        arches: list[str] | None = None, force: bool = False) -> dict:
     """Download a source once and write its manifest entry (a maintainer's step).
 
     pypi: "ziglang==X.Y.Z"; debian: ["linux-libc-dev-amd64-cross=6.1.4-1cross1", ...],
-    the first of which also provides linux/ and asm-generic/.
+    the first of which also provides linux/ and asm-generic/. arches: the arches to pin
+    (default: every arch that has KVM in that kernel); the source must have each one's
+    asm/kvm.h. An existing pin is replaced only with force.
     """
+    manifest = load_manifest(MANIFEST)
+    if version in manifest["versions"] and not force:
+        old = describe_source(manifest["versions"][version]["source"])
+        raise GeneratorError(f"kernel {version} is already pinned to {old}; pass --force to "
+                             f"replace its pin")
+    if arches:
+        names = {get_arch(a).name for a in arches}
+        wanted = [a for a in ARCHES.values() if a.name in names]
+    else:
+        wanted = [a for a in ARCHES.values() if a.has_kvm(version)]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         tree = tmp / "tree"
         if pypi:
             package, _, pkg_version = pypi.partition("==")
             wheel = _pip_download(package, pkg_version, tmp / "dl")
-            _extract_tree(wheel, tree)
+            folders = _extract_tree(wheel, tree)
             source: dict = {"kind": "pypi-wheel", "package": package, "version": pkg_version,
                             "file": wheel.name, "sha256": sha256_file(wheel)}
+
+            def looked(arch: Arch) -> str:
+                return "/, ".join(f"lib/libc/include/{d}" for d in arch.zig_dirs) + "/"
         elif debian:
             packages = []
+            seen: set[str] = set()
             for i, spec in enumerate(debian):
                 package, _, pkg_version = spec.partition("=")
                 deb = _apt_download(package, pkg_version, tmp / "dl" / package)
-                _extract_deb(deb, tree, with_common=i == 0)
+                _extract_deb(deb, tree, with_common=i == 0, seen=seen)
                 packages.append({"package": package, "version": pkg_version, "file": deb.name,
                                  "sha256": sha256_file(deb)})
             source = {"kind": "debian-packages", "packages": packages}
+            folders = sorted(seen)
+
+            def looked(arch: Arch) -> str:
+                return f"usr/{arch.multiarch}/include/"
         else:
             raise GeneratorError("pin needs --pypi or --debian")
         declared = read_version((tree / "common",))
         if declared != version:
             raise GeneratorError(f"that source carries kernel {declared} headers, not {version}")
+        missing = [a for a in wanted if not (tree / a.header_dir / "asm" / "kvm.h").exists()]
+        if missing:
+            raise GeneratorError(
+                f"{describe_source(source)} has no asm/kvm.h for "
+                f"{', '.join(a.name for a in missing)} (looked in "
+                f"{'; '.join(f'{a.name}: {looked(a)}' for a in missing)}); the folders it has: "
+                f"{', '.join(folders) or 'none'}. Pin another source, or only the arches it "
+                f"has with --arch")
         files: set[str] = set()
-        arches = []
-        for arch in ARCHES.values():
-            if (tree / arch.header_dir / "asm" / "kvm.h").exists():
-                arches.append(arch.name)
-                files |= _closure(tree, arch.header_dir)
-        entry = {"source": source, "arches": arches,
+        for arch in wanted:
+            files |= _closure(tree, arch.header_dir)
+        entry = {"source": source, "arches": [a.name for a in wanted],
                  "files": {f: sha256_file(tree / f) for f in sorted(files)}}
-    manifest = load_manifest()
+    manifest = load_manifest(MANIFEST)
     manifest["versions"][version] = entry
     manifest["versions"] = dict(sorted(manifest["versions"].items(), key=lambda kv: version_key(kv[0])))
     MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -226,7 +287,7 @@ def fetch(version: str, log=print) -> Path:
             and _verify(folder, entry["files"]) == []:
         log(f"{version}: already fetched and verified ({len(entry['files'])} headers)")
         return folder
-    HEADERS_DIR.mkdir(exist_ok=True)
+    HEADERS_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=HEADERS_DIR, prefix=".fetch-") as tmp:
         try:
             tree = _download_tree(source, Path(tmp), version)

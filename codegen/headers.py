@@ -1,14 +1,24 @@
 """Header sets: the manifest's pinned kernel versions, or any include directory.
 
-A fetched version lives in headers/<version>/ as common/ (linux/, asm-generic/)
+A fetched version lives in HEADERS_DIR/<version>/ as common/ (linux/, asm-generic/)
 plus one folder per arch holding its asm/. A plain include directory such as
 /usr/include is used with its Debian multiarch folder for asm/.
+
+Where the manifest and the fetched headers are (the one place that decides):
+
+- in a checkout (this package beside pyproject.toml and headers/manifest.json):
+  the manifest is headers/manifest.json and headers are fetched into headers/;
+- installed from a wheel: the manifest is package data (codegen/pinned/manifest.json,
+  which pyproject.toml maps from headers/manifest.json) and headers are fetched into
+  $XDG_CACHE_HOME/kvm-bindings/headers, or ~/.cache/kvm-bindings/headers;
+- either way, $KVM_BINDINGS_HEADERS names another folder for the fetched headers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +27,24 @@ from .arches import Arch
 from .errors import GeneratorError
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADERS_DIR = ROOT / "headers"
-MANIFEST = HEADERS_DIR / "manifest.json"
+CHECKOUT: Path | None = ROOT if (ROOT / "pyproject.toml").is_file() \
+    and (ROOT / "headers" / "manifest.json").is_file() else None
+HEADERS_ENV = "KVM_BINDINGS_HEADERS"
+
+
+def _headers_dir() -> Path:
+    if os.environ.get(HEADERS_ENV):
+        return Path(os.environ[HEADERS_ENV]).expanduser().resolve()
+    if CHECKOUT is not None:
+        return CHECKOUT / "headers"
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"   # XDG: absolute only
+    return base / "kvm-bindings" / "headers"
+
+
+MANIFEST = (CHECKOUT / "headers" if CHECKOUT else Path(__file__).resolve().parent / "pinned") \
+    / "manifest.json"
+HEADERS_DIR = _headers_dir()
 STAMP = "SOURCE.json"
 
 
@@ -109,8 +135,45 @@ def from_include_dir(path: Path, arch: Arch) -> HeaderSet:
         return from_version_folder(path, arch)
     if not (path / "linux" / "kvm.h").exists():
         raise GeneratorError("no linux/kvm.h under this include directory", str(path))
-    dirs = tuple(d for d in (path / arch.multiarch, path) if d.is_dir())
+    asm = _system_asm_dirs(path)
+    if not asm:     # no asm/ for any arch: the headers may need none (gcc names what is missing)
+        dirs = tuple(d for d in (path / arch.multiarch, path) if d.is_dir())
+        return HeaderSet(read_version(dirs), dirs, f"include directory {path}")
+    if arch.name not in asm:
+        found = ", ".join(f"{name} ({d / 'asm'})" for name, d in asm.items()) or "none"
+        raise GeneratorError(f"no asm/kvm.h for {arch.name} under this include directory "
+                             f"(looked in {path / arch.multiarch / 'asm'}); the arches it has: "
+                             f"{found}", str(path))
+    dirs = tuple(dict.fromkeys((asm[arch.name], path)))
     return HeaderSet(read_version(dirs), dirs, f"include directory {path}")
+
+
+def include_dir_arches(path: Path) -> list[str]:
+    """The arches an include directory has an asm/kvm.h for, in ARCHES order."""
+    from .arches import ARCHES
+    path = path.resolve()
+    if (path / "common").is_dir():
+        return [a.name for a in ARCHES.values() if (path / a.header_dir / "asm" / "kvm.h").exists()]
+    found = _system_asm_dirs(path)
+    return [name for name in ARCHES if name in found]
+
+
+def _system_asm_dirs(path: Path) -> dict[str, Path]:
+    """Each arch's folder holding asm/kvm.h in a system include directory.
+
+    Debian puts asm/ in the multiarch folder (/usr/include/x86_64-linux-gnu/asm); other
+    distributions, and cross sysroots such as /usr/aarch64-linux-gnu/include, have a bare
+    asm/: it belongs to the arch whose triplet the path names, else to this host.
+    """
+    from .arches import ARCHES, host_arch
+    out = {a.name: path / a.multiarch for a in ARCHES.values()
+           if (path / a.multiarch / "asm" / "kvm.h").exists()}
+    if (path / "asm" / "kvm.h").exists():
+        named = [a for a in ARCHES.values() if a.multiarch in path.parts]
+        owner = named[0] if named else host_arch()
+        if owner is not None:
+            out.setdefault(owner.name, path)
+    return out
 
 
 def read_version(dirs: tuple[Path, ...]) -> str:

@@ -198,11 +198,13 @@ def _generate(hs: HeaderSet, arch: Arch, with_facts: bool) -> dict[str, str]:
     return files
 
 
-def package_init(arches) -> dict[str, str]:
+def package_init(arches, version: str | None = None, source: str | None = None) -> dict[str, str]:
+    """The package's __init__.py: the shipped kernel's, or that of the headers given."""
     from . import headers, render
-    version = headers.shipped_version()
-    source = headers.describe_source(headers.load_manifest()["versions"][version]["source"])
-    return {"__init__.py": render.render_init(arches, version, source)}
+    if version is None:
+        version = headers.shipped_version()
+        source = headers.describe_source(headers.load_manifest()["versions"][version]["source"])
+    return {"__init__.py": render.render_init(arches, version, source or version)}
 
 
 def write_files(out: Path, files: dict[str, str]) -> None:

@@ -9,7 +9,6 @@ _align_ is set as well, for the Pythons that honour it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import jinja2
@@ -271,21 +270,30 @@ def _runs(fields, union: bool):
 
 
 def _families(model: Model, plan: names.Plan) -> list[dict]:
+    """The declared enum classes (codegen/families.py) these headers have members for."""
     out = []
     for fam in FAMILIES:
         members = []
-        for name in model.macro_order:
-            c = model.constants.get(name)
-            if c is None or not name.startswith(fam.prefix) or not isinstance(c.value, int):
-                continue
-            if any(re.fullmatch(x, name) for x in fam.exclude):
-                continue
-            members.append((name[len(fam.prefix):], _py_value(c.value, c.hex), name))
-        for e in model.enums:   # C enum members with the prefix count too
-            for name, value in e.members:
-                if name.startswith(fam.prefix) and name not in model.constants and \
-                        not any(re.fullmatch(x, name) for x in fam.exclude):
-                    members.append((name[len(fam.prefix):], str(value), name))
+        origin = None
+        if fam.enum is not None:   # one C enum, in its own order
+            for e in model.enums:
+                if e.tag == fam.enum:
+                    members += [(n, str(v)) for n, v in e.members]
+                    origin = f"enum {e.tag} ({e.file}:{e.line})."
+        else:
+            for name in model.macro_order:
+                c = model.constants.get(name)
+                if c is not None and name.startswith(fam.prefix) and isinstance(c.value, int):
+                    members.append((name, _py_value(c.value, c.hex)))
+            members += [(n, str(v)) for e in model.enums if e.tag is None for n, v in e.members
+                        if n.startswith(fam.prefix) and n not in model.constants]
+        for name, _ in members:
+            if not name.startswith(fam.prefix):
+                raise GeneratorError(f"enum {fam.enum}: member {name} lacks the prefix "
+                                     f"{fam.prefix} that codegen/families.py declares for it",
+                                     *_where(model, name))
+        members = [(name[len(fam.prefix):], value, name) for name, value in members
+                   if not fam.excludes(name)]
         if not members:
             continue
         pys = names.assign(plan, [(f"{fam.name}.{m}", m) for m, _, _ in members], "enum", set())
@@ -295,21 +303,34 @@ def _families(model: Model, plan: names.Plan) -> list[dict]:
             for _, value, name in members:
                 value = int(value, 0)
                 if value in seen:
-                    c = model.constants.get(name)
-                    where = (c.file, c.line) if c else next(
-                        ((e.file, e.line) for e in model.enums if name in dict(e.members)), (None, None))
                     raise GeneratorError(f"enum family {fam.name}: {name} and {seen[value]} are both "
-                                         f"{value}; add an exclusion to codegen/families.py", *where)
+                                         f"{value}; add an exclusion to codegen/families.py",
+                                         *_where(model, name))
                 seen[value] = name
-        out.append({"name": fam.name, "doc": fam.doc, "flag": fam.flag, "members": members})
+        out.append({"name": fam.name, "doc": fam.doc, "origin": origin, "flag": fam.flag,
+                    "members": members})
     return out
 
 
+def _where(model: Model, name: str) -> tuple[str | None, int | None]:
+    c = model.constants.get(name)
+    if c is not None:
+        return c.file, c.line
+    return next(((e.file, e.line) for e in model.enums if name in dict(e.members)), (None, None))
+
+
 def _c_enums(model: Model, plan: names.Plan) -> list[dict]:
+    """C enums codegen/families.py does not declare, as the C spells them (the pinned
+    headers have none: tests/test_families.py checks)."""
+    declared = {fam.enum for fam in FAMILIES if fam.enum is not None}
     out = []
     for i, e in enumerate(model.enums):
         cls = plan.enum_classes.get(i)
         if cls is None:
+            continue
+        if e.tag in declared:   # rendered under its declared name, prefix dropped
+            plan.renamed = {k: v for k, v in plan.renamed.items()
+                            if k != f"enum {e.tag}" and not k.startswith(f"{cls}.")}
             continue
         out.append({"name": cls, "tag": e.tag, "file": e.file, "line": e.line,
                     "members": [(plan.enum_members[(cls, n)], v) for n, v in e.members]})
@@ -324,7 +345,8 @@ def _py_value(v: int | str, as_hex: bool = False) -> str:
 
 def render_module(model: Model, layout: Layout) -> str:
     plan = names.plan(model)
-    families, c_enums = _families(model, plan), _c_enums(model, plan)
+    c_enums = _c_enums(model, plan)   # first: it drops the plan's names for declared C enums
+    families = _families(model, plan)
     r = _Renderer(model, layout, plan)
     records = [r.record(k) for k in r.order()]
     declared = [plan.classes[k] for k, rec in model.records.items() if rec.fields is not None]
@@ -359,9 +381,10 @@ def render_template(name: str, **kw) -> str:
 
 def render_enums(model: Model) -> str:
     plan = names.plan(model)
+    c_enums = _c_enums(model, plan)
     return render_template("enums.py.j2", m=model, gen_version=GENERATOR_VERSION,
                            files=sorted(model.files.items()), families=_families(model, plan),
-                           c_enums=_c_enums(model, plan), py_value=_py_value)
+                           c_enums=c_enums, py_value=_py_value)
 
 
 def render_init(arches, version: str, source: str) -> str:

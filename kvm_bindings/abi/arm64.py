@@ -1045,7 +1045,7 @@ KVM_DEV_TYPE_MAX = 17
 
 # ---- enum classes: in arm64_enums, imported on first use (they cost more to build
 # than everything else here) ----
-_ENUMS = frozenset({"ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "DeviceType", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "DisableExits", "MemoryAttribute", "DirtyLogFlag", "KvmSmcccFilterAction", "KvmDeviceType", })
+_ENUMS = frozenset({"ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "DisableExits", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SmcccFilterAction", })
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any

@@ -352,27 +352,6 @@ class SystemEvent(enum.IntEnum):
     TDX_FATAL = 7
 
 
-class DeviceType(enum.IntEnum):
-    """Device types for KVM_CREATE_DEVICE."""
-
-    FSL_MPIC_20 = 1
-    FSL_MPIC_42 = 2
-    XICS = 3
-    VFIO = 4
-    ARM_VGIC_V2 = 5
-    FLIC = 6
-    ARM_VGIC_V3 = 7
-    ARM_VGIC_ITS = 8
-    XIVE = 9
-    ARM_PV_TIME = 10
-    RISCV_AIA = 11
-    LOONGARCH_IPI = 12
-    LOONGARCH_EIOINTC = 13
-    LOONGARCH_PCHPIC = 14
-    LOONGARCH_DMSINTC = 15
-    ARM_VGIC_V5 = 16
-
-
 class InternalError(enum.IntEnum):
     """kvm_run.internal.suberror."""
 
@@ -401,7 +380,6 @@ class MpState(enum.IntEnum):
 class IrqRoutingType(enum.IntEnum):
     """kvm_irq_routing_entry.type."""
 
-    XEN_EVTCHN_PRIO_2LEVEL = 4294967295
     IRQCHIP = 1
     MSI = 2
     S390_ADAPTER = 3
@@ -440,7 +418,6 @@ class MsrExitReason(enum.IntFlag):
     INVAL = 1
     UNKNOWN = 2
     FILTER = 4
-    VALID_MASK = 7
 
 
 class DisableExits(enum.IntFlag):
@@ -462,38 +439,42 @@ class MemoryAttribute(enum.IntFlag):
 class DirtyLogFlag(enum.IntFlag):
     """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags."""
 
-    PAGE_OFFSET = 64
     MANUAL_PROTECT_ENABLE = 1
     INITIALLY_SET = 2
 
 
-class KvmSmcccFilterAction(enum.IntEnum):
-    """enum kvm_smccc_filter_action (asm/kvm.h:495)."""
+class DeviceType(enum.IntEnum):
+    """Device types for KVM_CREATE_DEVICE.
 
-    KVM_SMCCC_FILTER_HANDLE = 0
-    KVM_SMCCC_FILTER_DENY = 1
-    KVM_SMCCC_FILTER_FWD_TO_USER = 2
+    enum kvm_device_type (linux/kvm.h:1195).
+    """
+
+    FSL_MPIC_20 = 1
+    FSL_MPIC_42 = 2
+    XICS = 3
+    VFIO = 4
+    ARM_VGIC_V2 = 5
+    FLIC = 6
+    ARM_VGIC_V3 = 7
+    ARM_VGIC_ITS = 8
+    XIVE = 9
+    ARM_PV_TIME = 10
+    RISCV_AIA = 11
+    LOONGARCH_IPI = 12
+    LOONGARCH_EIOINTC = 13
+    LOONGARCH_PCHPIC = 14
+    LOONGARCH_DMSINTC = 15
+    ARM_VGIC_V5 = 16
 
 
-class KvmDeviceType(enum.IntEnum):
-    """enum kvm_device_type (linux/kvm.h:1195)."""
+class SmcccFilterAction(enum.IntEnum):
+    """kvm_smccc_filter.action.
 
-    KVM_DEV_TYPE_FSL_MPIC_20 = 1
-    KVM_DEV_TYPE_FSL_MPIC_42 = 2
-    KVM_DEV_TYPE_XICS = 3
-    KVM_DEV_TYPE_VFIO = 4
-    KVM_DEV_TYPE_ARM_VGIC_V2 = 5
-    KVM_DEV_TYPE_FLIC = 6
-    KVM_DEV_TYPE_ARM_VGIC_V3 = 7
-    KVM_DEV_TYPE_ARM_VGIC_ITS = 8
-    KVM_DEV_TYPE_XIVE = 9
-    KVM_DEV_TYPE_ARM_PV_TIME = 10
-    KVM_DEV_TYPE_RISCV_AIA = 11
-    KVM_DEV_TYPE_LOONGARCH_IPI = 12
-    KVM_DEV_TYPE_LOONGARCH_EIOINTC = 13
-    KVM_DEV_TYPE_LOONGARCH_PCHPIC = 14
-    KVM_DEV_TYPE_LOONGARCH_DMSINTC = 15
-    KVM_DEV_TYPE_ARM_VGIC_V5 = 16
-    KVM_DEV_TYPE_MAX = 17
+    enum kvm_smccc_filter_action (asm/kvm.h:495).
+    """
+
+    HANDLE = 0
+    DENY = 1
+    FWD_TO_USER = 2
 
 

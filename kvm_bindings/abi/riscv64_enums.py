@@ -348,27 +348,6 @@ class SystemEvent(enum.IntEnum):
     TDX_FATAL = 7
 
 
-class DeviceType(enum.IntEnum):
-    """Device types for KVM_CREATE_DEVICE."""
-
-    FSL_MPIC_20 = 1
-    FSL_MPIC_42 = 2
-    XICS = 3
-    VFIO = 4
-    ARM_VGIC_V2 = 5
-    FLIC = 6
-    ARM_VGIC_V3 = 7
-    ARM_VGIC_ITS = 8
-    XIVE = 9
-    ARM_PV_TIME = 10
-    RISCV_AIA = 11
-    LOONGARCH_IPI = 12
-    LOONGARCH_EIOINTC = 13
-    LOONGARCH_PCHPIC = 14
-    LOONGARCH_DMSINTC = 15
-    ARM_VGIC_V5 = 16
-
-
 class InternalError(enum.IntEnum):
     """kvm_run.internal.suberror."""
 
@@ -397,7 +376,6 @@ class MpState(enum.IntEnum):
 class IrqRoutingType(enum.IntEnum):
     """kvm_irq_routing_entry.type."""
 
-    XEN_EVTCHN_PRIO_2LEVEL = 4294967295
     IRQCHIP = 1
     MSI = 2
     S390_ADAPTER = 3
@@ -434,7 +412,6 @@ class MsrExitReason(enum.IntFlag):
     INVAL = 1
     UNKNOWN = 2
     FILTER = 4
-    VALID_MASK = 7
 
 
 class DisableExits(enum.IntFlag):
@@ -456,134 +433,139 @@ class MemoryAttribute(enum.IntFlag):
 class DirtyLogFlag(enum.IntFlag):
     """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags."""
 
-    PAGE_OFFSET = 64
     MANUAL_PROTECT_ENABLE = 1
     INITIALLY_SET = 2
 
 
-class KvmRiscvIsaExtId(enum.IntEnum):
-    """enum KVM_RISCV_ISA_EXT_ID (asm/kvm.h:123)."""
+class DeviceType(enum.IntEnum):
+    """Device types for KVM_CREATE_DEVICE.
 
-    KVM_RISCV_ISA_EXT_A = 0
-    KVM_RISCV_ISA_EXT_C = 1
-    KVM_RISCV_ISA_EXT_D = 2
-    KVM_RISCV_ISA_EXT_F = 3
-    KVM_RISCV_ISA_EXT_H = 4
-    KVM_RISCV_ISA_EXT_I = 5
-    KVM_RISCV_ISA_EXT_M = 6
-    KVM_RISCV_ISA_EXT_SVPBMT = 7
-    KVM_RISCV_ISA_EXT_SSTC = 8
-    KVM_RISCV_ISA_EXT_SVINVAL = 9
-    KVM_RISCV_ISA_EXT_ZIHINTPAUSE = 10
-    KVM_RISCV_ISA_EXT_ZICBOM = 11
-    KVM_RISCV_ISA_EXT_ZICBOZ = 12
-    KVM_RISCV_ISA_EXT_ZBB = 13
-    KVM_RISCV_ISA_EXT_SSAIA = 14
-    KVM_RISCV_ISA_EXT_V = 15
-    KVM_RISCV_ISA_EXT_SVNAPOT = 16
-    KVM_RISCV_ISA_EXT_ZBA = 17
-    KVM_RISCV_ISA_EXT_ZBS = 18
-    KVM_RISCV_ISA_EXT_ZICNTR = 19
-    KVM_RISCV_ISA_EXT_ZICSR = 20
-    KVM_RISCV_ISA_EXT_ZIFENCEI = 21
-    KVM_RISCV_ISA_EXT_ZIHPM = 22
-    KVM_RISCV_ISA_EXT_SMSTATEEN = 23
-    KVM_RISCV_ISA_EXT_ZICOND = 24
-    KVM_RISCV_ISA_EXT_ZBC = 25
-    KVM_RISCV_ISA_EXT_ZBKB = 26
-    KVM_RISCV_ISA_EXT_ZBKC = 27
-    KVM_RISCV_ISA_EXT_ZBKX = 28
-    KVM_RISCV_ISA_EXT_ZKND = 29
-    KVM_RISCV_ISA_EXT_ZKNE = 30
-    KVM_RISCV_ISA_EXT_ZKNH = 31
-    KVM_RISCV_ISA_EXT_ZKR = 32
-    KVM_RISCV_ISA_EXT_ZKSED = 33
-    KVM_RISCV_ISA_EXT_ZKSH = 34
-    KVM_RISCV_ISA_EXT_ZKT = 35
-    KVM_RISCV_ISA_EXT_ZVBB = 36
-    KVM_RISCV_ISA_EXT_ZVBC = 37
-    KVM_RISCV_ISA_EXT_ZVKB = 38
-    KVM_RISCV_ISA_EXT_ZVKG = 39
-    KVM_RISCV_ISA_EXT_ZVKNED = 40
-    KVM_RISCV_ISA_EXT_ZVKNHA = 41
-    KVM_RISCV_ISA_EXT_ZVKNHB = 42
-    KVM_RISCV_ISA_EXT_ZVKSED = 43
-    KVM_RISCV_ISA_EXT_ZVKSH = 44
-    KVM_RISCV_ISA_EXT_ZVKT = 45
-    KVM_RISCV_ISA_EXT_ZFH = 46
-    KVM_RISCV_ISA_EXT_ZFHMIN = 47
-    KVM_RISCV_ISA_EXT_ZIHINTNTL = 48
-    KVM_RISCV_ISA_EXT_ZVFH = 49
-    KVM_RISCV_ISA_EXT_ZVFHMIN = 50
-    KVM_RISCV_ISA_EXT_ZFA = 51
-    KVM_RISCV_ISA_EXT_ZTSO = 52
-    KVM_RISCV_ISA_EXT_ZACAS = 53
-    KVM_RISCV_ISA_EXT_SSCOFPMF = 54
-    KVM_RISCV_ISA_EXT_ZIMOP = 55
-    KVM_RISCV_ISA_EXT_ZCA = 56
-    KVM_RISCV_ISA_EXT_ZCB = 57
-    KVM_RISCV_ISA_EXT_ZCD = 58
-    KVM_RISCV_ISA_EXT_ZCF = 59
-    KVM_RISCV_ISA_EXT_ZCMOP = 60
-    KVM_RISCV_ISA_EXT_ZAWRS = 61
-    KVM_RISCV_ISA_EXT_SMNPM = 62
-    KVM_RISCV_ISA_EXT_SSNPM = 63
-    KVM_RISCV_ISA_EXT_SVADE = 64
-    KVM_RISCV_ISA_EXT_SVADU = 65
-    KVM_RISCV_ISA_EXT_SVVPTC = 66
-    KVM_RISCV_ISA_EXT_ZABHA = 67
-    KVM_RISCV_ISA_EXT_ZICCRSE = 68
-    KVM_RISCV_ISA_EXT_ZAAMO = 69
-    KVM_RISCV_ISA_EXT_ZALRSC = 70
-    KVM_RISCV_ISA_EXT_ZICBOP = 71
-    KVM_RISCV_ISA_EXT_ZFBFMIN = 72
-    KVM_RISCV_ISA_EXT_ZVFBFMIN = 73
-    KVM_RISCV_ISA_EXT_ZVFBFWMA = 74
-    KVM_RISCV_ISA_EXT_ZCLSD = 75
-    KVM_RISCV_ISA_EXT_ZILSD = 76
-    KVM_RISCV_ISA_EXT_ZALASR = 77
-    KVM_RISCV_ISA_EXT_MAX = 78
+    enum kvm_device_type (linux/kvm.h:1195).
+    """
+
+    FSL_MPIC_20 = 1
+    FSL_MPIC_42 = 2
+    XICS = 3
+    VFIO = 4
+    ARM_VGIC_V2 = 5
+    FLIC = 6
+    ARM_VGIC_V3 = 7
+    ARM_VGIC_ITS = 8
+    XIVE = 9
+    ARM_PV_TIME = 10
+    RISCV_AIA = 11
+    LOONGARCH_IPI = 12
+    LOONGARCH_EIOINTC = 13
+    LOONGARCH_PCHPIC = 14
+    LOONGARCH_DMSINTC = 15
+    ARM_VGIC_V5 = 16
 
 
-class KvmRiscvSbiExtId(enum.IntEnum):
-    """enum KVM_RISCV_SBI_EXT_ID (asm/kvm.h:209)."""
+class RiscvIsaExtId(enum.IntEnum):
+    """RISC-V ISA extensions, as KVM_REG_RISCV_ISA_EXT register numbers.
 
-    KVM_RISCV_SBI_EXT_V01 = 0
-    KVM_RISCV_SBI_EXT_TIME = 1
-    KVM_RISCV_SBI_EXT_IPI = 2
-    KVM_RISCV_SBI_EXT_RFENCE = 3
-    KVM_RISCV_SBI_EXT_SRST = 4
-    KVM_RISCV_SBI_EXT_HSM = 5
-    KVM_RISCV_SBI_EXT_PMU = 6
-    KVM_RISCV_SBI_EXT_EXPERIMENTAL = 7
-    KVM_RISCV_SBI_EXT_VENDOR = 8
-    KVM_RISCV_SBI_EXT_DBCN = 9
-    KVM_RISCV_SBI_EXT_STA = 10
-    KVM_RISCV_SBI_EXT_SUSP = 11
-    KVM_RISCV_SBI_EXT_FWFT = 12
-    KVM_RISCV_SBI_EXT_MPXY = 13
-    KVM_RISCV_SBI_EXT_MAX = 14
+    enum KVM_RISCV_ISA_EXT_ID (asm/kvm.h:123).
+    """
+
+    A = 0
+    C = 1
+    D = 2
+    F = 3
+    H = 4
+    I = 5
+    M = 6
+    SVPBMT = 7
+    SSTC = 8
+    SVINVAL = 9
+    ZIHINTPAUSE = 10
+    ZICBOM = 11
+    ZICBOZ = 12
+    ZBB = 13
+    SSAIA = 14
+    V = 15
+    SVNAPOT = 16
+    ZBA = 17
+    ZBS = 18
+    ZICNTR = 19
+    ZICSR = 20
+    ZIFENCEI = 21
+    ZIHPM = 22
+    SMSTATEEN = 23
+    ZICOND = 24
+    ZBC = 25
+    ZBKB = 26
+    ZBKC = 27
+    ZBKX = 28
+    ZKND = 29
+    ZKNE = 30
+    ZKNH = 31
+    ZKR = 32
+    ZKSED = 33
+    ZKSH = 34
+    ZKT = 35
+    ZVBB = 36
+    ZVBC = 37
+    ZVKB = 38
+    ZVKG = 39
+    ZVKNED = 40
+    ZVKNHA = 41
+    ZVKNHB = 42
+    ZVKSED = 43
+    ZVKSH = 44
+    ZVKT = 45
+    ZFH = 46
+    ZFHMIN = 47
+    ZIHINTNTL = 48
+    ZVFH = 49
+    ZVFHMIN = 50
+    ZFA = 51
+    ZTSO = 52
+    ZACAS = 53
+    SSCOFPMF = 54
+    ZIMOP = 55
+    ZCA = 56
+    ZCB = 57
+    ZCD = 58
+    ZCF = 59
+    ZCMOP = 60
+    ZAWRS = 61
+    SMNPM = 62
+    SSNPM = 63
+    SVADE = 64
+    SVADU = 65
+    SVVPTC = 66
+    ZABHA = 67
+    ZICCRSE = 68
+    ZAAMO = 69
+    ZALRSC = 70
+    ZICBOP = 71
+    ZFBFMIN = 72
+    ZVFBFMIN = 73
+    ZVFBFWMA = 74
+    ZCLSD = 75
+    ZILSD = 76
+    ZALASR = 77
 
 
-class KvmDeviceType(enum.IntEnum):
-    """enum kvm_device_type (linux/kvm.h:1195)."""
+class RiscvSbiExtId(enum.IntEnum):
+    """RISC-V SBI extensions, as KVM_REG_RISCV_SBI_EXT register numbers.
 
-    KVM_DEV_TYPE_FSL_MPIC_20 = 1
-    KVM_DEV_TYPE_FSL_MPIC_42 = 2
-    KVM_DEV_TYPE_XICS = 3
-    KVM_DEV_TYPE_VFIO = 4
-    KVM_DEV_TYPE_ARM_VGIC_V2 = 5
-    KVM_DEV_TYPE_FLIC = 6
-    KVM_DEV_TYPE_ARM_VGIC_V3 = 7
-    KVM_DEV_TYPE_ARM_VGIC_ITS = 8
-    KVM_DEV_TYPE_XIVE = 9
-    KVM_DEV_TYPE_ARM_PV_TIME = 10
-    KVM_DEV_TYPE_RISCV_AIA = 11
-    KVM_DEV_TYPE_LOONGARCH_IPI = 12
-    KVM_DEV_TYPE_LOONGARCH_EIOINTC = 13
-    KVM_DEV_TYPE_LOONGARCH_PCHPIC = 14
-    KVM_DEV_TYPE_LOONGARCH_DMSINTC = 15
-    KVM_DEV_TYPE_ARM_VGIC_V5 = 16
-    KVM_DEV_TYPE_MAX = 17
+    enum KVM_RISCV_SBI_EXT_ID (asm/kvm.h:209).
+    """
+
+    V01 = 0
+    TIME = 1
+    IPI = 2
+    RFENCE = 3
+    SRST = 4
+    HSM = 5
+    PMU = 6
+    EXPERIMENTAL = 7
+    VENDOR = 8
+    DBCN = 9
+    STA = 10
+    SUSP = 11
+    FWFT = 12
+    MPXY = 13
 
 

@@ -841,7 +841,7 @@ KVM_DEV_TYPE_MAX = 17
 
 # ---- enum classes: in x86_64_enums, imported on first use (they cost more to build
 # than everything else here) ----
-_ENUMS = frozenset({"ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "DeviceType", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "SevCmdId", "KvmTdxCmdId", "KvmDeviceType", })
+_ENUMS = frozenset({"ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", })
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any

@@ -358,27 +358,6 @@ class SystemEvent(enum.IntEnum):
     TDX_FATAL = 7
 
 
-class DeviceType(enum.IntEnum):
-    """Device types for KVM_CREATE_DEVICE."""
-
-    FSL_MPIC_20 = 1
-    FSL_MPIC_42 = 2
-    XICS = 3
-    VFIO = 4
-    ARM_VGIC_V2 = 5
-    FLIC = 6
-    ARM_VGIC_V3 = 7
-    ARM_VGIC_ITS = 8
-    XIVE = 9
-    ARM_PV_TIME = 10
-    RISCV_AIA = 11
-    LOONGARCH_IPI = 12
-    LOONGARCH_EIOINTC = 13
-    LOONGARCH_PCHPIC = 14
-    LOONGARCH_DMSINTC = 15
-    ARM_VGIC_V5 = 16
-
-
 class InternalError(enum.IntEnum):
     """kvm_run.internal.suberror."""
 
@@ -407,7 +386,6 @@ class MpState(enum.IntEnum):
 class IrqRoutingType(enum.IntEnum):
     """kvm_irq_routing_entry.type."""
 
-    XEN_EVTCHN_PRIO_2LEVEL = 4294967295
     IRQCHIP = 1
     MSI = 2
     S390_ADAPTER = 3
@@ -449,7 +427,6 @@ class MsrExitReason(enum.IntFlag):
     INVAL = 1
     UNKNOWN = 2
     FILTER = 4
-    VALID_MASK = 7
 
 
 class VcpuEventsValid(enum.IntFlag):
@@ -469,7 +446,6 @@ class SyncRegs(enum.IntFlag):
     REGS = 1
     SREGS = 2
     EVENTS = 4
-    VALID_FIELDS = 7
 
 
 class CpuidFlag(enum.IntFlag):
@@ -516,75 +492,80 @@ class MemoryAttribute(enum.IntFlag):
 class DirtyLogFlag(enum.IntFlag):
     """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags."""
 
-    PAGE_OFFSET = 64
     MANUAL_PROTECT_ENABLE = 1
     INITIALLY_SET = 2
 
 
+class DeviceType(enum.IntEnum):
+    """Device types for KVM_CREATE_DEVICE.
+
+    enum kvm_device_type (linux/kvm.h:1195).
+    """
+
+    FSL_MPIC_20 = 1
+    FSL_MPIC_42 = 2
+    XICS = 3
+    VFIO = 4
+    ARM_VGIC_V2 = 5
+    FLIC = 6
+    ARM_VGIC_V3 = 7
+    ARM_VGIC_ITS = 8
+    XIVE = 9
+    ARM_PV_TIME = 10
+    RISCV_AIA = 11
+    LOONGARCH_IPI = 12
+    LOONGARCH_EIOINTC = 13
+    LOONGARCH_PCHPIC = 14
+    LOONGARCH_DMSINTC = 15
+    ARM_VGIC_V5 = 16
+
+
 class SevCmdId(enum.IntEnum):
-    """enum sev_cmd_id (asm/kvm.h:709)."""
+    """SEV commands for KVM_MEMORY_ENCRYPT_OP: kvm_sev_cmd.id.
 
-    KVM_SEV_INIT = 0
-    KVM_SEV_ES_INIT = 1
-    KVM_SEV_LAUNCH_START = 2
-    KVM_SEV_LAUNCH_UPDATE_DATA = 3
-    KVM_SEV_LAUNCH_UPDATE_VMSA = 4
-    KVM_SEV_LAUNCH_SECRET = 5
-    KVM_SEV_LAUNCH_MEASURE = 6
-    KVM_SEV_LAUNCH_FINISH = 7
-    KVM_SEV_SEND_START = 8
-    KVM_SEV_SEND_UPDATE_DATA = 9
-    KVM_SEV_SEND_UPDATE_VMSA = 10
-    KVM_SEV_SEND_FINISH = 11
-    KVM_SEV_RECEIVE_START = 12
-    KVM_SEV_RECEIVE_UPDATE_DATA = 13
-    KVM_SEV_RECEIVE_UPDATE_VMSA = 14
-    KVM_SEV_RECEIVE_FINISH = 15
-    KVM_SEV_GUEST_STATUS = 16
-    KVM_SEV_DBG_DECRYPT = 17
-    KVM_SEV_DBG_ENCRYPT = 18
-    KVM_SEV_CERT_EXPORT = 19
-    KVM_SEV_GET_ATTESTATION_REPORT = 20
-    KVM_SEV_SEND_CANCEL = 21
-    KVM_SEV_INIT2 = 22
-    KVM_SEV_SNP_LAUNCH_START = 100
-    KVM_SEV_SNP_LAUNCH_UPDATE = 101
-    KVM_SEV_SNP_LAUNCH_FINISH = 102
-    KVM_SEV_SNP_ENABLE_REQ_CERTS = 103
-    KVM_SEV_NR_MAX = 104
+    enum sev_cmd_id (asm/kvm.h:709).
+    """
 
-
-class KvmTdxCmdId(enum.IntEnum):
-    """enum kvm_tdx_cmd_id (asm/kvm.h:976)."""
-
-    KVM_TDX_CAPABILITIES = 0
-    KVM_TDX_INIT_VM = 1
-    KVM_TDX_INIT_VCPU = 2
-    KVM_TDX_INIT_MEM_REGION = 3
-    KVM_TDX_FINALIZE_VM = 4
-    KVM_TDX_GET_CPUID = 5
-    KVM_TDX_CMD_NR_MAX = 6
+    INIT = 0
+    ES_INIT = 1
+    LAUNCH_START = 2
+    LAUNCH_UPDATE_DATA = 3
+    LAUNCH_UPDATE_VMSA = 4
+    LAUNCH_SECRET = 5
+    LAUNCH_MEASURE = 6
+    LAUNCH_FINISH = 7
+    SEND_START = 8
+    SEND_UPDATE_DATA = 9
+    SEND_UPDATE_VMSA = 10
+    SEND_FINISH = 11
+    RECEIVE_START = 12
+    RECEIVE_UPDATE_DATA = 13
+    RECEIVE_UPDATE_VMSA = 14
+    RECEIVE_FINISH = 15
+    GUEST_STATUS = 16
+    DBG_DECRYPT = 17
+    DBG_ENCRYPT = 18
+    CERT_EXPORT = 19
+    GET_ATTESTATION_REPORT = 20
+    SEND_CANCEL = 21
+    INIT2 = 22
+    SNP_LAUNCH_START = 100
+    SNP_LAUNCH_UPDATE = 101
+    SNP_LAUNCH_FINISH = 102
+    SNP_ENABLE_REQ_CERTS = 103
 
 
-class KvmDeviceType(enum.IntEnum):
-    """enum kvm_device_type (linux/kvm.h:1195)."""
+class TdxCmdId(enum.IntEnum):
+    """TDX commands for KVM_MEMORY_ENCRYPT_OP: kvm_tdx_cmd.id.
 
-    KVM_DEV_TYPE_FSL_MPIC_20 = 1
-    KVM_DEV_TYPE_FSL_MPIC_42 = 2
-    KVM_DEV_TYPE_XICS = 3
-    KVM_DEV_TYPE_VFIO = 4
-    KVM_DEV_TYPE_ARM_VGIC_V2 = 5
-    KVM_DEV_TYPE_FLIC = 6
-    KVM_DEV_TYPE_ARM_VGIC_V3 = 7
-    KVM_DEV_TYPE_ARM_VGIC_ITS = 8
-    KVM_DEV_TYPE_XIVE = 9
-    KVM_DEV_TYPE_ARM_PV_TIME = 10
-    KVM_DEV_TYPE_RISCV_AIA = 11
-    KVM_DEV_TYPE_LOONGARCH_IPI = 12
-    KVM_DEV_TYPE_LOONGARCH_EIOINTC = 13
-    KVM_DEV_TYPE_LOONGARCH_PCHPIC = 14
-    KVM_DEV_TYPE_LOONGARCH_DMSINTC = 15
-    KVM_DEV_TYPE_ARM_VGIC_V5 = 16
-    KVM_DEV_TYPE_MAX = 17
+    enum kvm_tdx_cmd_id (asm/kvm.h:976).
+    """
+
+    CAPABILITIES = 0
+    INIT_VM = 1
+    INIT_VCPU = 2
+    INIT_MEM_REGION = 3
+    FINALIZE_VM = 4
+    GET_CPUID = 5
 
 
