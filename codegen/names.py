@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from .families import FAMILIES
 from .model import Model, Record, RecordRef
 
-# Names the generated module defines or imports, and the builtins its code calls.
+# Names the generated modules define or import (the helpers from _support among them),
+# and the builtins their code calls or annotates with. _support's own code is its own
+# namespace: C names never reach it.
 MODULE_RESERVED = frozenset({
     "annotations", "ctypes", "enum", "KERNEL_VERSION", "ARCH", "TYPE_CHECKING", "Any",
     "Ioctl", "IOCTLS", "EXIT_MEMBERS", "C_TYPES", "EMPTY_MACROS", "UNEXPRESSED", "RENAMED",
     "_ENUMS", "_FlexibleStructure", "_bitfield",
-    "AttributeError", "ValueError", "bool", "bytes", "classmethod", "dict", "frozenset",
-    "getattr", "globals", "int", "len", "max", "object", "property", "setattr", "str",
-    "tuple", "type",
+    "AttributeError", "bool", "bytes", "dict", "frozenset", "getattr", "globals", "int", "list",
+    "object", "str", "tuple",
 })
 # Members ctypes or the generator use in a struct/union class (plus every _sunder_).
 CLASS_RESERVED = frozenset({"alloc", "flex_array", "flex_capacity", "flex_nbytes", "from_address",

@@ -19,6 +19,9 @@ from .layout import Layout
 from .model import Builder, Constant, Ioctl, Model, Skipped
 
 ABI_DIR = ROOT / "kvm_bindings" / "abi"
+# The helpers every arch module imports (relatively, so an --out package carries its own):
+# part of every arch's files, so each generated folder has it and `check` compares it.
+SUPPORT_MODULE = "_support.py"
 
 
 class _EvalTypes:
@@ -191,7 +194,8 @@ def _generate(hs: HeaderSet, arch: Arch, with_facts: bool) -> dict[str, str]:
     from . import render
     model, layout = build_model(hs, arch)
     files = {f"{arch.name}.py": render.render_module(model, layout),
-             f"{arch.name}_enums.py": render.render_enums(model)}
+             f"{arch.name}_enums.py": render.render_enums(model),
+             SUPPORT_MODULE: render.render_support()}
     if with_facts:
         from . import probe
         files[f"{arch.name}_facts.json"] = probe.facts_json(probe.run_probe(model, layout, hs))

@@ -9,6 +9,7 @@ _align_ is set as well, for the Pythons that honour it.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 import jinja2
@@ -366,13 +367,19 @@ def render_module(model: Model, layout: Layout) -> str:
     constants = [(plan.values[c.name], _py_value(c.value, c.hex)) for c in model.constants.values()]
     enum_consts = [(plan.values[n], v) for e in model.enums for n, v in e.members
                    if n not in model.constants]
+    public = ["KERNEL_VERSION", "ARCH", *(n for n, _ in constants), *(n for n, _ in enum_consts),
+              *(fam["name"] for fam in families), *(e["name"] for e in c_enums), *declared,
+              "Ioctl", "IOCTLS", "EXIT_MEMBERS", "C_TYPES", "EMPTY_MACROS", "UNEXPRESSED",
+              "RENAMED"]
     return render_template("abi.py.j2",
         m=model, gen_version=GENERATOR_VERSION, records=[by_name[k] for k in declared],
         ordered=records, constants=constants, enum_consts=enum_consts,
         families=families, c_enums=c_enums, ioctls=ioctls, c_types=c_types,
         skipped=model.skipped, empty=model.empty_macros, files=sorted(model.files.items()),
         byteorder=model.arch.byteorder, exit_members=model.exit_members,
-        renamed=sorted(plan.renamed.items()), py_value=_py_value)
+        renamed=sorted(plan.renamed.items()), py_value=_py_value,
+        all_lines=textwrap.wrap(" ".join(f'"{n}",' for n in public), 96,
+                                break_long_words=False, break_on_hyphens=False))
 
 
 def render_template(name: str, **kw) -> str:
@@ -385,6 +392,11 @@ def render_enums(model: Model) -> str:
     return render_template("enums.py.j2", m=model, gen_version=GENERATOR_VERSION,
                            files=sorted(model.files.items()), families=_families(model, plan),
                            c_enums=c_enums, py_value=_py_value)
+
+
+def render_support() -> str:
+    """The helpers every arch module imports: the same file for every arch and kernel."""
+    return render_template("support.py.j2", gen_version=GENERATOR_VERSION)
 
 
 def render_init(arches, version: str, source: str) -> str:

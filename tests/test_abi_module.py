@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,135 @@ def test_unexpressed_items_each_carry_a_reason_and_place():
     assert abi.UNEXPRESSED
     for name, kind, reason, where in abi.UNEXPRESSED:
         assert name and kind and len(reason) > 10 and ":" in where
+
+
+# ---- one support module; __all__ and dir() give the ABI, not the module's imports ----
+
+ARCH_MODULES = ("x86_64", "arm64", "riscv64")
+# What an arch module binds that is not ABI: its imports and the helpers its code uses.
+NOT_ABI = {"annotations", "ctypes", "TYPE_CHECKING", "_FlexibleStructure", "_bitfield", "_ENUMS"}
+
+
+def _arch(name: str):
+    import importlib
+    return importlib.import_module(f"kvm_bindings.abi.{name}")
+
+
+def test_the_shared_helpers_are_one_set_of_objects_from_the_support_module():
+    from kvm_bindings.abi import _support
+    for name in ARCH_MODULES:
+        m = _arch(name)
+        assert m._FlexibleStructure is _support._FlexibleStructure
+        assert m._bitfield is _support._bitfield
+        assert m.Ioctl is _support.Ioctl
+        assert type(m.IOCTLS["KVM_RUN"]) is _support.Ioctl
+        flexible = [cls for cls in m.C_TYPES.values() if hasattr(cls, "_flex_field_")]
+        assert flexible and all(issubclass(cls, _support._FlexibleStructure) for cls in flexible)
+
+
+@pytest.mark.parametrize("name", ARCH_MODULES)
+def test_an_arch_module_does_not_repeat_the_helpers_source(name):
+    text = resources.files("kvm_bindings.abi").joinpath(f"{name}.py").read_text()
+    for definition in ("class _FlexibleStructure", "def _bitfield", "class Ioctl", "def alloc",
+                       "def flex_array"):
+        assert definition not in text
+    assert "from ._support import Ioctl, _FlexibleStructure, _bitfield" in text
+
+
+def test_dir_of_abi_is_its_all_and_shows_no_imports():
+    import kvm_bindings.abi as package
+    shown = {n for n in dir(package) if not (n.startswith("__") and n.endswith("__"))}
+    assert shown == set(package.__all__)
+    assert not shown & {"ctypes", "annotations", "TYPE_CHECKING", "Any", "_os", "_typing",
+                        "_host", "_MACHINES", "_FlexibleStructure", "_bitfield"}
+    assert {"ARCHES", "HOST_ARCH", "KVM_RUN", "kvm_regs", "IOCTLS", "Capability"} <= shown
+
+
+@pytest.mark.parametrize("name", ARCH_MODULES)
+def test_dir_of_an_arch_module_is_its_all(name):
+    m = _arch(name)
+    shown = {n for n in dir(m) if not (n.startswith("__") and n.endswith("__"))}
+    assert shown == set(m.__all__)
+    assert not shown & NOT_ABI
+
+
+@pytest.mark.parametrize("name", ARCH_MODULES)
+def test_all_of_an_arch_module_lists_every_abi_name_and_each_resolves(name):
+    m = _arch(name)
+    listed = set(m.__all__)
+    assert len(listed) == len(m.__all__)
+    # every name the module binds is in __all__ unless it is an import or a helper
+    defined = {n for n in vars(m) if not (n.startswith("__") and n.endswith("__"))}
+    assert defined - listed <= NOT_ABI
+    assert {m.RENAMED.get(io, io) for io in m.IOCTLS} <= listed
+    assert {cls.__name__ for cls in m.C_TYPES.values()} <= listed
+    assert m._ENUMS <= listed
+    assert {"KERNEL_VERSION", "ARCH", "IOCTLS", "C_TYPES", "EXIT_MEMBERS", "EMPTY_MACROS",
+            "UNEXPRESSED", "RENAMED", "Ioctl"} <= listed
+    unexpressed = {n for n, *_ in m.UNEXPRESSED}
+    constants = {m.RENAMED.get(n, n) for n in _facts_constants(name) if n not in unexpressed}
+    assert constants and constants <= listed
+    for n in m.__all__:
+        getattr(m, n)   # the enum classes too: each is built from the _enums module
+
+
+def _facts_constants(name: str) -> list[str]:
+    """The macros gcc evaluated for this arch when the module was generated."""
+    facts = json.loads(resources.files("kvm_bindings.abi").joinpath(f"{name}_facts.json")
+                       .read_text())
+    return list(facts["constants"])
+
+
+def test_all_of_abi_is_the_host_modules_plus_the_packages_own_and_each_resolves():
+    import kvm_bindings.abi as package
+    host = _arch(package.HOST_ARCH)
+    assert package.__all__ == [*host.__all__, "ARCHES", "HOST_ARCH"]
+    for n in host.__all__:
+        assert getattr(package, n) is getattr(host, n)
+    assert package.ARCHES == ("x86_64", "arm64", "riscv64") and package.HOST_ARCH == host.ARCH
+
+
+def test_star_import_of_abi_gives_the_abi_and_none_of_its_imports():
+    code = ("from kvm_bindings.abi import *\n"
+            "names = set(globals())\n"
+            "assert {'KVM_RUN', 'kvm_regs', 'IOCTLS', 'Capability', 'ExitReason', 'HOST_ARCH'} "
+            "<= names\n"
+            "assert not names & {'ctypes', 'TYPE_CHECKING', '_FlexibleStructure', '_os'}\n"
+            "assert IOCTLS['KVM_RUN'].number == KVM_RUN and kvm_msrs.alloc(2).flex_capacity == 2\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "ok\n"
+
+
+def test_a_generated_out_package_has_its_own_support_module(tmp_path, gcc):
+    from codegen.arches import host_arch
+
+    from .conftest import REQUIRE_TOOLS, ROOT, need
+    host = host_arch()
+    need(host is not None and Path("/usr/include/linux/kvm.h").exists(),
+         "no /usr/include/linux/kvm.h for this host's arch", REQUIRE_TOOLS)
+    assert host is not None
+    out = tmp_path / "mybindings"
+    proc = subprocess.run([sys.executable, "-m", "codegen", "generate", "--include-dir",
+                           "/usr/include", "--arch", host.name, "--no-facts", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "_support.py").exists()
+    # a fresh interpreter with only the output's parent on the path: the package's structs use
+    # its own _support, not kvm_bindings'
+    check = ("import sys\n"
+             f"sys.path.insert(0, {str(tmp_path)!r})\n"
+             f"import mybindings, mybindings.{host.name} as m\n"
+             "assert m._FlexibleStructure.__module__ == 'mybindings._support'\n"
+             "assert 'kvm_bindings' not in sys.modules\n"
+             "msrs = mybindings.kvm_msrs.alloc(3)\n"
+             "assert msrs.nmsrs == 3 and len(msrs.flex_array()) == 3\n"
+             "msrs.flex_array()[2].data = 7\n"
+             "assert msrs.flex_array()[2].data == 7\n"
+             "assert 'ctypes' not in dir(mybindings) and 'KVM_RUN' in mybindings.__all__\n"
+             "print('ok')\n")
+    imp = subprocess.run([sys.executable, "-I", "-c", check], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert imp.returncode == 0, imp.stderr
+    assert imp.stdout == "ok\n"

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os as _os
+import typing as _typing
 
 ARCHES = ("x86_64", "arm64", "riscv64", )
 _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64",
@@ -17,23 +18,26 @@ _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64":
 
 HOST_ARCH = _MACHINES.get(_os.uname().machine.lower())
 if HOST_ARCH == "x86_64":
-    from .x86_64 import *  # noqa: F401,F403
-    from .x86_64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
-                         KERNEL_VERSION, RENAMED, UNEXPRESSED)
+    if _typing.TYPE_CHECKING:
+        from .x86_64 import *  # noqa: F401,F403
     from . import x86_64 as _host
 elif HOST_ARCH == "arm64":
-    from .arm64 import *  # noqa: F401,F403
-    from .arm64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
-                         KERNEL_VERSION, RENAMED, UNEXPRESSED)
+    if _typing.TYPE_CHECKING:
+        from .arm64 import *  # noqa: F401,F403
     from . import arm64 as _host
 elif HOST_ARCH == "riscv64":
-    from .riscv64 import *  # noqa: F401,F403
-    from .riscv64 import (ARCH, C_TYPES, EMPTY_MACROS, EXIT_MEMBERS, IOCTLS,  # noqa: F401
-                         KERNEL_VERSION, RENAMED, UNEXPRESSED)
+    if _typing.TYPE_CHECKING:
+        from .riscv64 import *  # noqa: F401,F403
     from . import riscv64 as _host
 else:
     _host = None
 if _host is not None:
+    __all__ = [*_host.__all__, "ARCHES", "HOST_ARCH"]
+    # The host's ABI as plain attributes. Not `from .<arch> import *`: that would build the
+    # enum classes now, which cost more than the rest of the ABI; they come on first use.
+    globals().update({name: getattr(_host, name) for name in _host.__all__
+                      if name not in _host._ENUMS})
+
     def __getattr__(name: str) -> object:
         """The enum classes, built on first use and then kept here, so a later
         abi.Capability is a plain attribute, not another call to this function."""
@@ -41,8 +45,14 @@ if _host is not None:
         globals()[name] = value
         return value
 else:
+    __all__ = ["ARCHES", "HOST_ARCH"]
+
     # Submodules stay importable by name; only the host re-export is missing.
     def __getattr__(name: str) -> object:
         raise ImportError(f"kvm_bindings has no generated ABI for this machine "
                           f"({_os.uname().machine!r}); it ships {', '.join(ARCHES)}. Import one "
                           f"by name, e.g. kvm_bindings.abi.{ARCHES[0]}, to read that arch's ABI.")
+
+
+def __dir__() -> list[str]:
+    return list(__all__)

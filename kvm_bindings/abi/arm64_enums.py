@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import enum
 
+__all__ = ["ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "DisableExits", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SmcccFilterAction", ]
+
 
 
 class ExitReason(enum.IntEnum):

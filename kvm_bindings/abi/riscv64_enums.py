@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import enum
 
+__all__ = ["ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "DisableExits", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "RiscvIsaExtId", "RiscvSbiExtId", ]
+
 
 
 class ExitReason(enum.IntEnum):

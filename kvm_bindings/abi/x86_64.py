@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import ctypes
 
+from ._support import Ioctl, _FlexibleStructure, _bitfield
+
 KERNEL_VERSION = "7.2.0"
 ARCH = "x86_64"
 
@@ -856,67 +858,8 @@ else:
             return value
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-class _FlexibleStructure(ctypes.Structure):
-    """A struct that ends in a flexible array member: allocate it with room for entries."""
-
-    _flex_field_: str
-    _flex_type_: Any
-    _flex_count_: str | None = None
-
-    @classmethod
-    def alloc(cls, count: int) -> Any:
-        """A zeroed instance with room for `count` trailing entries; sets the count member."""
-        if count < 0:
-            raise ValueError("count must be >= 0")
-        offset = getattr(cls, cls._flex_field_).offset
-        size = max(ctypes.sizeof(cls), offset + count * ctypes.sizeof(cls._flex_type_))
-        obj = cls.from_buffer((ctypes.c_uint8 * size)())
-        obj._flex_capacity_ = count
-        if cls._flex_count_ is not None:
-            setattr(obj, cls._flex_count_, count)
-        return obj
-
-    @property
-    def flex_capacity(self) -> int:
-        """How many trailing entries this instance has room for."""
-        return int(getattr(self, "_flex_capacity_", 0))
-
-    @property
-    def flex_nbytes(self) -> int:
-        """Size of the struct with its trailing entries, as the kernel reads it."""
-        offset = getattr(type(self), self._flex_field_).offset
-        return max(ctypes.sizeof(self), offset + self.flex_capacity * ctypes.sizeof(self._flex_type_))
-
-    def flex_array(self, count: int | None = None) -> Any:
-        """The trailing entries as a ctypes array (default: as many as the count member says)."""
-        if count is None:
-            count = getattr(self, self._flex_count_) if self._flex_count_ else self.flex_capacity
-        if not 0 <= count <= self.flex_capacity:
-            raise ValueError(f"{type(self).__name__} has room for {self.flex_capacity} entries, "
-                             f"not {count}; allocate it with {type(self).__name__}.alloc(n)")
-        offset = getattr(type(self), self._flex_field_).offset
-        arr = (self._flex_type_ * count).from_address(ctypes.addressof(self) + offset)
-        arr._owner_ = self   # the entries live in self's buffer: keep it alive
-        return arr
-
-
-def _bitfield(storage: str, start: int, width: int, signed: bool) -> property:
-    """A bitfield GCC places where ctypes' own bitfields cannot go: bits of a byte array."""
-    mask = (1 << width) - 1
-
-    def get(self: ctypes.Structure) -> int:
-        raw = int.from_bytes(bytes(getattr(self, storage)), "little")
-        value = (raw >> start) & mask
-        return value - (1 << width) if signed and value >> (width - 1) else value
-
-    def set(self: ctypes.Structure, value: int) -> None:
-        array = getattr(self, storage)
-        raw = int.from_bytes(bytes(array), "little")
-        raw = (raw & ~(mask << start)) | ((value & mask) << start)
-        array[:] = raw.to_bytes(len(array), "little")
-
-    return property(get, set)
+    def __dir__() -> list[str]:
+        return list(__all__)
 
 
 # ---- structs and unions: declared here, laid out below ----
@@ -4194,25 +4137,6 @@ kvm_pre_fault_memory._fields_ = [
 ]
 
 
-class Ioctl:
-    """One ioctl: its number and what _IOC() was given for it."""
-
-    __slots__ = ("name", "number", "direction", "size", "arg_type", "arg_c")
-
-    def __init__(self, name: str, number: int, direction: str, size: int, arg_type: Any,
-                 arg_c: str | None) -> None:
-        self.name = name
-        self.number = number
-        self.direction = direction    # "none", "write", "read" or "readwrite", as _IOC says
-        self.size = size              # the _IOC size field: bytes the kernel copies
-        self.arg_type = arg_type      # the argument's ctypes type, when the size is a sizeof
-        self.arg_c = arg_c            # that type's C spelling
-
-    def __repr__(self) -> str:
-        return (f"Ioctl({self.name!r}, {self.number:#x}, {self.direction!r}, {self.size}, "
-                f"{self.arg_c!r})")
-
-
 IOCTLS: dict[str, Ioctl] = {
     "KVM_GET_API_VERSION": Ioctl("KVM_GET_API_VERSION", 0xae00, "none", 0, None, None),
     "KVM_CREATE_VM": Ioctl("KVM_CREATE_VM", 0xae01, "none", 0, None, None),
@@ -4619,3 +4543,309 @@ UNEXPRESSED: tuple[tuple[str, str, str, str], ...] = (
 # is in codegen/names.py.
 RENAMED: dict[str, str] = {
 }
+
+# What `from kvm_bindings.abi.x86_64 import *` and dir() give: the ABI, not the
+# names this module's own code uses (ctypes, the helpers from _support).
+__all__ = [
+    "KERNEL_VERSION", "ARCH", "__BITS_PER_LONG", "__BITS_PER_LONG_LONG", "__FD_SETSIZE",
+    "_IOC_NRBITS", "_IOC_TYPEBITS", "_IOC_SIZEBITS", "_IOC_DIRBITS", "_IOC_NRMASK", "_IOC_TYPEMASK",
+    "_IOC_SIZEMASK", "_IOC_DIRMASK", "_IOC_NRSHIFT", "_IOC_TYPESHIFT", "_IOC_SIZESHIFT",
+    "_IOC_DIRSHIFT", "_IOC_NONE", "_IOC_WRITE", "_IOC_READ", "IOC_IN", "IOC_OUT", "IOC_INOUT",
+    "IOCSIZE_MASK", "IOCSIZE_SHIFT", "KVM_PIO_PAGE_OFFSET", "KVM_COALESCED_MMIO_PAGE_OFFSET",
+    "KVM_DIRTY_LOG_PAGE_OFFSET", "DE_VECTOR", "DB_VECTOR", "BP_VECTOR", "OF_VECTOR", "BR_VECTOR",
+    "UD_VECTOR", "NM_VECTOR", "DF_VECTOR", "TS_VECTOR", "NP_VECTOR", "SS_VECTOR", "GP_VECTOR",
+    "PF_VECTOR", "MF_VECTOR", "AC_VECTOR", "MC_VECTOR", "XM_VECTOR", "VE_VECTOR", "CP_VECTOR",
+    "HV_VECTOR", "VC_VECTOR", "SX_VECTOR", "KVM_NR_INTERRUPTS", "KVM_IOAPIC_NUM_PINS",
+    "KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC", "KVM_NR_IRQCHIPS",
+    "KVM_RUN_X86_SMM", "KVM_RUN_X86_BUS_LOCK", "KVM_RUN_X86_GUEST_MODE", "KVM_APIC_REG_SIZE",
+    "KVM_SREGS2_FLAGS_PDPTRS_VALID", "KVM_MSR_FILTER_MAX_BITMAP_SIZE", "KVM_MSR_FILTER_READ",
+    "KVM_MSR_FILTER_WRITE", "KVM_MSR_FILTER_RANGE_VALID_MASK", "KVM_MSR_FILTER_MAX_RANGES",
+    "KVM_MSR_FILTER_DEFAULT_ALLOW", "KVM_MSR_FILTER_DEFAULT_DENY", "KVM_MSR_FILTER_VALID_MASK",
+    "KVM_CPUID_FLAG_SIGNIFCANT_INDEX", "KVM_CPUID_FLAG_STATEFUL_FUNC",
+    "KVM_CPUID_FLAG_STATE_READ_NEXT", "KVM_GUESTDBG_USE_SW_BP", "KVM_GUESTDBG_USE_HW_BP",
+    "KVM_GUESTDBG_INJECT_DB", "KVM_GUESTDBG_INJECT_BP", "KVM_GUESTDBG_BLOCKIRQ",
+    "KVM_PIT_FLAGS_HPET_LEGACY", "KVM_PIT_FLAGS_SPEAKER_DATA_ON", "KVM_VCPUEVENT_VALID_NMI_PENDING",
+    "KVM_VCPUEVENT_VALID_SIPI_VECTOR", "KVM_VCPUEVENT_VALID_SHADOW", "KVM_VCPUEVENT_VALID_SMM",
+    "KVM_VCPUEVENT_VALID_PAYLOAD", "KVM_VCPUEVENT_VALID_TRIPLE_FAULT", "KVM_X86_SHADOW_INT_MOV_SS",
+    "KVM_X86_SHADOW_INT_STI", "KVM_MAX_XCRS", "KVM_X86_REG_TYPE_MSR", "KVM_X86_REG_TYPE_KVM",
+    "KVM_REG_GUEST_SSP", "KVM_SYNC_X86_REGS", "KVM_SYNC_X86_SREGS", "KVM_SYNC_X86_EVENTS",
+    "KVM_SYNC_X86_VALID_FIELDS", "KVM_X86_QUIRK_LINT0_REENABLED", "KVM_X86_QUIRK_CD_NW_CLEARED",
+    "KVM_X86_QUIRK_LAPIC_MMIO_HOLE", "KVM_X86_QUIRK_OUT_7E_INC_RIP",
+    "KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT", "KVM_X86_QUIRK_FIX_HYPERCALL_INSN",
+    "KVM_X86_QUIRK_MWAIT_NEVER_UD_FAULTS", "KVM_X86_QUIRK_SLOT_ZAP_ALL",
+    "KVM_X86_QUIRK_STUFF_FEATURE_MSRS", "KVM_X86_QUIRK_IGNORE_GUEST_PAT",
+    "KVM_X86_QUIRK_VMCS12_ALLOW_FREEZE_IN_SMM", "KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT",
+    "KVM_STATE_NESTED_FORMAT_VMX", "KVM_STATE_NESTED_FORMAT_SVM", "KVM_STATE_NESTED_GUEST_MODE",
+    "KVM_STATE_NESTED_RUN_PENDING", "KVM_STATE_NESTED_EVMCS", "KVM_STATE_NESTED_MTF_PENDING",
+    "KVM_STATE_NESTED_GIF_SET", "KVM_STATE_NESTED_SMM_GUEST_MODE", "KVM_STATE_NESTED_SMM_VMXON",
+    "KVM_STATE_NESTED_VMX_VMCS_SIZE", "KVM_STATE_NESTED_SVM_VMCB_SIZE",
+    "KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE", "KVM_X86_GRP_SYSTEM", "KVM_X86_XCOMP_GUEST_SUPP",
+    "KVM_X86_GRP_SEV", "KVM_X86_SEV_VMSA_FEATURES", "KVM_X86_SNP_POLICY_BITS",
+    "KVM_X86_SEV_SNP_REQ_CERTS", "KVM_PMU_EVENT_ALLOW", "KVM_PMU_EVENT_DENY",
+    "KVM_PMU_EVENT_FLAG_MASKED_EVENTS", "KVM_PMU_EVENT_FLAGS_VALID_MASK",
+    "KVM_XEN_HVM_CONFIG_HYPERCALL_MSR", "KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL",
+    "KVM_XEN_HVM_CONFIG_SHARED_INFO", "KVM_XEN_HVM_CONFIG_RUNSTATE",
+    "KVM_XEN_HVM_CONFIG_EVTCHN_2LEVEL", "KVM_XEN_HVM_CONFIG_EVTCHN_SEND",
+    "KVM_XEN_HVM_CONFIG_RUNSTATE_UPDATE_FLAG", "KVM_XEN_HVM_CONFIG_PVCLOCK_TSC_UNSTABLE",
+    "KVM_XEN_HVM_CONFIG_SHARED_INFO_HVA", "KVM_XEN_MSR_MIN_INDEX", "KVM_XEN_MSR_MAX_INDEX",
+    "KVM_XEN_INVALID_GFN", "KVM_XEN_EVTCHN_DEASSIGN", "KVM_XEN_EVTCHN_UPDATE",
+    "KVM_XEN_EVTCHN_RESET", "KVM_XEN_ATTR_TYPE_LONG_MODE", "KVM_XEN_ATTR_TYPE_SHARED_INFO",
+    "KVM_XEN_ATTR_TYPE_UPCALL_VECTOR", "KVM_XEN_ATTR_TYPE_EVTCHN", "KVM_XEN_ATTR_TYPE_XEN_VERSION",
+    "KVM_XEN_ATTR_TYPE_RUNSTATE_UPDATE_FLAG", "KVM_XEN_ATTR_TYPE_SHARED_INFO_HVA",
+    "KVM_XEN_INVALID_GPA", "KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO",
+    "KVM_XEN_VCPU_ATTR_TYPE_VCPU_TIME_INFO", "KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_ADDR",
+    "KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_CURRENT", "KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_DATA",
+    "KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_ADJUST", "KVM_XEN_VCPU_ATTR_TYPE_VCPU_ID",
+    "KVM_XEN_VCPU_ATTR_TYPE_TIMER", "KVM_XEN_VCPU_ATTR_TYPE_UPCALL_VECTOR",
+    "KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO_HVA", "KVM_SEV_PAGE_TYPE_INVALID",
+    "KVM_SEV_SNP_PAGE_TYPE_NORMAL", "KVM_SEV_SNP_PAGE_TYPE_ZERO",
+    "KVM_SEV_SNP_PAGE_TYPE_UNMEASURED", "KVM_SEV_SNP_PAGE_TYPE_SECRETS",
+    "KVM_SEV_SNP_PAGE_TYPE_CPUID", "KVM_SEV_SNP_ID_BLOCK_SIZE", "KVM_SEV_SNP_ID_AUTH_SIZE",
+    "KVM_SEV_SNP_FINISH_DATA_SIZE", "KVM_X2APIC_API_USE_32BIT_IDS",
+    "KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK", "KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST",
+    "KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST", "KVM_HYPERV_CONN_ID_MASK",
+    "KVM_HYPERV_EVENTFD_DEASSIGN", "KVM_PMU_MASKED_ENTRY_EVENT_SELECT",
+    "KVM_PMU_MASKED_ENTRY_UMASK_MASK", "KVM_PMU_MASKED_ENTRY_UMASK_MATCH",
+    "KVM_PMU_MASKED_ENTRY_EXCLUDE", "KVM_PMU_MASKED_ENTRY_UMASK_MASK_SHIFT", "KVM_VCPU_TSC_CTRL",
+    "KVM_VCPU_TSC_OFFSET", "KVM_EXIT_HYPERCALL_LONG_MODE", "KVM_X86_DEFAULT_VM",
+    "KVM_X86_SW_PROTECTED_VM", "KVM_X86_SEV_VM", "KVM_X86_SEV_ES_VM", "KVM_X86_SNP_VM",
+    "KVM_X86_TDX_VM", "KVM_TDX_MEASURE_MEMORY_REGION", "KVM_API_VERSION", "KVM_MEM_LOG_DIRTY_PAGES",
+    "KVM_MEM_READONLY", "KVM_MEM_GUEST_MEMFD", "KVM_PIT_SPEAKER_DUMMY", "KVM_EXIT_HYPERV_SYNIC",
+    "KVM_EXIT_HYPERV_HCALL", "KVM_EXIT_HYPERV_SYNDBG", "KVM_EXIT_XEN_HCALL",
+    "KVM_S390_GET_SKEYS_NONE", "KVM_S390_SKEYS_MAX", "KVM_EXIT_UNKNOWN", "KVM_EXIT_EXCEPTION",
+    "KVM_EXIT_IO", "KVM_EXIT_HYPERCALL", "KVM_EXIT_DEBUG", "KVM_EXIT_HLT", "KVM_EXIT_MMIO",
+    "KVM_EXIT_IRQ_WINDOW_OPEN", "KVM_EXIT_SHUTDOWN", "KVM_EXIT_FAIL_ENTRY", "KVM_EXIT_INTR",
+    "KVM_EXIT_SET_TPR", "KVM_EXIT_TPR_ACCESS", "KVM_EXIT_S390_SIEIC", "KVM_EXIT_S390_RESET",
+    "KVM_EXIT_DCR", "KVM_EXIT_NMI", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_OSI",
+    "KVM_EXIT_PAPR_HCALL", "KVM_EXIT_S390_UCONTROL", "KVM_EXIT_WATCHDOG", "KVM_EXIT_S390_TSCH",
+    "KVM_EXIT_EPR", "KVM_EXIT_SYSTEM_EVENT", "KVM_EXIT_S390_STSI", "KVM_EXIT_IOAPIC_EOI",
+    "KVM_EXIT_HYPERV", "KVM_EXIT_ARM_NISV", "KVM_EXIT_X86_RDMSR", "KVM_EXIT_X86_WRMSR",
+    "KVM_EXIT_DIRTY_RING_FULL", "KVM_EXIT_AP_RESET_HOLD", "KVM_EXIT_X86_BUS_LOCK", "KVM_EXIT_XEN",
+    "KVM_EXIT_RISCV_SBI", "KVM_EXIT_RISCV_CSR", "KVM_EXIT_NOTIFY", "KVM_EXIT_LOONGARCH_IOCSR",
+    "KVM_EXIT_MEMORY_FAULT", "KVM_EXIT_TDX", "KVM_EXIT_ARM_SEA", "KVM_EXIT_ARM_LDST64B",
+    "KVM_EXIT_SNP_REQ_CERTS", "KVM_INTERNAL_ERROR_EMULATION", "KVM_INTERNAL_ERROR_SIMUL_EX",
+    "KVM_INTERNAL_ERROR_DELIVERY_EV", "KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON",
+    "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", "KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT",
+    "KVM_SYSTEM_EVENT_SHUTDOWN", "KVM_SYSTEM_EVENT_RESET", "KVM_SYSTEM_EVENT_CRASH",
+    "KVM_SYSTEM_EVENT_WAKEUP", "KVM_SYSTEM_EVENT_SUSPEND", "KVM_SYSTEM_EVENT_SEV_TERM",
+    "KVM_SYSTEM_EVENT_TDX_FATAL", "KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN",
+    "KVM_MSR_EXIT_REASON_FILTER", "KVM_MSR_EXIT_REASON_VALID_MASK", "KVM_NOTIFY_CONTEXT_INVALID",
+    "KVM_MEMORY_EXIT_FLAG_PRIVATE", "KVM_EXIT_ARM_SEA_FLAG_GPA_VALID", "SYNC_REGS_SIZE_BYTES",
+    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_UNINITIALIZED", "KVM_MP_STATE_INIT_RECEIVED",
+    "KVM_MP_STATE_HALTED", "KVM_MP_STATE_SIPI_RECEIVED", "KVM_MP_STATE_STOPPED",
+    "KVM_MP_STATE_CHECK_STOP", "KVM_MP_STATE_OPERATING", "KVM_MP_STATE_LOAD",
+    "KVM_MP_STATE_AP_RESET_HOLD", "KVM_MP_STATE_SUSPENDED", "KVM_GUESTDBG_ENABLE",
+    "KVM_GUESTDBG_SINGLESTEP", "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_PIO",
+    "KVM_IOEVENTFD_FLAG_DEASSIGN", "KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY",
+    "KVM_IOEVENTFD_VALID_FLAG_MASK", "KVM_X86_DISABLE_EXITS_MWAIT", "KVM_X86_DISABLE_EXITS_HLT",
+    "KVM_X86_DISABLE_EXITS_PAUSE", "KVM_X86_DISABLE_EXITS_CSTATE",
+    "KVM_X86_DISABLE_EXITS_APERFMPERF", "KVMIO", "KVM_VM_S390_UCONTROL", "KVM_VM_PPC_HV",
+    "KVM_VM_PPC_PR", "KVM_VM_MIPS_AUTO", "KVM_VM_MIPS_VZ", "KVM_VM_MIPS_TE",
+    "KVM_S390_SIE_PAGE_OFFSET", "KVM_VM_TYPE_ARM_IPA_SIZE_MASK", "KVM_VM_TYPE_ARM_PROTECTED",
+    "KVM_VM_TYPE_ARM_MASK", "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST",
+    "KVM_S390_ENABLE_SIE", "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE",
+    "KVM_GET_SUPPORTED_CPUID", "KVM_GET_EMULATED_CPUID", "KVM_GET_MSR_FEATURE_INDEX_LIST",
+    "KVM_CAP_IRQCHIP", "KVM_CAP_HLT", "KVM_CAP_MMU_SHADOW_CACHE_CONTROL", "KVM_CAP_USER_MEMORY",
+    "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_VAPIC", "KVM_CAP_EXT_CPUID", "KVM_CAP_CLOCKSOURCE",
+    "KVM_CAP_NR_VCPUS", "KVM_CAP_NR_MEMSLOTS", "KVM_CAP_PIT", "KVM_CAP_NOP_IO_DELAY",
+    "KVM_CAP_PV_MMU", "KVM_CAP_MP_STATE", "KVM_CAP_COALESCED_MMIO", "KVM_CAP_SYNC_MMU",
+    "KVM_CAP_IOMMU", "KVM_CAP_DESTROY_MEMORY_REGION_WORKS", "KVM_CAP_USER_NMI",
+    "KVM_CAP_SET_GUEST_DEBUG", "KVM_CAP_REINJECT_CONTROL", "KVM_CAP_IRQ_ROUTING",
+    "KVM_CAP_IRQ_INJECT_STATUS", "KVM_CAP_ASSIGN_DEV_IRQ", "KVM_CAP_JOIN_MEMORY_REGIONS_WORKS",
+    "KVM_CAP_MCE", "KVM_CAP_IRQFD", "KVM_CAP_PIT2", "KVM_CAP_SET_BOOT_CPU_ID", "KVM_CAP_PIT_STATE2",
+    "KVM_CAP_IOEVENTFD", "KVM_CAP_SET_IDENTITY_MAP_ADDR", "KVM_CAP_XEN_HVM", "KVM_CAP_ADJUST_CLOCK",
+    "KVM_CAP_INTERNAL_ERROR_DATA", "KVM_CAP_VCPU_EVENTS", "KVM_CAP_S390_PSW",
+    "KVM_CAP_PPC_SEGSTATE", "KVM_CAP_HYPERV", "KVM_CAP_HYPERV_VAPIC", "KVM_CAP_HYPERV_SPIN",
+    "KVM_CAP_PCI_SEGMENT", "KVM_CAP_PPC_PAIRED_SINGLES", "KVM_CAP_INTR_SHADOW", "KVM_CAP_DEBUGREGS",
+    "KVM_CAP_X86_ROBUST_SINGLESTEP", "KVM_CAP_PPC_OSI", "KVM_CAP_PPC_UNSET_IRQ",
+    "KVM_CAP_ENABLE_CAP", "KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_PPC_GET_PVINFO",
+    "KVM_CAP_PPC_IRQ_LEVEL", "KVM_CAP_ASYNC_PF", "KVM_CAP_TSC_CONTROL", "KVM_CAP_GET_TSC_KHZ",
+    "KVM_CAP_PPC_BOOKE_SREGS", "KVM_CAP_SPAPR_TCE", "KVM_CAP_PPC_SMT", "KVM_CAP_PPC_RMA",
+    "KVM_CAP_MAX_VCPUS", "KVM_CAP_PPC_HIOR", "KVM_CAP_PPC_PAPR", "KVM_CAP_SW_TLB",
+    "KVM_CAP_ONE_REG", "KVM_CAP_S390_GMAP", "KVM_CAP_TSC_DEADLINE_TIMER", "KVM_CAP_S390_UCONTROL",
+    "KVM_CAP_SYNC_REGS", "KVM_CAP_PCI_2_3", "KVM_CAP_KVMCLOCK_CTRL", "KVM_CAP_SIGNAL_MSI",
+    "KVM_CAP_PPC_GET_SMMU_INFO", "KVM_CAP_S390_COW", "KVM_CAP_PPC_ALLOC_HTAB",
+    "KVM_CAP_READONLY_MEM", "KVM_CAP_IRQFD_RESAMPLE", "KVM_CAP_PPC_BOOKE_WATCHDOG",
+    "KVM_CAP_PPC_HTAB_FD", "KVM_CAP_S390_CSS_SUPPORT", "KVM_CAP_PPC_EPR", "KVM_CAP_ARM_PSCI",
+    "KVM_CAP_ARM_SET_DEVICE_ADDR", "KVM_CAP_DEVICE_CTRL", "KVM_CAP_IRQ_MPIC", "KVM_CAP_PPC_RTAS",
+    "KVM_CAP_IRQ_XICS", "KVM_CAP_ARM_EL1_32BIT", "KVM_CAP_SPAPR_MULTITCE", "KVM_CAP_EXT_EMUL_CPUID",
+    "KVM_CAP_HYPERV_TIME", "KVM_CAP_IOAPIC_POLARITY_IGNORED", "KVM_CAP_ENABLE_CAP_VM",
+    "KVM_CAP_S390_IRQCHIP", "KVM_CAP_IOEVENTFD_NO_LENGTH", "KVM_CAP_VM_ATTRIBUTES",
+    "KVM_CAP_ARM_PSCI_0_2", "KVM_CAP_PPC_FIXUP_HCALL", "KVM_CAP_PPC_ENABLE_HCALL",
+    "KVM_CAP_CHECK_EXTENSION_VM", "KVM_CAP_S390_USER_SIGP", "KVM_CAP_S390_VECTOR_REGISTERS",
+    "KVM_CAP_S390_MEM_OP", "KVM_CAP_S390_USER_STSI", "KVM_CAP_S390_SKEYS", "KVM_CAP_MIPS_FPU",
+    "KVM_CAP_MIPS_MSA", "KVM_CAP_S390_INJECT_IRQ", "KVM_CAP_S390_IRQ_STATE", "KVM_CAP_PPC_HWRNG",
+    "KVM_CAP_DISABLE_QUIRKS", "KVM_CAP_X86_SMM", "KVM_CAP_MULTI_ADDRESS_SPACE",
+    "KVM_CAP_GUEST_DEBUG_HW_BPS", "KVM_CAP_GUEST_DEBUG_HW_WPS", "KVM_CAP_SPLIT_IRQCHIP",
+    "KVM_CAP_IOEVENTFD_ANY_LENGTH", "KVM_CAP_HYPERV_SYNIC", "KVM_CAP_S390_RI",
+    "KVM_CAP_SPAPR_TCE_64", "KVM_CAP_ARM_PMU_V3", "KVM_CAP_VCPU_ATTRIBUTES", "KVM_CAP_MAX_VCPU_ID",
+    "KVM_CAP_X2APIC_API", "KVM_CAP_S390_USER_INSTR0", "KVM_CAP_MSI_DEVID", "KVM_CAP_PPC_HTM",
+    "KVM_CAP_SPAPR_RESIZE_HPT", "KVM_CAP_PPC_MMU_RADIX", "KVM_CAP_PPC_MMU_HASH_V3",
+    "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_MIPS_VZ", "KVM_CAP_MIPS_TE", "KVM_CAP_MIPS_64BIT",
+    "KVM_CAP_S390_GS", "KVM_CAP_S390_AIS", "KVM_CAP_SPAPR_TCE_VFIO", "KVM_CAP_X86_DISABLE_EXITS",
+    "KVM_CAP_ARM_USER_IRQ", "KVM_CAP_S390_CMMA_MIGRATION", "KVM_CAP_PPC_FWNMI",
+    "KVM_CAP_PPC_SMT_POSSIBLE", "KVM_CAP_HYPERV_SYNIC2", "KVM_CAP_HYPERV_VP_INDEX",
+    "KVM_CAP_S390_AIS_MIGRATION", "KVM_CAP_PPC_GET_CPU_CHAR", "KVM_CAP_S390_BPB",
+    "KVM_CAP_GET_MSR_FEATURES", "KVM_CAP_HYPERV_EVENTFD", "KVM_CAP_HYPERV_TLBFLUSH",
+    "KVM_CAP_S390_HPAGE_1M", "KVM_CAP_NESTED_STATE", "KVM_CAP_ARM_INJECT_SERROR_ESR",
+    "KVM_CAP_MSR_PLATFORM_INFO", "KVM_CAP_PPC_NESTED_HV", "KVM_CAP_HYPERV_SEND_IPI",
+    "KVM_CAP_COALESCED_PIO", "KVM_CAP_HYPERV_ENLIGHTENED_VMCS", "KVM_CAP_EXCEPTION_PAYLOAD",
+    "KVM_CAP_ARM_VM_IPA_SIZE", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT", "KVM_CAP_HYPERV_CPUID",
+    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "KVM_CAP_PPC_IRQ_XIVE", "KVM_CAP_ARM_SVE",
+    "KVM_CAP_ARM_PTRAUTH_ADDRESS", "KVM_CAP_ARM_PTRAUTH_GENERIC", "KVM_CAP_PMU_EVENT_FILTER",
+    "KVM_CAP_ARM_IRQ_LINE_LAYOUT_2", "KVM_CAP_HYPERV_DIRECT_TLBFLUSH",
+    "KVM_CAP_PPC_GUEST_DEBUG_SSTEP", "KVM_CAP_ARM_NISV_TO_USER", "KVM_CAP_ARM_INJECT_EXT_DABT",
+    "KVM_CAP_S390_VCPU_RESETS", "KVM_CAP_S390_PROTECTED", "KVM_CAP_PPC_SECURE_GUEST",
+    "KVM_CAP_HALT_POLL", "KVM_CAP_ASYNC_PF_INT", "KVM_CAP_LAST_CPU", "KVM_CAP_SMALLER_MAXPHYADDR",
+    "KVM_CAP_S390_DIAG318", "KVM_CAP_STEAL_TIME", "KVM_CAP_X86_USER_SPACE_MSR",
+    "KVM_CAP_X86_MSR_FILTER", "KVM_CAP_ENFORCE_PV_FEATURE_CPUID", "KVM_CAP_SYS_HYPERV_CPUID",
+    "KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_X86_BUS_LOCK_EXIT", "KVM_CAP_PPC_DAWR1",
+    "KVM_CAP_SET_GUEST_DEBUG2", "KVM_CAP_SGX_ATTRIBUTE", "KVM_CAP_VM_COPY_ENC_CONTEXT_FROM",
+    "KVM_CAP_PTP_KVM", "KVM_CAP_HYPERV_ENFORCE_CPUID", "KVM_CAP_SREGS2", "KVM_CAP_EXIT_HYPERCALL",
+    "KVM_CAP_PPC_RPT_INVALIDATE", "KVM_CAP_BINARY_STATS_FD", "KVM_CAP_EXIT_ON_EMULATION_FAILURE",
+    "KVM_CAP_ARM_MTE", "KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM", "KVM_CAP_VM_GPA_BITS", "KVM_CAP_XSAVE2",
+    "KVM_CAP_SYS_ATTRIBUTES", "KVM_CAP_PPC_AIL_MODE_3", "KVM_CAP_S390_MEM_OP_EXTENSION",
+    "KVM_CAP_PMU_CAPABILITY", "KVM_CAP_DISABLE_QUIRKS2", "KVM_CAP_VM_TSC_CONTROL",
+    "KVM_CAP_SYSTEM_EVENT_DATA", "KVM_CAP_ARM_SYSTEM_SUSPEND", "KVM_CAP_S390_PROTECTED_DUMP",
+    "KVM_CAP_X86_TRIPLE_FAULT_EVENT", "KVM_CAP_X86_NOTIFY_VMEXIT",
+    "KVM_CAP_VM_DISABLE_NX_HUGE_PAGES", "KVM_CAP_S390_ZPCI_OP", "KVM_CAP_S390_CPU_TOPOLOGY",
+    "KVM_CAP_DIRTY_LOG_RING_ACQ_REL", "KVM_CAP_S390_PROTECTED_ASYNC_DISABLE",
+    "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP", "KVM_CAP_PMU_EVENT_MASKED_EVENTS",
+    "KVM_CAP_COUNTER_OFFSET", "KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE",
+    "KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES", "KVM_CAP_ARM_SUPPORTED_REG_MASK_RANGES",
+    "KVM_CAP_USER_MEMORY2", "KVM_CAP_MEMORY_FAULT_INFO", "KVM_CAP_MEMORY_ATTRIBUTES",
+    "KVM_CAP_GUEST_MEMFD", "KVM_CAP_VM_TYPES", "KVM_CAP_PRE_FAULT_MEMORY",
+    "KVM_CAP_X86_APIC_BUS_CYCLES_NS", "KVM_CAP_X86_GUEST_MODE", "KVM_CAP_ARM_WRITABLE_IMP_ID_REGS",
+    "KVM_CAP_ARM_EL2", "KVM_CAP_ARM_EL2_E2H0", "KVM_CAP_RISCV_MP_STATE_RESET",
+    "KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED", "KVM_CAP_GUEST_MEMFD_FLAGS",
+    "KVM_CAP_ARM_SEA_TO_USER", "KVM_CAP_S390_USER_OPEREXEC", "KVM_CAP_S390_KEYOP",
+    "KVM_CAP_S390_VSIE_ESAMODE", "KVM_CAP_S390_HPAGE_2G", "KVM_IRQ_ROUTING_XEN_EVTCHN_PRIO_2LEVEL",
+    "KVM_IRQ_ROUTING_IRQCHIP", "KVM_IRQ_ROUTING_MSI", "KVM_IRQ_ROUTING_S390_ADAPTER",
+    "KVM_IRQ_ROUTING_HV_SINT", "KVM_IRQ_ROUTING_XEN_EVTCHN", "KVM_IRQFD_FLAG_DEASSIGN",
+    "KVM_IRQFD_FLAG_RESAMPLE", "KVM_CLOCK_TSC_STABLE", "KVM_CLOCK_REALTIME", "KVM_CLOCK_HOST_TSC",
+    "KVM_MMU_FSL_BOOKE_NOHV", "KVM_MMU_FSL_BOOKE_HV", "KVM_REG_ARCH_MASK", "KVM_REG_GENERIC",
+    "KVM_REG_PPC", "KVM_REG_X86", "KVM_REG_IA64", "KVM_REG_ARM", "KVM_REG_S390", "KVM_REG_ARM64",
+    "KVM_REG_MIPS", "KVM_REG_RISCV", "KVM_REG_LOONGARCH", "KVM_REG_SIZE_SHIFT", "KVM_REG_SIZE_MASK",
+    "KVM_REG_SIZE_U8", "KVM_REG_SIZE_U16", "KVM_REG_SIZE_U32", "KVM_REG_SIZE_U64",
+    "KVM_REG_SIZE_U128", "KVM_REG_SIZE_U256", "KVM_REG_SIZE_U512", "KVM_REG_SIZE_U1024",
+    "KVM_REG_SIZE_U2048", "KVM_MSI_VALID_DEVID", "KVM_CREATE_DEVICE_TEST", "KVM_DEV_VFIO_FILE",
+    "KVM_DEV_VFIO_FILE_ADD", "KVM_DEV_VFIO_FILE_DEL", "KVM_DEV_VFIO_GROUP",
+    "KVM_DEV_VFIO_GROUP_ADD", "KVM_DEV_VFIO_GROUP_DEL", "KVM_DEV_VFIO_GROUP_SET_SPAPR_TCE",
+    "KVM_DEV_TYPE_FSL_MPIC_20", "KVM_DEV_TYPE_FSL_MPIC_42", "KVM_DEV_TYPE_XICS",
+    "KVM_DEV_TYPE_VFIO", "KVM_DEV_TYPE_ARM_VGIC_V2", "KVM_DEV_TYPE_FLIC",
+    "KVM_DEV_TYPE_ARM_VGIC_V3", "KVM_DEV_TYPE_ARM_VGIC_ITS", "KVM_DEV_TYPE_XIVE",
+    "KVM_DEV_TYPE_ARM_PV_TIME", "KVM_DEV_TYPE_RISCV_AIA", "KVM_DEV_TYPE_LOONGARCH_IPI",
+    "KVM_DEV_TYPE_LOONGARCH_EIOINTC", "KVM_DEV_TYPE_LOONGARCH_PCHPIC",
+    "KVM_DEV_TYPE_LOONGARCH_DMSINTC", "KVM_DEV_TYPE_ARM_VGIC_V5", "KVM_S390_KEYOP_ISKE",
+    "KVM_S390_KEYOP_RRBE", "KVM_S390_KEYOP_SSKE", "KVM_CREATE_VCPU", "KVM_GET_DIRTY_LOG",
+    "KVM_SET_NR_MMU_PAGES", "KVM_GET_NR_MMU_PAGES", "KVM_SET_USER_MEMORY_REGION",
+    "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_USER_MEMORY_REGION2",
+    "KVM_S390_VCPU_FAULT", "KVM_S390_KEYOP", "KVM_CREATE_IRQCHIP", "KVM_IRQ_LINE",
+    "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_CREATE_PIT", "KVM_GET_PIT", "KVM_SET_PIT",
+    "KVM_IRQ_LINE_STATUS", "KVM_REGISTER_COALESCED_MMIO", "KVM_UNREGISTER_COALESCED_MMIO",
+    "KVM_SET_GSI_ROUTING", "KVM_REINJECT_CONTROL", "KVM_IRQFD", "KVM_CREATE_PIT2",
+    "KVM_SET_BOOT_CPU_ID", "KVM_IOEVENTFD", "KVM_XEN_HVM_CONFIG", "KVM_SET_CLOCK", "KVM_GET_CLOCK",
+    "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_SET_TSC_KHZ", "KVM_GET_TSC_KHZ", "KVM_SIGNAL_MSI",
+    "KVM_PPC_ALLOCATE_HTAB", "KVM_ARM_SET_DEVICE_ADDR", "KVM_SET_PMU_EVENT_FILTER",
+    "KVM_PPC_SVM_OFF", "KVM_CREATE_DEVICE", "KVM_SET_DEVICE_ATTR", "KVM_GET_DEVICE_ATTR",
+    "KVM_HAS_DEVICE_ATTR", "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS",
+    "KVM_SET_SREGS", "KVM_TRANSLATE", "KVM_INTERRUPT", "KVM_GET_MSRS", "KVM_SET_MSRS",
+    "KVM_SET_CPUID", "KVM_SET_SIGNAL_MASK", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_LAPIC",
+    "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_TPR_ACCESS_REPORTING",
+    "KVM_SET_VAPIC_ADDR", "KVM_S390_STORE_STATUS_NOADDR", "KVM_S390_STORE_STATUS_PREFIXED",
+    "KVM_S390_STORE_STATUS", "KVM_S390_INITIAL_RESET", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE",
+    "KVM_NMI", "KVM_SET_GUEST_DEBUG", "KVM_X86_SETUP_MCE", "KVM_X86_GET_MCE_CAP_SUPPORTED",
+    "KVM_X86_SET_MCE", "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "KVM_GET_DEBUGREGS",
+    "KVM_SET_DEBUGREGS", "KVM_ENABLE_CAP", "KVM_GET_XSAVE", "KVM_SET_XSAVE", "KVM_GET_XCRS",
+    "KVM_SET_XCRS", "KVM_DIRTY_TLB", "KVM_GET_ONE_REG", "KVM_SET_ONE_REG", "KVM_KVMCLOCK_CTRL",
+    "KVM_GET_REG_LIST", "KVM_SMI", "KVM_MEMORY_ENCRYPT_OP", "KVM_MEMORY_ENCRYPT_REG_REGION",
+    "KVM_MEMORY_ENCRYPT_UNREG_REGION", "KVM_HYPERV_EVENTFD", "KVM_GET_NESTED_STATE",
+    "KVM_SET_NESTED_STATE", "KVM_CLEAR_DIRTY_LOG", "KVM_GET_SUPPORTED_HV_CPUID",
+    "KVM_ARM_VCPU_FINALIZE", "KVM_S390_NORMAL_RESET", "KVM_S390_CLEAR_RESET",
+    "KVM_X86_SET_MSR_FILTER", "KVM_RESET_DIRTY_RINGS", "KVM_XEN_HVM_GET_ATTR",
+    "KVM_XEN_HVM_SET_ATTR", "KVM_XEN_VCPU_GET_ATTR", "KVM_XEN_VCPU_SET_ATTR",
+    "KVM_XEN_HVM_EVTCHN_SEND", "KVM_GET_SREGS2", "KVM_SET_SREGS2",
+    "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE", "KVM_DIRTY_LOG_INITIALLY_SET", "KVM_DIRTY_GFN_F_DIRTY",
+    "KVM_DIRTY_GFN_F_RESET", "KVM_DIRTY_GFN_F_MASK", "KVM_BUS_LOCK_DETECTION_OFF",
+    "KVM_BUS_LOCK_DETECTION_EXIT", "KVM_PMU_CAP_DISABLE", "KVM_STATS_TYPE_SHIFT",
+    "KVM_STATS_TYPE_MASK", "KVM_STATS_TYPE_CUMULATIVE", "KVM_STATS_TYPE_INSTANT",
+    "KVM_STATS_TYPE_PEAK", "KVM_STATS_TYPE_LINEAR_HIST", "KVM_STATS_TYPE_LOG_HIST",
+    "KVM_STATS_TYPE_MAX", "KVM_STATS_UNIT_SHIFT", "KVM_STATS_UNIT_MASK", "KVM_STATS_UNIT_NONE",
+    "KVM_STATS_UNIT_BYTES", "KVM_STATS_UNIT_SECONDS", "KVM_STATS_UNIT_CYCLES",
+    "KVM_STATS_UNIT_BOOLEAN", "KVM_STATS_UNIT_MAX", "KVM_STATS_BASE_SHIFT", "KVM_STATS_BASE_MASK",
+    "KVM_STATS_BASE_POW10", "KVM_STATS_BASE_POW2", "KVM_STATS_BASE_MAX", "KVM_GET_STATS_FD",
+    "KVM_GET_XSAVE2", "KVM_X86_NOTIFY_VMEXIT_ENABLED", "KVM_X86_NOTIFY_VMEXIT_USER",
+    "KVM_SET_MEMORY_ATTRIBUTES", "KVM_MEMORY_ATTRIBUTE_PRIVATE", "KVM_CREATE_GUEST_MEMFD",
+    "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED", "KVM_PRE_FAULT_MEMORY", "KVM_SEV_INIT",
+    "KVM_SEV_ES_INIT", "KVM_SEV_LAUNCH_START", "KVM_SEV_LAUNCH_UPDATE_DATA",
+    "KVM_SEV_LAUNCH_UPDATE_VMSA", "KVM_SEV_LAUNCH_SECRET", "KVM_SEV_LAUNCH_MEASURE",
+    "KVM_SEV_LAUNCH_FINISH", "KVM_SEV_SEND_START", "KVM_SEV_SEND_UPDATE_DATA",
+    "KVM_SEV_SEND_UPDATE_VMSA", "KVM_SEV_SEND_FINISH", "KVM_SEV_RECEIVE_START",
+    "KVM_SEV_RECEIVE_UPDATE_DATA", "KVM_SEV_RECEIVE_UPDATE_VMSA", "KVM_SEV_RECEIVE_FINISH",
+    "KVM_SEV_GUEST_STATUS", "KVM_SEV_DBG_DECRYPT", "KVM_SEV_DBG_ENCRYPT", "KVM_SEV_CERT_EXPORT",
+    "KVM_SEV_GET_ATTESTATION_REPORT", "KVM_SEV_SEND_CANCEL", "KVM_SEV_INIT2",
+    "KVM_SEV_SNP_LAUNCH_START", "KVM_SEV_SNP_LAUNCH_UPDATE", "KVM_SEV_SNP_LAUNCH_FINISH",
+    "KVM_SEV_SNP_ENABLE_REQ_CERTS", "KVM_SEV_NR_MAX", "KVM_TDX_CAPABILITIES", "KVM_TDX_INIT_VM",
+    "KVM_TDX_INIT_VCPU", "KVM_TDX_INIT_MEM_REGION", "KVM_TDX_FINALIZE_VM", "KVM_TDX_GET_CPUID",
+    "KVM_TDX_CMD_NR_MAX", "kvm_ioeventfd_flag_nr_datamatch", "kvm_ioeventfd_flag_nr_pio",
+    "kvm_ioeventfd_flag_nr_deassign", "kvm_ioeventfd_flag_nr_virtio_ccw_notify",
+    "kvm_ioeventfd_flag_nr_fast_mmio", "kvm_ioeventfd_flag_nr_max", "KVM_DEV_TYPE_MAX",
+    "ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError",
+    "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason",
+    "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute",
+    "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", "__kernel_fd_set", "__kernel_fsid_t",
+    "kvm_pic_state", "kvm_ioapic_state", "kvm_ioapic_state_redirtbl", "kvm_ioapic_state_fields",
+    "kvm_regs", "kvm_lapic_state", "kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_sregs2",
+    "kvm_fpu", "kvm_msr_entry", "kvm_msrs", "kvm_msrs_s", "kvm_msrs___empty_entries",
+    "kvm_msr_list", "kvm_msr_list_s", "kvm_msr_list___empty_indices", "kvm_msr_filter_range",
+    "kvm_msr_filter", "kvm_cpuid_entry", "kvm_cpuid", "kvm_cpuid_s", "kvm_cpuid___empty_entries",
+    "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_cpuid2_s", "kvm_cpuid2___empty_entries",
+    "kvm_pit_channel_state", "kvm_debug_exit_arch", "kvm_guest_debug_arch", "kvm_pit_state",
+    "kvm_pit_state2", "kvm_reinject_control", "kvm_vcpu_events", "kvm_vcpu_events_exception",
+    "kvm_vcpu_events_interrupt", "kvm_vcpu_events_nmi", "kvm_vcpu_events_smi",
+    "kvm_vcpu_events_triple_fault", "kvm_debugregs", "kvm_xsave", "kvm_xsave_s",
+    "kvm_xsave___empty_extra", "kvm_xcr", "kvm_xcrs", "kvm_sync_regs", "kvm_vmx_nested_state_data",
+    "kvm_vmx_nested_state_hdr", "kvm_vmx_nested_state_hdr_smm", "kvm_svm_nested_state_data",
+    "kvm_svm_nested_state_hdr", "kvm_nested_state", "kvm_nested_state_hdr", "kvm_nested_state_data",
+    "kvm_nested_state_s", "kvm_nested_state___empty_vmx", "kvm_nested_state_s2",
+    "kvm_nested_state___empty_svm", "kvm_pmu_event_filter", "kvm_pmu_event_filter_s",
+    "kvm_pmu_event_filter___empty_events", "kvm_x86_mce", "kvm_xen_hvm_config", "kvm_xen_hvm_attr",
+    "kvm_xen_hvm_attr_u", "kvm_xen_hvm_attr_shared_info", "kvm_xen_hvm_attr_evtchn",
+    "kvm_xen_hvm_attr_deliver", "kvm_xen_hvm_attr_port", "kvm_xen_hvm_attr_eventfd",
+    "kvm_xen_vcpu_attr", "kvm_xen_vcpu_attr_u", "kvm_xen_vcpu_attr_runstate",
+    "kvm_xen_vcpu_attr_timer", "kvm_sev_cmd", "kvm_sev_init", "kvm_sev_launch_start",
+    "kvm_sev_launch_update_data", "kvm_sev_launch_secret", "kvm_sev_launch_measure",
+    "kvm_sev_guest_status", "kvm_sev_dbg", "kvm_sev_attestation_report", "kvm_sev_send_start",
+    "kvm_sev_send_update_data", "kvm_sev_receive_start", "kvm_sev_receive_update_data",
+    "kvm_sev_snp_launch_start", "kvm_sev_snp_launch_update", "kvm_sev_snp_launch_finish",
+    "kvm_hyperv_eventfd", "kvm_tdx_cmd", "kvm_tdx_capabilities", "kvm_tdx_init_vm",
+    "kvm_tdx_init_mem_region", "kvm_userspace_memory_region", "kvm_userspace_memory_region2",
+    "kvm_irq_level", "kvm_irq_level_u", "kvm_irqchip", "kvm_irqchip_chip", "kvm_pit_config",
+    "kvm_hyperv_exit", "kvm_hyperv_exit_u", "kvm_hyperv_exit_synic", "kvm_hyperv_exit_hcall",
+    "kvm_hyperv_exit_syndbg", "kvm_xen_exit", "kvm_xen_exit_u", "kvm_xen_exit_hcall",
+    "kvm_exit_snp_req_certs", "kvm_run", "kvm_run_u", "kvm_run_hw", "kvm_run_fail_entry",
+    "kvm_run_ex", "kvm_run_io", "kvm_run_debug", "kvm_run_mmio", "kvm_run_iocsr_io",
+    "kvm_run_hypercall", "kvm_run_u2", "kvm_run_tpr_access", "kvm_run_s390_sieic",
+    "kvm_run_s390_ucontrol", "kvm_run_dcr", "kvm_run_internal", "kvm_run_emulation_failure",
+    "kvm_run_u3", "kvm_run_s", "kvm_run_osi", "kvm_run_papr_hcall", "kvm_run_s390_tsch",
+    "kvm_run_epr", "kvm_run_system_event", "kvm_run_u4", "kvm_run_s390_stsi", "kvm_run_eoi",
+    "kvm_run_arm_nisv", "kvm_run_msr", "kvm_run_riscv_sbi", "kvm_run_riscv_csr", "kvm_run_notify",
+    "kvm_run_memory_fault", "kvm_run_tdx", "kvm_run_u5", "kvm_run_unknown", "kvm_run_get_quote",
+    "kvm_run_get_tdvmcall_info", "kvm_run_setup_event_notify", "kvm_run_arm_sea", "kvm_run_s2",
+    "kvm_coalesced_mmio_zone", "kvm_coalesced_mmio_zone_u", "kvm_coalesced_mmio",
+    "kvm_coalesced_mmio_u", "kvm_coalesced_mmio_ring", "kvm_coalesced_mmio_ring_s",
+    "kvm_coalesced_mmio_ring___empty_coalesced_mmio", "kvm_translation", "kvm_interrupt",
+    "kvm_dirty_log", "kvm_dirty_log_u", "kvm_clear_dirty_log", "kvm_clear_dirty_log_u",
+    "kvm_signal_mask", "kvm_signal_mask_s", "kvm_signal_mask___empty_sigset", "kvm_tpr_access_ctl",
+    "kvm_vapic_addr", "kvm_mp_state", "kvm_guest_debug", "kvm_ioeventfd", "kvm_enable_cap",
+    "kvm_irq_routing_irqchip", "kvm_irq_routing_msi", "kvm_irq_routing_msi_u",
+    "kvm_irq_routing_s390_adapter", "kvm_irq_routing_hv_sint", "kvm_irq_routing_xen_evtchn",
+    "kvm_irq_routing_entry", "kvm_irq_routing_entry_u", "kvm_irq_routing", "kvm_irq_routing_s",
+    "kvm_irq_routing___empty_entries", "kvm_irqfd", "kvm_clock_data", "kvm_config_tlb",
+    "kvm_dirty_tlb", "kvm_reg_list", "kvm_reg_list_s", "kvm_reg_list___empty_reg", "kvm_one_reg",
+    "kvm_msi", "kvm_arm_device_addr", "kvm_create_device", "kvm_device_attr", "kvm_vfio_spapr_tce",
+    "kvm_s390_keyop", "kvm_enc_region", "kvm_dirty_gfn", "kvm_stats_header", "kvm_stats_desc",
+    "kvm_stats_desc_s", "kvm_stats_desc___empty_name", "kvm_memory_attributes",
+    "kvm_create_guest_memfd", "kvm_pre_fault_memory", "Ioctl", "IOCTLS", "EXIT_MEMBERS", "C_TYPES",
+    "EMPTY_MACROS", "UNEXPRESSED", "RENAMED",
+]
