@@ -118,6 +118,17 @@ def check_int(value: Any, ctype: Any, what: str, bits: int | None = None, where:
     return int(value)
 
 
+def check_field(value: Any, cls: Any, name: str, what: str | None = None,
+                index: int | None = None) -> int:
+    """value checked against member `name` of cls (element `index` of an array member), with
+    the C type read from the generated class; `what` is the caller's parameter name."""
+    ctype, bits = field(cls, name)
+    where = f"{cls.__name__}.{name}"
+    if index is not None:
+        ctype, where = ctype._type_, f"{where}[{index}]"
+    return check_int(value, ctype, what or name, bits, where)
+
+
 def fill(obj: Any, names: dict[str, str] | None = None, /, **fields: Any) -> Any:
     """Set fields of a ctypes struct (a class makes a fresh one), each range-checked against
     its generated C type. names maps a field to the caller's parameter name for messages."""
@@ -125,9 +136,7 @@ def fill(obj: Any, names: dict[str, str] | None = None, /, **fields: Any) -> Any
         obj = obj()
     cls: Any = type(obj)
     for name, value in fields.items():
-        ctype, bits = field(cls, name)
-        param = (names or {}).get(name, name)
-        setattr(obj, name, check_int(value, ctype, param, bits, f"{cls.__name__}.{name}"))
+        setattr(obj, name, check_field(value, cls, name, (names or {}).get(name)))
     return obj
 
 

@@ -3,12 +3,11 @@ feature MSRs, and on vCPUs) and kvm_enable_cap (KVM_ENABLE_CAP on VMs and vCPUs)
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterable
 from typing import Any
 
 from . import abi
-from ._layout import check_int, fill
+from ._layout import check_field, fill
 
 
 def msrs(indices: Iterable[int], values: Iterable[int] | None = None) -> Any:
@@ -37,5 +36,5 @@ def enable_cap(cap: int, args: tuple[int, ...], flags: int) -> Any:
         raise ValueError("KVM_ENABLE_CAP takes at most four arguments")
     req = fill(abi.kvm_enable_cap, cap=cap, flags=flags)
     for i, a in enumerate(args):
-        req.args[i] = check_int(a, ctypes.c_uint64, f"args[{i}]", where=f"kvm_enable_cap.args[{i}]")
+        req.args[i] = check_field(a, abi.kvm_enable_cap, "args", f"args[{i}]", index=i)
     return req

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _requests, abi
 from ._fd import _ioctl
-from ._layout import capacity, check_flex, check_int, expect, fill, member, offset_of, type_of
+from ._layout import capacity, check_field, check_flex, check_int, expect, fill, member, offset_of
 from .device import DeviceAttributes
 from .errors import KvmError, KvmUnsupported, StaleExitError, StaleHandleError, VcpuBusyError
 from .exits import Decoder, Exit, InterruptedExit
@@ -358,10 +358,9 @@ class Vcpu(DeviceAttributes):
         values = list(debugreg)
         if len(values) > len(dbg.arch.debugreg):
             raise ValueError(f"at most {len(dbg.arch.debugreg)} debug registers, not {len(values)}")
-        ctype = type_of(abi.kvm_guest_debug_arch, "debugreg")._type_
         for i, value in enumerate(values):
-            dbg.arch.debugreg[i] = check_int(value, ctype, f"debugreg[{i}]",
-                                             where=f"kvm_guest_debug_arch.debugreg[{i}]")
+            dbg.arch.debugreg[i] = check_field(value, abi.kvm_guest_debug_arch, "debugreg",
+                                               f"debugreg[{i}]", index=i)
         self.ioctl(abi.KVM_SET_GUEST_DEBUG, dbg)
 
     def single_step(self, enabled: bool = True) -> None:
@@ -394,15 +393,14 @@ class Vcpu(DeviceAttributes):
 
     def get_cpuid2(self, max_entries: int = 256) -> Any:
         """KVM_GET_CPUID2: what was set, as a kvm_cpuid2."""
-        cpuid = abi.kvm_cpuid2.alloc(check_int(max_entries, ctypes.c_uint32, "max_entries",
-                                               where="kvm_cpuid2.nent"))
+        cpuid = abi.kvm_cpuid2.alloc(check_field(max_entries, abi.kvm_cpuid2, "nent", "max_entries"))
         self.ioctl(abi.KVM_GET_CPUID2, cpuid)
         return cpuid
 
     # -- ONE_REG, sync regs, signal mask, TSC
     def _one_reg(self, reg_id: int) -> tuple[int, Any]:
         """reg_id checked, and a buffer of the size the id encodes: KVM writes that many bytes."""
-        reg_id = check_int(reg_id, ctypes.c_uint64, "reg_id", where="kvm_one_reg.id")
+        reg_id = check_field(reg_id, abi.kvm_one_reg, "id", "reg_id")
         size = 1 << ((reg_id & abi.KVM_REG_SIZE_MASK) >> abi.KVM_REG_SIZE_SHIFT)
         return reg_id, (ctypes.c_uint8 * size)()
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import _requests, abi
 from . import vcpu as vcpu_module
 from ._fd import CapabilityOwner
-from ._layout import check_int, expect, fill
+from ._layout import check_field, check_int, expect, fill
 from .device import Device, DeviceAttributes
 from .errors import KvmError, KvmUnsupported, StaleHandleError
 from .memory import PAGE_SIZE, GuestMemfd, GuestMemory, MemoryRegion, SlotTable
@@ -91,7 +91,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
     def _check_slot(self, slot: int) -> int:
         """An explicit slot number: id (low 16 bits) below the per-address-space limit, and an
         address space (high 16 bits) the kernel has (KVM_CAP_MULTI_ADDRESS_SPACE)."""
-        slot = check_int(slot, ctypes.c_uint32, "slot", where="kvm_userspace_memory_region.slot")
+        slot = check_field(slot, abi.kvm_userspace_memory_region, "slot")
         limit = self._slot_limit()
         spaces = self.check_extension(abi.Capability.MULTI_ADDRESS_SPACE) or 1
         if slot & 0xFFFF >= limit or slot >> 16 >= spaces:
@@ -103,9 +103,8 @@ class Vm(CapabilityOwner, DeviceAttributes):
         return slot
 
     def _check_range(self, guest_phys_addr: int, size: int) -> tuple[int, int]:
-        gpa = check_int(guest_phys_addr, ctypes.c_uint64, "guest_phys_addr",
-                        where="kvm_userspace_memory_region.guest_phys_addr")
-        size = check_int(size, ctypes.c_uint64, "size", where="kvm_userspace_memory_region.memory_size")
+        gpa = check_field(guest_phys_addr, abi.kvm_userspace_memory_region, "guest_phys_addr")
+        size = check_field(size, abi.kvm_userspace_memory_region, "memory_size", "size")
         if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
             raise ValueError(f"guest_phys_addr ({gpa:#x}) and size ({size:#x}) must be "
                              f"multiples of the page size ({PAGE_SIZE:#x}), size > 0")
@@ -141,8 +140,7 @@ class Vm(CapabilityOwner, DeviceAttributes):
             if guest_memfd.vm is not self or guest_memfd.closed:
                 raise StaleHandleError(f"{guest_memfd!r} is closed or belongs to another VM")
             flags |= abi.KVM_MEM_GUEST_MEMFD
-        check_int(guest_memfd_offset, ctypes.c_uint64, "guest_memfd_offset",
-                  where="kvm_userspace_memory_region2.guest_memfd_offset")
+        check_field(guest_memfd_offset, abi.kvm_userspace_memory_region2, "guest_memfd_offset")
         with self._vm_lock:
             clash = self.memory.overlapping(gpa, size)
             if clash is not None:
@@ -282,10 +280,9 @@ class Vm(CapabilityOwner, DeviceAttributes):
         with self._vm_lock:
             live = self._own(region, "clear_dirty_log")
             total = live.size // PAGE_SIZE
-            first = check_int(first_page, ctypes.c_uint64, "first_page",
-                              where="kvm_clear_dirty_log.first_page")
-            pages = total - first if num_pages is None else check_int(
-                num_pages, ctypes.c_uint32, "num_pages", where="kvm_clear_dirty_log.num_pages")
+            first = check_field(first_page, abi.kvm_clear_dirty_log, "first_page")
+            pages = total - first if num_pages is None else check_field(
+                num_pages, abi.kvm_clear_dirty_log, "num_pages")
             if first % 64 or first + pages > total:
                 raise ValueError(f"pages {first}..{first + pages} are not a range of {region!r} "
                                  f"({total} pages) starting at a multiple of 64")
