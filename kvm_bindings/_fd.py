@@ -207,10 +207,20 @@ class FdObject(Unshareable):
 
 
 class CapabilityOwner(FdObject):
-    """An fd that answers KVM_CHECK_EXTENSION (the system fd and VM fds)."""
+    """An fd that answers KVM_CHECK_EXTENSION (the system fd and VM fds), answers cached."""
+
+    _caps: dict[int, int]
 
     def check_extension(self, cap: int) -> int:
-        raise NotImplementedError
+        """KVM_CHECK_EXTENSION: 0 if absent, else a capability-specific value."""
+        cap = check_int(cap, ctypes.c_long, "cap")
+        self.fd  # noqa: B018 - a closed object answers nothing, not even from the cache
+        if cap not in self._caps:
+            self._caps[cap] = self._ask_extension(cap)
+        return self._caps[cap]
+
+    def _ask_extension(self, cap: int) -> int:
+        return self.ioctl(abi.KVM_CHECK_EXTENSION, cap)
 
     def require(self, cap: int, what: str) -> int:
         """The capability's value, or KvmUnsupported naming the capability `what` needs."""

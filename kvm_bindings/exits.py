@@ -116,16 +116,17 @@ class PayloadExit(Exit):
         """Set fields of this exit's kvm_run member in the live kvm_run: the answer
         the kernel reads on the next KVM_RUN. Only until then: after it, StaleExitError."""
         vcpu = self._vcpu
-        fill(self._payload.__class__(), **fields)     # checked against the member's C types
+        checked = fill(type(self._payload)(), **fields)   # range-checked before any write
         # Holding the run lock, no run() can start between the staleness check and the write.
         with vcpu._between_runs(f"reply() to a {type(self).__name__}"):
             if vcpu._seq != self._seq:
                 raise StaleExitError(f"reply() to a stale {type(self).__name__}: vCPU {vcpu.id} "
                                      f"ran again (or closed) since; the guest has moved on")
-            fill(self._payload, **fields)
             live = vcpu._run_member(self.reason)
             for k in fields:
-                setattr(live, k, getattr(self._payload, k))
+                value = getattr(checked, k)
+                setattr(self._payload, k, value)
+                setattr(live, k, value)
 
     def __repr__(self) -> str:
         p = self._payload

@@ -54,15 +54,6 @@ class Kvm(CapabilityOwner):
             raise
 
     # -- capabilities
-    def check_extension(self, cap: int) -> int:
-        """KVM_CHECK_EXTENSION on /dev/kvm: 0 if absent, else a capability-specific value."""
-        cap = check_int(cap, ctypes.c_long, "cap")
-        self.fd  # noqa: B018 - a closed Kvm answers nothing, not even from the cache
-        if cap not in self._caps:
-            self._caps[cap] = self.ioctl(abi.KVM_CHECK_EXTENSION, cap)
-        return self._caps[cap]
-
-
     def capabilities(self) -> dict[Any, int]:
         """Every capability the bindings know, with this kernel's value for it."""
         return {cap: self.check_extension(cap) for cap in abi.Capability}

@@ -152,14 +152,11 @@ class Vcpu(DeviceAttributes):
                 self._page[_IMMEDIATE_EXIT] = 0
             raise
         finally:
-            self._owner = None
             if held:
                 # Before the run lock goes: a close() waiting for it then finds the fd free
                 # and closes it itself; a close() that gave up waiting left it to us.
                 self._unhold()
-            self._run_lock.release()
-            if self._deferred:
-                self._finish_close()
+            self._let_go_of_run_lock()
 
     @contextlib.contextmanager
     def _between_runs(self, what: str) -> Iterator[None]:
@@ -172,10 +169,14 @@ class Vcpu(DeviceAttributes):
         try:
             yield
         finally:
-            self._owner = None
-            self._run_lock.release()
-            if self._deferred:
-                self._finish_close()
+            self._let_go_of_run_lock()
+
+    def _let_go_of_run_lock(self) -> None:
+        """Release the run lock; if close() left the teardown to its holder, do it now."""
+        self._owner = None
+        self._run_lock.release()
+        if self._deferred:
+            self._finish_close()
 
     def _busy(self) -> Exception:
         if self._closing:

@@ -55,16 +55,12 @@ class Vm(CapabilityOwner, DeviceAttributes):
             raise
 
     # -- capabilities
-    def check_extension(self, cap: int) -> int:
-        """KVM_CHECK_EXTENSION on the VM fd where the kernel supports it, else on /dev/kvm."""
-        cap = check_int(cap, ctypes.c_long, "cap")
-        self.fd  # noqa: B018 - a closed VM answers nothing, not even from the cache
-        if cap not in self._caps:
-            if self._ask_vm_fd:
-                self._caps[cap] = self.ioctl(abi.KVM_CHECK_EXTENSION, cap)
-            else:
-                self._caps[cap] = self.kvm.check_extension(cap)
-        return self._caps[cap]
+    def _ask_extension(self, cap: int) -> int:
+        """On the VM fd where the kernel supports it (KVM_CAP_CHECK_EXTENSION_VM), else on
+        /dev/kvm."""
+        if self._ask_vm_fd:
+            return super()._ask_extension(cap)
+        return self.kvm.check_extension(cap)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM with up to four arguments."""
