@@ -1,14 +1,17 @@
 """kvm-bindings: the Linux KVM API for Python, generated from the kernel's headers.
 
 Kvm (/dev/kvm) -> Vm (KVM_CREATE_VM) -> Vcpu (KVM_CREATE_VCPU) and Device, as in
-the kernel. The generated ABI (constants, ctypes structs, ioctls) is
-kvm_bindings.abi; its per-arch modules (kvm_bindings.abi.x86_64) import on any
-host, so the runtime below is loaded only when one of its names is used.
+the kernel. Kvm, Vm and Vcpu here are the host arch's classes (on x86_64:
+kvm_bindings.x86.X86Kvm, X86Vm, X86Vcpu), which add that arch's calls to the
+arch-neutral ones in kvm_bindings.system, .vm and .vcpu. The generated ABI
+(constants, ctypes structs, ioctls) is kvm_bindings.abi; its per-arch modules
+(kvm_bindings.abi.x86_64) import on any host, so the runtime below is loaded
+only when one of its names is used.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "Capability": "abi", "ExitReason": "abi",
@@ -20,8 +23,13 @@ _EXPORTS = {
     "MmioExit": "exits", "MsrExit": "exits", "PayloadExit": "exits", "ShutdownExit": "exits",
     "SimpleExit": "exits", "UnknownExit": "exits",
     "GuestMemfd": "memory", "GuestMemory": "memory", "MemoryRegion": "memory",
-    "Kvm": "system", "Vcpu": "vcpu", "Vm": "vm",
+    "Stats": "stats", "StatDescriptor": "stats",
 }
+# The host arch's classes: {public name: (arch package, class)}; the arch-neutral ones
+# (kvm_bindings.system.Kvm, ...) on a host with no arch package.
+_HOST_CLASSES = {"x86_64": {"Kvm": ("x86", "X86Kvm"), "Vm": ("x86", "X86Vm"),
+                            "Vcpu": ("x86", "X86Vcpu")}}
+_NEUTRAL = {"Kvm": "system", "Vm": "vm", "Vcpu": "vcpu"}
 __all__ = [
     "Capability",
     "Device",
@@ -43,6 +51,8 @@ __all__ = [
     "PayloadExit",
     "ShutdownExit",
     "SimpleExit",
+    "StatDescriptor",
+    "Stats",
     "StaleExitError",
     "StaleHandleError",
     "UnknownExit",
@@ -76,20 +86,28 @@ if TYPE_CHECKING:
         UnknownExit,
     )
     from .memory import GuestMemfd, GuestMemory, MemoryRegion
-    from .system import Kvm
-    from .vcpu import Vcpu
-    from .vm import Vm
+    from .stats import StatDescriptor, Stats
+
+    # Type checkers cannot know the machine: they see x86_64's classes, as they see
+    # x86_64's ABI in kvm_bindings.abi (see there for choosing another arch).
+    from .x86 import X86Kvm as Kvm
+    from .x86 import X86Vcpu as Vcpu
+    from .x86 import X86Vm as Vm
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvm_bindings' has no attribute {name!r}")
+def __getattr__(name: str) -> object:
     import importlib
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    if name in _NEUTRAL:
+        from .abi import HOST_ARCH
+        module, attr = _HOST_CLASSES.get(HOST_ARCH or "", {}).get(name, (_NEUTRAL[name], name))
+    elif name in _EXPORTS:
+        module, attr = _EXPORTS[name], name
+    else:
+        raise AttributeError(f"module 'kvm_bindings' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(__all__)

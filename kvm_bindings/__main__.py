@@ -50,15 +50,15 @@ def info(args: argparse.Namespace) -> int:
         report: dict[str, Any] = {
             "api_version": kvm.api_version,
             "bindings_kernel": abi.KERNEL_VERSION,
-            "vcpu_mmap_size": kvm.vcpu_mmap_size,
-            "max_vcpus": kvm.max_vcpus,
+            "vcpu_mmap_size": kvm.get_vcpu_mmap_size(),
+            "max_vcpus": kvm.max_vcpus(),
             "vm_types": kvm.vm_types(),
             "capabilities": {f"KVM_CAP_{c.name}": v for c, v in kvm.capabilities().items()},
         }
-        for key, get in (("supported_cpuid_entries", lambda: kvm.supported_cpuid().nent),
-                         ("emulated_cpuid_entries", lambda: kvm.emulated_cpuid().nent),
-                         ("msr_indices", lambda: len(kvm.msr_index_list())),
-                         ("feature_msrs", lambda: len(kvm.feature_msr_index_list()))):
+        for key, get in (("supported_cpuid_entries", lambda: kvm.get_supported_cpuid().nent),
+                         ("emulated_cpuid_entries", lambda: kvm.get_emulated_cpuid().nent),
+                         ("msr_indices", lambda: len(kvm.get_msr_index_list())),
+                         ("feature_msrs", lambda: len(kvm.get_msr_feature_index_list()))):
             try:
                 report[key] = get()
             except KvmError as e:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import abi
-from ._layout import check_int, fill
+from ._layout import _C, check_int, fill
 from .errors import KvmError, KvmUnsupported, StaleHandleError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -153,7 +153,7 @@ class FdObject(Unshareable):
             if err != errno.EINTR:
                 raise KvmError(name, err)
 
-    def _get(self, number: int, cls: Any, **fields: Any) -> Any:
+    def _get(self, number: int, cls: type[_C], **fields: Any) -> _C:
         """A fresh cls (fields preset, range-checked), filled in by the ioctl."""
         obj = fill(cls, **fields)
         self.ioctl(number, obj)

@@ -10,7 +10,9 @@ import ctypes
 import functools
 import operator
 import struct
-from typing import Any
+from typing import Any, TypeVar, overload
+
+_C = TypeVar("_C", bound="ctypes.Structure | ctypes.Union")
 
 _FORMATS = {
     ctypes.c_uint8: "B", ctypes.c_int8: "b", ctypes.c_uint16: "H", ctypes.c_int16: "h",
@@ -129,6 +131,10 @@ def check_field(value: Any, cls: Any, name: str, what: str | None = None,
     return check_int(value, ctype, what or name, bits, where)
 
 
+@overload
+def fill(obj: type[_C], names: dict[str, str] | None = None, /, **fields: Any) -> _C: ...
+@overload
+def fill(obj: _C, names: dict[str, str] | None = None, /, **fields: Any) -> _C: ...
 def fill(obj: Any, names: dict[str, str] | None = None, /, **fields: Any) -> Any:
     """Set fields of a ctypes struct (a class makes a fresh one), each range-checked against
     its generated C type. names maps a field to the caller's parameter name for messages."""
@@ -140,7 +146,7 @@ def fill(obj: Any, names: dict[str, str] | None = None, /, **fields: Any) -> Any
     return obj
 
 
-def expect(obj: Any, cls: Any, where: str) -> Any:
+def expect(obj: object, cls: type[_C], where: str) -> _C:
     """obj if it is a cls (the kernel reads sizeof(cls) bytes from it), else TypeError."""
     if not isinstance(obj, cls):
         raise TypeError(f"{where} takes a {cls.__name__}, not {type(obj).__name__}: "

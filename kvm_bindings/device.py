@@ -24,8 +24,8 @@ ATTR_BUFFER = mmap.PAGESIZE
 class DeviceAttributes(FdObject):
     """KVM_{HAS,GET,SET}_DEVICE_ATTR, which device, vCPU and VM fds all answer."""
 
-    def _attr(self, group: int, attr: int, addr: int = 0, flags: int = 0) -> ctypes.Structure:
-        return fill(abi.kvm_device_attr, flags=flags, group=group, attr=attr, addr=addr)  # type: ignore[no-any-return]
+    def _attr(self, group: int, attr: int, addr: int = 0, flags: int = 0) -> abi.kvm_device_attr:
+        return fill(abi.kvm_device_attr, flags=flags, group=group, attr=attr, addr=addr)
 
     def has_attr(self, group: int, attr: int) -> bool:
         """KVM_HAS_DEVICE_ATTR."""

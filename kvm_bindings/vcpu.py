@@ -10,14 +10,14 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _requests, abi
 from ._fd import _ioctl
-from ._layout import capacity, check_field, check_flex, check_int, expect, fill, member, offset_of
+from ._layout import check_field, check_int, fill, member, offset_of
 from .device import DeviceAttributes
-from .errors import KvmError, KvmUnsupported, StaleExitError, StaleHandleError, VcpuBusyError
+from .errors import KvmError, StaleExitError, StaleHandleError, VcpuBusyError
 from .exits import Decoder, Exit, InterruptedExit
 from .stats import Stats
 
@@ -99,7 +99,7 @@ class Vcpu(DeviceAttributes):
         _install_kick_handler()
 
     @property
-    def kvm_run(self) -> Any:
+    def kvm_run(self) -> abi.kvm_run:
         """The shared struct kvm_run, as a ctypes view of the mapped page."""
         if self._closing:
             raise self._stale()
@@ -252,153 +252,29 @@ class Vcpu(DeviceAttributes):
     def _run_member(self, reason: int) -> Any:
         return self._decoder.live_member(reason)
 
-    # -- plain get/set pairs: each setter takes only its own struct (the kernel reads
-    # sizeof(that struct) bytes from whatever it is given)
-    def get_regs(self) -> Any:
-        """KVM_GET_REGS -> kvm_regs."""
-        return self._get(abi.KVM_GET_REGS, abi.kvm_regs)
-
-    def set_regs(self, regs: Any) -> None:
-        self.ioctl(abi.KVM_SET_REGS, expect(regs, abi.kvm_regs, "set_regs()"))
-
-    def get_sregs(self) -> Any:
-        """KVM_GET_SREGS -> kvm_sregs."""
-        return self._get(abi.KVM_GET_SREGS, abi.kvm_sregs)
-
-    def set_sregs(self, sregs: Any) -> None:
-        self.ioctl(abi.KVM_SET_SREGS, expect(sregs, abi.kvm_sregs, "set_sregs()"))
-
-    def get_sregs2(self) -> Any:
-        """KVM_GET_SREGS2 -> kvm_sregs2 (KVM_CAP_SREGS2): sregs plus the PDPTRs."""
-        self.vm.require(abi.Capability.SREGS2, "KVM_GET_SREGS2")
-        return self._get(abi.KVM_GET_SREGS2, abi.kvm_sregs2)
-
-    def set_sregs2(self, sregs2: Any) -> None:
-        self.vm.require(abi.Capability.SREGS2, "KVM_SET_SREGS2")
-        self.ioctl(abi.KVM_SET_SREGS2, expect(sregs2, abi.kvm_sregs2, "set_sregs2()"))
-
-    def get_fpu(self) -> Any:
-        """KVM_GET_FPU -> kvm_fpu."""
-        return self._get(abi.KVM_GET_FPU, abi.kvm_fpu)
-
-    def set_fpu(self, fpu: Any) -> None:
-        self.ioctl(abi.KVM_SET_FPU, expect(fpu, abi.kvm_fpu, "set_fpu()"))
-
-    def get_xsave(self) -> Any:
-        """KVM_GET_XSAVE -> kvm_xsave (the legacy 4 KiB area; see get_xsave2)."""
-        self.vm.require(abi.Capability.XSAVE, "KVM_GET_XSAVE")
-        return self._get(abi.KVM_GET_XSAVE, abi.kvm_xsave)
-
-    def set_xsave(self, xsave: Any) -> None:
-        """KVM_SET_XSAVE. Where KVM_CAP_XSAVE2 reports more than 4 KiB the kernel reads that
-        many bytes, so the object must hold them (as get_xsave2()'s does)."""
-        self.vm.require(abi.Capability.XSAVE, "KVM_SET_XSAVE")
-        expect(xsave, abi.kvm_xsave, "set_xsave()")
-        need = max(ctypes.sizeof(abi.kvm_xsave), self.vm.check_extension(abi.Capability.XSAVE2))
-        if capacity(xsave) < need:
-            raise ValueError(f"set_xsave(): this host's XSAVE state is {need} bytes and the kernel "
-                             f"reads all of them, but the object holds {capacity(xsave)}; "
-                             f"pass what get_xsave2() returned")
-        self.ioctl(abi.KVM_SET_XSAVE, xsave)
-
-    def get_xsave2(self) -> Any:
-        """KVM_GET_XSAVE2 -> kvm_xsave sized by KVM_CAP_XSAVE2 (AMX and other large state)."""
-        size = self.vm.require(abi.Capability.XSAVE2, "KVM_GET_XSAVE2")
-        extra = max(0, size - ctypes.sizeof(abi.kvm_xsave)) // ctypes.sizeof(ctypes.c_uint32)
-        xsave = abi.kvm_xsave.alloc(extra)
-        self.ioctl(abi.KVM_GET_XSAVE2, xsave)
-        return xsave
-
-    def get_xcrs(self) -> Any:
-        """KVM_GET_XCRS -> kvm_xcrs (KVM_CAP_XCRS)."""
-        self.vm.require(abi.Capability.XCRS, "KVM_GET_XCRS")
-        return self._get(abi.KVM_GET_XCRS, abi.kvm_xcrs)
-
-    def set_xcrs(self, xcrs: Any) -> None:
-        self.vm.require(abi.Capability.XCRS, "KVM_SET_XCRS")
-        self.ioctl(abi.KVM_SET_XCRS, expect(xcrs, abi.kvm_xcrs, "set_xcrs()"))
-
-    def get_lapic(self) -> Any:
-        """KVM_GET_LAPIC -> kvm_lapic_state (needs the in-kernel irqchip)."""
-        return self._get(abi.KVM_GET_LAPIC, abi.kvm_lapic_state)
-
-    def set_lapic(self, lapic: Any) -> None:
-        self.ioctl(abi.KVM_SET_LAPIC, expect(lapic, abi.kvm_lapic_state, "set_lapic()"))
-
-    def get_mp_state(self) -> Any:
-        """KVM_GET_MP_STATE as an abi.MpState."""
+    # -- state every arch has
+    def get_mp_state(self) -> abi.MpState:
+        """KVM_GET_MP_STATE as an abi.MpState (KVM_CAP_MP_STATE)."""
         self.vm.require(abi.Capability.MP_STATE, "KVM_GET_MP_STATE")
         return abi.MpState(self._get(abi.KVM_GET_MP_STATE, abi.kvm_mp_state).mp_state)
 
     def set_mp_state(self, state: int) -> None:
+        """KVM_SET_MP_STATE (KVM_CAP_MP_STATE): an abi.MpState value."""
         self.vm.require(abi.Capability.MP_STATE, "KVM_SET_MP_STATE")
         self.ioctl(abi.KVM_SET_MP_STATE, fill(abi.kvm_mp_state, {"mp_state": "state"}, mp_state=state))
 
-    def get_vcpu_events(self) -> Any:
-        """KVM_GET_VCPU_EVENTS -> kvm_vcpu_events (KVM_CAP_VCPU_EVENTS)."""
-        self.vm.require(abi.Capability.VCPU_EVENTS, "KVM_GET_VCPU_EVENTS")
-        return self._get(abi.KVM_GET_VCPU_EVENTS, abi.kvm_vcpu_events)
-
-    def set_vcpu_events(self, events: Any) -> None:
-        self.vm.require(abi.Capability.VCPU_EVENTS, "KVM_SET_VCPU_EVENTS")
-        self.ioctl(abi.KVM_SET_VCPU_EVENTS, expect(events, abi.kvm_vcpu_events, "set_vcpu_events()"))
-
-    def get_debugregs(self) -> Any:
-        """KVM_GET_DEBUGREGS -> kvm_debugregs (KVM_CAP_DEBUGREGS)."""
-        self.vm.require(abi.Capability.DEBUGREGS, "KVM_GET_DEBUGREGS")
-        return self._get(abi.KVM_GET_DEBUGREGS, abi.kvm_debugregs)
-
-    def set_debugregs(self, debugregs: Any) -> None:
-        self.vm.require(abi.Capability.DEBUGREGS, "KVM_SET_DEBUGREGS")
-        self.ioctl(abi.KVM_SET_DEBUGREGS, expect(debugregs, abi.kvm_debugregs, "set_debugregs()"))
-
-    def set_guest_debug(self, control: int, debugreg: Iterable[int] = ()) -> None:
-        """KVM_SET_GUEST_DEBUG: control is GuestDebugFlag bits; debugreg fills arch.debugreg."""
+    def set_guest_debug(self, control: int) -> None:
+        """KVM_SET_GUEST_DEBUG (KVM_CAP_SET_GUEST_DEBUG): control is abi.GuestDebugFlag bits;
+        the arch classes add their breakpoint registers."""
         self.vm.require(abi.Capability.SET_GUEST_DEBUG, "KVM_SET_GUEST_DEBUG")
-        dbg = fill(abi.kvm_guest_debug, control=control)
-        values = list(debugreg)
-        if len(values) > len(dbg.arch.debugreg):
-            raise ValueError(f"at most {len(dbg.arch.debugreg)} debug registers, not {len(values)}")
-        for i, value in enumerate(values):
-            dbg.arch.debugreg[i] = check_field(value, abi.kvm_guest_debug_arch, "debugreg",
-                                               f"debugreg[{i}]", index=i)
-        self.ioctl(abi.KVM_SET_GUEST_DEBUG, dbg)
+        self.ioctl(abi.KVM_SET_GUEST_DEBUG, fill(abi.kvm_guest_debug, control=control))
 
-    def single_step(self, enabled: bool = True) -> None:
+    def set_single_step(self, enabled: bool = True) -> None:
         """Exit with KVM_EXIT_DEBUG after every guest instruction (or stop doing so)."""
         flags = abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP if enabled else 0
         self.set_guest_debug(flags)
 
-    # -- MSRs and CPUID
-    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
-        """KVM_GET_MSRS for these MSR indices -> {index: value} (only those KVM returned)."""
-        msrs = _requests.msrs(indices)
-        return _requests.msr_results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
-
-    def set_msrs(self, values: dict[int, int]) -> int:
-        """KVM_SET_MSRS for {index: value}; raises KvmError naming the first MSR KVM refused."""
-        if not isinstance(values, Mapping):
-            raise TypeError(f"set_msrs() takes a mapping of MSR index to value, not "
-                            f"{type(values).__name__}")
-        msrs = _requests.msrs(values.keys(), values.values())
-        done = self.ioctl(abi.KVM_SET_MSRS, msrs)
-        if done != len(values):
-            index = list(values)[done]
-            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {index:#x} was refused")
-        return done
-
-    def set_cpuid2(self, cpuid: Any) -> None:
-        """KVM_SET_CPUID2 with a kvm_cpuid2 (e.g. kvm.supported_cpuid())."""
-        expect(cpuid, abi.kvm_cpuid2, "set_cpuid2()")
-        self.ioctl(abi.KVM_SET_CPUID2, check_flex(cpuid, "set_cpuid2()"))
-
-    def get_cpuid2(self, max_entries: int = 256) -> Any:
-        """KVM_GET_CPUID2: what was set, as a kvm_cpuid2."""
-        cpuid = abi.kvm_cpuid2.alloc(check_field(max_entries, abi.kvm_cpuid2, "nent", "max_entries"))
-        self.ioctl(abi.KVM_GET_CPUID2, cpuid)
-        return cpuid
-
-    # -- ONE_REG, sync regs, signal mask, TSC
+    # -- ONE_REG and the signal mask
     def _one_reg(self, reg_id: int) -> tuple[int, Any]:
         """reg_id checked, and a buffer of the size the id encodes: KVM writes that many bytes."""
         reg_id = check_field(reg_id, abi.kvm_one_reg, "id", "reg_id")
@@ -437,19 +313,6 @@ class Vcpu(DeviceAttributes):
         self.ioctl(abi.KVM_GET_REG_LIST, regs)
         return [int(r) for r in regs.flex_array()]
 
-    def sync_regs(self, valid: int) -> None:
-        """Ask KVM to copy these register sets (abi.SyncRegs bits) into kvm_run.s on every exit
-        (KVM_CAP_SYNC_REGS); read and change them in vcpu.kvm_run.s.regs, then mark_dirty()."""
-        supported = self.vm.require(abi.Capability.SYNC_REGS, "kvm_run sync regs")
-        fill(self.kvm_run, {"kvm_valid_regs": "valid"}, kvm_valid_regs=valid)
-        if valid & ~supported:
-            self.kvm_run.kvm_valid_regs = 0
-            raise KvmUnsupported(f"sync regs {valid:#x}", "KVM_CAP_SYNC_REGS (those register sets)")
-
-    def mark_dirty(self, regs: int) -> None:
-        """Tell KVM to load these sync register sets from kvm_run.s on the next run."""
-        fill(self.kvm_run, {"kvm_dirty_regs": "regs"}, kvm_dirty_regs=regs)
-
     def set_signal_mask(self, signals: Iterable[int] | None) -> None:
         """KVM_SET_SIGNAL_MASK: signals blocked while the guest runs (None: use the thread's).
         KICK_SIGNAL cannot be blocked: kick() and close() depend on it."""
@@ -470,55 +333,7 @@ class Vcpu(DeviceAttributes):
         sm.flex_array()[:] = list(mask.to_bytes(nbytes, "little"))
         self.ioctl(abi.KVM_SET_SIGNAL_MASK, sm)
 
-    def get_tsc_khz(self) -> int:
-        """KVM_GET_TSC_KHZ (KVM_CAP_GET_TSC_KHZ)."""
-        self.vm.require(abi.Capability.GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
-        return self.ioctl(abi.KVM_GET_TSC_KHZ)
-
-    def set_tsc_khz(self, khz: int) -> None:
-        """KVM_SET_TSC_KHZ (KVM_CAP_TSC_CONTROL)."""
-        # The ioctl's argument is an unsigned long, but the kernel keeps the frequency as a
-        # u32 (kvm_set_tsc_khz): a larger value would be cut to its low 32 bits.
-        khz = check_int(khz, ctypes.c_uint32, "khz")
-        self.vm.require(abi.Capability.TSC_CONTROL, "KVM_SET_TSC_KHZ")
-        self.ioctl(abi.KVM_SET_TSC_KHZ, khz)
-
-    def translate(self, linear_address: int) -> Any:
-        """KVM_TRANSLATE: walk the guest's page tables -> kvm_translation."""
-        return self._get(abi.KVM_TRANSLATE, abi.kvm_translation, linear_address=linear_address)
-
-    def interrupt(self, vector: int) -> None:
-        """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""
-        self.ioctl(abi.KVM_INTERRUPT, fill(abi.kvm_interrupt, {"irq": "vector"}, irq=vector))
-
-    def nmi(self) -> None:
-        """KVM_NMI: inject a non-maskable interrupt."""
-        self.ioctl(abi.KVM_NMI)
-
-    def smi(self) -> None:
-        """KVM_SMI: inject a system management interrupt (KVM_CAP_X86_SMM)."""
-        self.vm.require(abi.Capability.X86_SMM, "KVM_SMI")
-        self.ioctl(abi.KVM_SMI)
-
-    def get_nested_state(self) -> Any:
-        """KVM_GET_NESTED_STATE -> kvm_nested_state with its data (KVM_CAP_NESTED_STATE)."""
-        size = self.vm.require(abi.Capability.NESTED_STATE, "KVM_GET_NESTED_STATE")
-        buf = (ctypes.c_uint8 * max(size, ctypes.sizeof(abi.kvm_nested_state)))()
-        state = abi.kvm_nested_state.from_buffer(buf)
-        state.size = len(buf)
-        self.ioctl(abi.KVM_GET_NESTED_STATE, state)
-        return state
-
-    def set_nested_state(self, state: Any) -> None:
-        """KVM_SET_NESTED_STATE; the kernel reads state.size bytes, which the object must hold."""
-        self.vm.require(abi.Capability.NESTED_STATE, "KVM_SET_NESTED_STATE")
-        expect(state, abi.kvm_nested_state, "set_nested_state()")
-        if state.size > capacity(state):
-            raise ValueError(f"set_nested_state(): state.size is {state.size} but the object holds "
-                             f"{capacity(state)} bytes; pass what get_nested_state() returned")
-        self.ioctl(abi.KVM_SET_NESTED_STATE, state)
-
-    def dirty_ring(self) -> list[tuple[int, int]]:
+    def harvest_dirty_ring(self) -> list[tuple[int, int]]:
         """Harvest this vCPU's dirty ring: [(slot, page offset in the slot), ...] in order.
 
         Each harvested entry is marked for reset; vm.reset_dirty_rings() then re-arms them.
@@ -563,7 +378,7 @@ class Vcpu(DeviceAttributes):
         self.vm.require(abi.Capability.ENABLE_CAP, "KVM_ENABLE_CAP on a vCPU")
         self.ioctl(abi.KVM_ENABLE_CAP, _requests.enable_cap(cap, args, flags))
 
-    def stats(self) -> Stats:
+    def open_stats(self) -> Stats:
         """The vCPU's binary statistics fd (KVM_GET_STATS_FD); closed with the vCPU."""
         self.vm.require(abi.Capability.BINARY_STATS_FD, "KVM_GET_STATS_FD")
         stats = Stats(self.ioctl(abi.KVM_GET_STATS_FD))
@@ -571,7 +386,7 @@ class Vcpu(DeviceAttributes):
         return stats
 
     # -- coalesced MMIO ring, shared through this vCPU's mapping
-    def coalesced_mmio(self) -> list[tuple[int, bytes, bool]]:
+    def drain_coalesced_mmio(self) -> list[tuple[int, bytes, bool]]:
         """Drain the coalesced MMIO/PIO ring: [(address, data, is_pio), ...] oldest first."""
         self.fd  # noqa: B018 - refuse a closed vCPU before touching its page
         page = self.vm.require(abi.Capability.COALESCED_MMIO, "coalesced MMIO")

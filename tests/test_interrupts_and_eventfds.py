@@ -28,14 +28,14 @@ def test_irqfd_delivers_an_interrupt_to_the_guest_handler(vm, assemble, eventfd)
     vcpu = vm.create_vcpu(0)
     x86.setup_real_mode(vcpu, 0x1000, stack=0x8000)
     efd = eventfd()
-    vm.irqfd(efd, 5)
+    vm.add_irqfd(efd, 5)
 
     ready = vcpu.run()
     assert isinstance(ready, IoExit) and ready.port == 0x3F8
     os.eventfd_write(efd, 1)                  # raise IRQ 5 through the irqfd
     handled = vcpu.run()                      # the guest sleeps in hlt until the interrupt
     assert isinstance(handled, IoExit) and handled.port == 0x3F9 and bytes(handled.data) == b"\x25"
-    vm.irqfd_remove(efd, 5)
+    vm.remove_irqfd(efd, 5)
 
 
 def test_irq_line_injects_through_the_in_kernel_pic(vm, assemble):
@@ -45,16 +45,16 @@ def test_irq_line_injects_through_the_in_kernel_pic(vm, assemble):
     vcpu = vm.create_vcpu(0)
     x86.setup_real_mode(vcpu, 0x1000, stack=0x8000)
     assert vcpu.run().port == 0x3F8
-    vm.irq_line(5, 1)
-    vm.irq_line(5, 0)                         # an edge
+    vm.set_irq_line(5, 1)
+    vm.set_irq_line(5, 0)                         # an edge
     handled = vcpu.run()
     assert handled.port == 0x3F9
 
 
 def test_ioeventfd_counts_guest_writes_without_exits(vm, real_mode, eventfd):
     pio, matched = eventfd(), eventfd()
-    vm.ioeventfd(pio, 0x500, 1, pio=True)
-    vm.ioeventfd(matched, 0xD0000, 2, datamatch=0x1234)
+    vm.add_ioeventfd(pio, 0x500, 1, pio=True)
+    vm.add_ioeventfd(matched, 0xD0000, 2, datamatch=0x1234)
     vcpu = real_mode("ioeventfd")
     e = vcpu.run()                            # the five port writes and the matched MMIO write: no exits
     assert isinstance(e, MmioExit) and bytes(e.data) == (0x9999).to_bytes(2, "little")
@@ -62,23 +62,23 @@ def test_ioeventfd_counts_guest_writes_without_exits(vm, real_mode, eventfd):
     assert os.eventfd_read(matched) == 1
     assert vcpu.run().port == 0x3F8
     assert isinstance(vcpu.run(), HltExit)
-    vm.ioeventfd_remove(pio, 0x500, 1, pio=True)
+    vm.remove_ioeventfd(pio, 0x500, 1, pio=True)
 
 
 def test_coalesced_mmio_and_pio_ring_holds_the_writes_in_order(vm, real_mode):
-    vm.register_coalesced_mmio(0xE0000, 0x1000)
-    vm.register_coalesced_mmio(0x600, 1, pio=True)
+    vm.add_coalesced_mmio(0xE0000, 0x1000)
+    vm.add_coalesced_mmio(0x600, 1, pio=True)
     vcpu = real_mode("coalesced")
     e = vcpu.run()
     assert isinstance(e, IoExit) and e.port == 0x3F8    # no MMIO exits before this one
-    assert vcpu.coalesced_mmio() == [
+    assert vcpu.drain_coalesced_mmio() == [
         (0xE0000, b"\x11", False),
         (0xE0010, b"\x22\x22", False),
         (0xE0020, b"\x33\x33\x33\x33", False),
         (0x600, b"\x44", True),
     ]
-    assert vcpu.coalesced_mmio() == []          # drained
-    vm.unregister_coalesced_mmio(0xE0000, 0x1000)
+    assert vcpu.drain_coalesced_mmio() == []          # drained
+    vm.remove_coalesced_mmio(0xE0000, 0x1000)
 
 
 def test_irqchip_state_round_trips(vm):
@@ -125,7 +125,7 @@ def test_resampling_irqfd_signals_when_the_guest_acknowledges(vm, assemble, even
     vcpu = vm.create_vcpu(0)
     x86.setup_real_mode(vcpu, 0x1000, stack=0x8000)
     trigger, resample = eventfd(), eventfd()
-    vm.irqfd(trigger, 5, resample_fd=resample)
+    vm.add_irqfd(trigger, 5, resample_fd=resample)
 
     assert vcpu.run().port == 0x3F8             # programmed the PIC, about to wait
     os.eventfd_write(trigger, 1)                # raise the level interrupt

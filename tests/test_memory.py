@@ -12,10 +12,10 @@ def test_dirty_log_lists_exactly_the_pages_the_guest_wrote(vm, real_mode):
     region = vm.memory.regions[0]
     vm.set_dirty_logging(region, True)
     vcpu = real_mode("dirty")
-    vm.dirty_log(region)                   # forget the pages the test itself wrote
+    vm.get_dirty_log(region)                   # forget the pages the test itself wrote
     assert isinstance(vcpu.run(), HltExit)
-    assert vm.dirty_log(region) == [0x3000, 0x5000, 0x9000]
-    assert vm.dirty_log(region) == []      # reading the log resets it
+    assert vm.get_dirty_log(region) == [0x3000, 0x5000, 0x9000]
+    assert vm.get_dirty_log(region) == []      # reading the log resets it
     assert vm.memory.read(0x5123, 1) == b"\x02"
 
 
@@ -121,8 +121,8 @@ def test_dirty_ring_lists_the_pages_the_guest_wrote(kvm, assemble):
         vcpu = vm.create_vcpu(0)
         x86.setup_real_mode(vcpu, 0x1000)
         assert isinstance(vcpu.run(), HltExit)
-        pages = vcpu.dirty_ring()
+        pages = vcpu.harvest_dirty_ring()
         assert {(0, 3), (0, 5), (0, 9)} <= set(pages)
         assert {off for slot, off in pages} <= {1, 3, 5, 9}   # the code page may be touched too
         vm.reset_dirty_rings()
-        assert vcpu.dirty_ring() == []
+        assert vcpu.harvest_dirty_ring() == []

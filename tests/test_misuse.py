@@ -57,10 +57,10 @@ def test_dirty_log_of_a_removed_region_whose_slot_was_reused_is_refused(kvm):
         big = vm.add_memory(0x10000000, 0x10000000, log_dirty=True)    # 256 MiB, same slot
         assert big.slot == old.slot
         try:
-            vm.dirty_log(old)
+            vm.get_dirty_log(old)
         except StaleHandleError as e:
             print("refused:", e)
-        print("live region still answers:", vm.dirty_log(big) == [])
+        print("live region still answers:", vm.get_dirty_log(big) == [])
     """)
     assert result.returncode == 0, result.stderr
     assert "refused:" in result.stdout and "was removed" in result.stdout
@@ -72,7 +72,7 @@ def test_a_region_of_another_vm_is_refused_by_every_call_taking_a_region(kvm):
         a, b = kvm.create_vm(), kvm.create_vm()
         ra = a.add_memory(0, 0x1000, log_dirty=True)
         b.add_memory(0, 0x100000, log_dirty=True)           # b's slot 0 is larger
-        calls = [lambda: b.dirty_log(ra), lambda: b.remove_memory(ra),
+        calls = [lambda: b.get_dirty_log(ra), lambda: b.remove_memory(ra),
                  lambda: b.set_dirty_logging(ra, False), lambda: b.move_memory(ra, 0x200000),
                  lambda: b.clear_dirty_log(ra)]
         for call in calls:
@@ -280,7 +280,7 @@ def test_a_vm_constructor_failure_closes_its_fd_exactly_once(kvm, monkeypatch, t
 
     def broken(self):
         raise RuntimeError("injected")
-    monkeypatch.setattr(Kvm, "vcpu_mmap_size", property(broken))
+    monkeypatch.setattr(Kvm, "get_vcpu_mmap_size", broken)
     with pytest.raises(RuntimeError, match="injected"):
         kvm.create_vm()
     monkeypatch.undo()
@@ -303,7 +303,7 @@ def test_create_device_test_flag_returns_no_device(vm):
 def test_children_close_with_their_parent(vm):
     before = _kvm_fds()
     vcpu = vm.create_vcpu(0)
-    vm_stats, vcpu_stats = vm.stats(), vcpu.stats()
+    vm_stats, vcpu_stats = vm.open_stats(), vcpu.open_stats()
     dev = vm.create_device(abi.DeviceType.VFIO)
     assert len(_kvm_fds()) >= len(before) + 4
     vm.close()
@@ -325,11 +325,11 @@ def test_children_close_with_their_parent(vm):
     (lambda vm: vm.set_tss_addr(2**64 + 0xFFFBD000), ("addr",)),
     (lambda vm: vm.create_vcpu(0).set_msrs({0xC0000103: 2**70}), ("MSR 0xc0000103", "__u64")),
     (lambda vm: vm.create_vcpu(0).get_msrs([2**32]), ("MSR index", "__u32")),
-    (lambda vm: vm.irq_line(2**32, 1), ("irq", "__u32")),
-    (lambda vm: vm.irqfd(-1, 5), ("eventfd", "kvm_irqfd.fd", "__u32")),
-    (lambda vm: vm.ioeventfd(3, 0x1000, 2**32), ("length", "kvm_ioeventfd.len", "__u32")),
+    (lambda vm: vm.set_irq_line(2**32, 1), ("irq", "__u32")),
+    (lambda vm: vm.add_irqfd(-1, 5), ("eventfd", "kvm_irqfd.fd", "__u32")),
+    (lambda vm: vm.add_ioeventfd(3, 0x1000, 2**32), ("length", "kvm_ioeventfd.len", "__u32")),
     (lambda vm: vm.enable_cap(abi.Capability.X86_DISABLE_EXITS, 2**64), ("args[0]", "__u64")),
-    (lambda vm: vm.create_vcpu(0).interrupt(2**32), ("vector", "kvm_interrupt.irq")),
+    (lambda vm: vm.create_vcpu(0).inject_interrupt(2**32), ("vector", "kvm_interrupt.irq")),
     (lambda vm: vm.create_vcpu(0).set_tsc_khz(2**32 + 1), ("khz", "__u32")),
     (lambda vm: vm.signal_msi(2**64, 0), ("address", "__u64")),
     (lambda vm: vm.memory.write_int(0, 1, 0x1FF), ("0x1ff", "1 bytes")),
@@ -619,19 +619,19 @@ def _vm_calls(vm, region):
         "remove_memory": lambda: vm.remove_memory(region),
         "move_memory": lambda: vm.move_memory(region, 0x200000),
         "set_dirty_logging": lambda: vm.set_dirty_logging(region, True),
-        "dirty_log": lambda: vm.dirty_log(region),
+        "dirty_log": lambda: vm.get_dirty_log(region),
         "create_vcpu": lambda: vm.create_vcpu(1),
         "check_extension": lambda: vm.check_extension(abi.Capability.NR_MEMSLOTS),
         "enable_cap": lambda: vm.enable_cap(abi.Capability.X86_DISABLE_EXITS, 0),
         "set_tss_addr": lambda: vm.set_tss_addr(0xFFFBD000),
         "create_irqchip": lambda: vm.create_irqchip(),
-        "irq_line": lambda: vm.irq_line(4, 1),
+        "irq_line": lambda: vm.set_irq_line(4, 1),
         "get_clock": lambda: vm.get_clock(),
-        "ioeventfd": lambda: vm.ioeventfd(0, 0x1000, 4),
+        "ioeventfd": lambda: vm.add_ioeventfd(0, 0x1000, 4),
         "create_device": lambda: vm.create_device(abi.DeviceType.VFIO),
         "has_device_type": lambda: vm.has_device_type(abi.DeviceType.VFIO),
         "create_guest_memfd": lambda: vm.create_guest_memfd(0x1000),
-        "stats": lambda: vm.stats(),
+        "stats": lambda: vm.open_stats(),
     }
 
 
@@ -657,8 +657,8 @@ def test_every_call_on_a_closed_vcpu_is_refused(vm):
     vcpu = vm.create_vcpu(0)
     vcpu.close()
     calls = [vcpu.run, vcpu.get_regs, lambda: vcpu.set_regs(abi.kvm_regs()), vcpu.get_sregs,
-             vcpu.kick, lambda: vcpu.get_msrs([0x10]), vcpu.get_lapic, vcpu.coalesced_mmio,
-             vcpu.stats, lambda: vcpu.immediate_exit, lambda: vcpu.kvm_run,
+             vcpu.kick, lambda: vcpu.get_msrs([0x10]), vcpu.get_lapic, vcpu.drain_coalesced_mmio,
+             vcpu.open_stats, lambda: vcpu.immediate_exit, lambda: vcpu.kvm_run,
              lambda: vcpu.set_signal_mask(None), lambda: vcpu.enable_cap(0)]
     for call in calls:
         with pytest.raises(StaleHandleError, match="closed"):
@@ -726,7 +726,7 @@ def test_a_child_made_while_the_vm_closes_closes_with_it(kvm, monkeypatch, child
             closers.append(_in_other_thread_now(vm.close))
             _wait_until(lambda: vm.closed, "close() started")
     monkeypatch.setattr(cls, "__init__", init_then_close)
-    make = {"vm.stats": vm.stats, "vcpu.stats": parent_vcpu.stats,
+    make = {"vm.stats": vm.open_stats, "vcpu.stats": parent_vcpu.open_stats,
             "device": lambda: vm.create_device(abi.DeviceType.VFIO),
             "vcpu": lambda: vm.create_vcpu(1)}[child]
     before = _kvm_fds()
@@ -830,7 +830,7 @@ def test_dirty_ring_racing_close_leaks_nothing(kvm, assemble):
 
         def harvest(vcpu=vcpu, outcome=outcome):
             try:
-                outcome.append(vcpu.dirty_ring())
+                outcome.append(vcpu.harvest_dirty_ring())
             except BaseException as e:
                 outcome.append(e)
         t = threading.Thread(target=harvest, daemon=True)
@@ -1011,7 +1011,7 @@ def test_ctrl_c_right_as_close_starts_leaves_it_for_the_next_close(kvm, what):
 
 
 def test_ctrl_c_as_a_slot_deletion_returns_still_unmaps_its_memory(kvm):
-    from kvm_bindings import vm as vm_module
+    from kvm_bindings import slots
     vm = kvm.create_vm()
     region = vm.add_memory(0, 0x200000)
     real = vm._raw_ioctl
@@ -1023,13 +1023,13 @@ def test_ctrl_c_as_a_slot_deletion_returns_still_unmaps_its_memory(kvm):
     vm._raw_ioctl = delete_then_ctrl_c
     with pytest.raises(KeyboardInterrupt):
         vm.close()
-    assert vm.closed and region.removed and region not in vm_module._NEVER_UNMAPPED
+    assert vm.closed and region.removed and region not in slots._NEVER_UNMAPPED
     with pytest.raises(OSError):
         os.fstat(vm._fd)
 
 
 def test_ctrl_c_between_remove_memorys_ioctl_and_its_bookkeeping(vm, monkeypatch):
-    from kvm_bindings import vm as vm_module
+    from kvm_bindings import slots
     region = vm.add_memory(0x100000, 0x200000)
     real = type(vm)._set_region
     fired: list = []
@@ -1042,7 +1042,7 @@ def test_ctrl_c_between_remove_memorys_ioctl_and_its_bookkeeping(vm, monkeypatch
     monkeypatch.setattr(type(vm), "_set_region", set_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         vm.remove_memory(region)                    # interrupted: the bookkeeping happens first
-    assert region.removed and region not in vm_module._NEVER_UNMAPPED
+    assert region.removed and region not in slots._NEVER_UNMAPPED
     assert vm.memory.regions == (vm.memory.regions[0],) and region not in vm.memory.regions
     with pytest.raises(StaleHandleError):
         vm.remove_memory(region)

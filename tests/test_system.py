@@ -48,21 +48,21 @@ def test_capability_report_names_every_capability(kvm):
 
 
 def test_supported_cpuid_grows_its_buffer_until_it_fits(kvm):
-    cpuid = kvm.supported_cpuid()
+    cpuid = kvm.get_supported_cpuid()
     entries = cpuid.flex_array()
     assert cpuid.nent == len(entries) > 0
     leaf0 = next(e for e in entries if e.function == 0)
     vendor = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx))
     assert vendor.decode() == _host_cpu_vendor()    # KVM passes the host's vendor string through
-    assert len(kvm.emulated_cpuid().flex_array()) > 0
+    assert len(kvm.get_emulated_cpuid().flex_array()) > 0
 
 
 def test_msr_lists(kvm):
-    indices = kvm.msr_index_list()
+    indices = kvm.get_msr_index_list()
     assert 0x174 in indices                        # IA32_SYSENTER_CS is saved and restored
     if kvm.check_extension(Capability.GET_MSR_FEATURES):
         # KVM lists only the feature MSRs it can read, so every one of them has a value.
-        assert set(kvm.feature_msrs()) == set(kvm.feature_msr_index_list())
+        assert set(kvm.get_feature_msrs()) == set(kvm.get_msr_feature_index_list())
 
 
 # XSAVE area layout (Intel SDM vol. 1, 13.4): XMM0 in the legacy region, XSTATE_BV in the header.
@@ -128,7 +128,7 @@ def test_msrs_by_index(vm):
 def test_cpuid_set_and_read_back(vm):
     vcpu = vm.create_vcpu(0)
     assert vcpu.get_cpuid2().nent == 0             # a new vCPU has no CPUID at all
-    supported = vm.kvm.supported_cpuid()
+    supported = vm.kvm.get_supported_cpuid()
     vcpu.set_cpuid2(supported)
     got = vcpu.get_cpuid2()
 
@@ -223,14 +223,14 @@ def test_every_register_in_the_reg_list_can_be_read(vm):
 
 def test_sync_regs_appear_in_kvm_run(vm, real_mode):
     vcpu = real_mode("port_io")
-    vcpu.sync_regs(abi.KVM_SYNC_X86_REGS)
+    vcpu.enable_sync_regs(abi.KVM_SYNC_X86_REGS)
     vcpu.run()
     assert vcpu.kvm_run.s.regs.regs.rip == vcpu.get_regs().rip
 
 
 def test_vcpu_stats_count_the_guests_hlt(real_mode):
     vcpu = real_mode("hlt")
-    with vcpu.stats() as stats:
+    with vcpu.open_stats() as stats:
         assert stats.id == f"kvm-{os.getpid()}/vcpu-0"     # the kernel's "kvm-<pid>/vcpu-<id>"
         before = stats.read()
         assert isinstance(vcpu.run(), HltExit)
@@ -241,7 +241,7 @@ def test_vcpu_stats_count_the_guests_hlt(real_mode):
 
 def test_stats_descriptors_decode_names_kinds_and_sizes(vm):
     vcpu = vm.create_vcpu(0)
-    with vcpu.stats() as stats:
+    with vcpu.open_stats() as stats:
         descriptors = {d.name: d for d in stats.descriptors}
         values = stats.read()
     assert len(descriptors) == len(stats.descriptors) == len(values)
@@ -261,7 +261,7 @@ def test_stats_descriptors_decode_names_kinds_and_sizes(vm):
 
 def test_vm_stats_are_the_vms_own(vm):
     vm.create_vcpu(0)
-    with vm.stats() as stats:
+    with vm.open_stats() as stats:
         assert stats.id == f"kvm-{os.getpid()}"             # the kernel's "kvm-<pid>"
         values = stats.read()
     assert isinstance(values["remote_tlb_flush"], int)      # a statistic of every VM
@@ -342,7 +342,7 @@ def test_gsi_routing_sends_a_gsi_to_the_pin_it_names(vm):
     entry = abi.kvm_irq_routing_entry(gsi=5, type=abi.KVM_IRQ_ROUTING_IRQCHIP)
     entry.u.irqchip.irqchip, entry.u.irqchip.pin = abi.KVM_IRQCHIP_IOAPIC, 9
     vm.set_gsi_routing([entry])                    # the whole table: GSI 5 -> IOAPIC pin 9 only
-    vm.irq_line(5, 1)
+    vm.set_irq_line(5, 1)
     # Every IOAPIC pin is masked after reset, so the raised line stays in IRR.
     assert vm.get_irqchip(abi.KVM_IRQCHIP_IOAPIC).chip.ioapic.irr == 1 << 9
     assert vm.get_irqchip(abi.KVM_IRQCHIP_PIC_MASTER).chip.pic.irr == 0   # default route gone
@@ -414,7 +414,7 @@ def test_cpuid_buffer_grows_on_e2big(kvm):
     """Starting with room for 2 entries, KVM answers E2BIG until the buffer is big enough."""
     small = kvm._cpuid(abi.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID",
                        Capability.EXT_CPUID, start=2)
-    assert small.nent > 2 and small.nent == kvm.supported_cpuid().nent
+    assert small.nent > 2 and small.nent == kvm.get_supported_cpuid().nent
 
 
 def test_a_capability_this_host_lacks_raises_kvm_unsupported(kvm):
@@ -453,25 +453,25 @@ def _ran_dirty_guest_with_manual_protect(vm, real_mode):
 
 def test_manual_protect_keeps_pages_dirty_until_cleared(vm, real_mode):
     _, region = _ran_dirty_guest_with_manual_protect(vm, real_mode)
-    assert vm.dirty_log(region) == DIRTY_PAGES
-    assert vm.dirty_log(region) == DIRTY_PAGES     # reading the log no longer resets it
+    assert vm.get_dirty_log(region) == DIRTY_PAGES
+    assert vm.get_dirty_log(region) == DIRTY_PAGES     # reading the log no longer resets it
 
 
 def test_cleared_pages_stay_clean_until_written_again(vm, real_mode):
     vcpu, region = _ran_dirty_guest_with_manual_protect(vm, real_mode)
     vm.clear_dirty_log(region)
-    assert vm.dirty_log(region) == []
+    assert vm.get_dirty_log(region) == []
     x86.setup_real_mode(vcpu, 0x1000)              # run dirty.S again from its start
     assert isinstance(vcpu.run(), HltExit)
-    assert vm.dirty_log(region) == DIRTY_PAGES
+    assert vm.get_dirty_log(region) == DIRTY_PAGES
 
 
 def test_nmi_smi_and_nested_state(vm):
     vm.create_irqchip()
     vcpu = vm.create_vcpu(0)
-    vcpu.nmi()
+    vcpu.inject_nmi()
     if vm.check_extension(Capability.X86_SMM):
-        vcpu.smi()
+        vcpu.inject_smi()
     assert vcpu.get_vcpu_events().nmi.pending == 1
     if vm.check_extension(Capability.NESTED_STATE):
         state = vcpu.get_nested_state()
@@ -481,6 +481,6 @@ def test_nmi_smi_and_nested_state(vm):
 
 def test_interrupt_queues_an_external_interrupt_without_irqchip(vm):
     vcpu = vm.create_vcpu(0)
-    vcpu.interrupt(0x20)
+    vcpu.inject_interrupt(0x20)
     events = vcpu.get_vcpu_events()
     assert events.interrupt.injected == 1 and events.interrupt.nr == 0x20

@@ -7,11 +7,11 @@ formats), not KVM's: KVM's own numbers and layouts always come from kvm_bindings
 from __future__ import annotations
 
 import struct
-from typing import Any
 
-from ._layout import fill
-from .memory import GuestMemory
-from .vcpu import Vcpu
+from .._layout import fill
+from ..abi import x86_64 as abi
+from ..memory import GuestMemory
+from .vcpu import X86Vcpu
 
 # Architectural bits (Intel SDM vol. 3, 2.5 and 2.2.1).
 CR0_PE = 1 << 0      # protected mode
@@ -30,7 +30,8 @@ GDT_SIZE = 8 * len(_GDT)
 PAGE = 4096
 
 
-def _segment(seg: Any, selector: int, *, code: bool, long: bool = False, big: bool = True) -> None:
+def _segment(seg: abi.kvm_segment, selector: int, *, code: bool, long: bool = False,
+             big: bool = True) -> None:
     seg.base, seg.limit, seg.selector = 0, 0xFFFFFFFF, selector
     seg.type = 0xB if code else 0x3     # execute/read or read/write, accessed
     seg.present, seg.dpl, seg.s, seg.g, seg.avl = 1, 0, 1, 1, 0
@@ -39,7 +40,7 @@ def _segment(seg: Any, selector: int, *, code: bool, long: bool = False, big: bo
     seg.unusable = 0
 
 
-def setup_real_mode(vcpu: Vcpu, entry: int, stack: int = 0) -> None:
+def setup_real_mode(vcpu: X86Vcpu, entry: int, stack: int = 0) -> None:
     """Real mode with every segment at base 0: the guest runs at physical address `entry` (< 64 KiB)."""
     _check_entry(entry, stack, 0x10000)
     sregs = vcpu.get_sregs()
@@ -56,7 +57,7 @@ def _check_entry(entry: int, stack: int, limit: int) -> None:
             raise ValueError(f"{name}={value:#x} is beyond what this mode addresses ({limit:#x})")
 
 
-def _start_at(vcpu: Vcpu, entry: int, stack: int) -> None:
+def _start_at(vcpu: X86Vcpu, entry: int, stack: int) -> None:
     """rip = entry, rsp = stack, rflags = its reserved bit, each checked against kvm_regs."""
     regs = vcpu.get_regs()
     fill(regs, {"rip": "entry", "rsp": "stack"}, rip=entry, rsp=stack, rflags=2)
@@ -68,11 +69,11 @@ def write_gdt(memory: GuestMemory, gdt_addr: int) -> None:
     memory.write(gdt_addr, struct.pack(f"<{len(_GDT)}Q", *_GDT))
 
 
-def _load_gdt(sregs: Any, gdt_addr: int) -> None:
+def _load_gdt(sregs: abi.kvm_sregs, gdt_addr: int) -> None:
     fill(sregs.gdt, {"base": "gdt_addr"}, base=gdt_addr, limit=GDT_SIZE - 1)
 
 
-def setup_protected_mode(vcpu: Vcpu, memory: GuestMemory, entry: int, *, gdt_addr: int,
+def setup_protected_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, gdt_addr: int,
                          stack: int = 0) -> None:
     """32-bit protected mode, flat segments, no paging; the GDT goes at gdt_addr."""
     _check_entry(entry, stack, 1 << 32)
@@ -110,7 +111,7 @@ def write_identity_page_tables(memory: GuestMemory, pml4_addr: int, identity_gib
     return pml4_addr
 
 
-def setup_long_mode(vcpu: Vcpu, memory: GuestMemory, entry: int, *, page_tables: int,
+def setup_long_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, page_tables: int,
                     gdt_addr: int, stack: int = 0, identity_gib: int = 1,
                     set_cpuid: bool = True) -> None:
     """64-bit long mode with the first identity_gib GiB identity-mapped.
@@ -137,6 +138,6 @@ def setup_long_mode(vcpu: Vcpu, memory: GuestMemory, entry: int, *, page_tables:
     _start_at(vcpu, entry, stack)
 
 
-def set_supported_cpuid(vcpu: Vcpu) -> None:
+def set_supported_cpuid(vcpu: X86Vcpu) -> None:
     """Give the vCPU every CPUID leaf KVM supports on this host (KVM_GET_SUPPORTED_CPUID)."""
-    vcpu.set_cpuid2(vcpu.vm.kvm.supported_cpuid())
+    vcpu.set_cpuid2(vcpu.vm.kvm.get_supported_cpuid())

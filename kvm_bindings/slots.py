@@ -1,0 +1,306 @@
+"""Memory slots of a VM: regions added, moved and removed, dirty logging, guest_memfd.
+
+The one rule every path here keeps: a slot is deleted in KVM before its mapping
+goes, so a guest can never reach host memory the process has reused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import threading
+
+from . import abi
+from ._fd import CapabilityOwner
+from ._layout import check_field, fill
+from .errors import KvmError, StaleHandleError
+from .memory import PAGE_SIZE, GuestMemfd, GuestMemory, MemoryRegion, SlotTable
+
+
+class MemorySlots(CapabilityOwner):
+    """The memory half of a Vm (Vm inherits it): KVM_SET_USER_MEMORY_REGION(2) and the
+    dirty log, with every region checked to be a live slot of this VM before any ioctl."""
+
+    memory: GuestMemory
+    _slots: SlotTable
+    _vm_lock: threading.RLock
+
+    def _own(self, region: object, call: str) -> MemoryRegion:
+        """region, if it is a live memory region of this VM; else a clear error, before any ioctl."""
+        if not isinstance(region, MemoryRegion):
+            raise TypeError(f"{call}() takes a MemoryRegion, not {type(region).__name__}")
+        owner = region._owner()
+        if owner is not self:
+            whose = "a VM that is gone" if owner is None else repr(owner)
+            raise StaleHandleError(f"{call}(): {region!r} belongs to {whose}, not to {self!r}")
+        live = self._slots.get(region.slot)
+        if live is None or live is not region:
+            raise StaleHandleError(f"{call}(): {region!r} was removed from this VM")
+        return live
+
+    def _slot_limit(self) -> int:
+        return self.check_extension(abi.Capability.NR_MEMSLOTS) or 0x7FFF
+
+    def _check_slot(self, slot: int) -> int:
+        """An explicit slot number: id (low 16 bits) below the per-address-space limit, and an
+        address space (high 16 bits) the kernel has (KVM_CAP_MULTI_ADDRESS_SPACE)."""
+        slot = check_field(slot, abi.kvm_userspace_memory_region, "slot")
+        limit = self._slot_limit()
+        spaces = self.check_extension(abi.Capability.MULTI_ADDRESS_SPACE) or 1
+        if slot & 0xFFFF >= limit or slot >> 16 >= spaces:
+            raise ValueError(f"slot {slot} is out of range: this kernel has {limit} memory slots "
+                             f"(0..{limit - 1}) in each of {spaces} address space(s); the address "
+                             f"space goes in bits 16..31")
+        if self._slots.get(slot) is not None:
+            raise ValueError(f"slot {slot} is in use by {self._slots.get(slot)!r}")
+        return slot
+
+    def _check_range(self, guest_phys_addr: int, size: int) -> tuple[int, int]:
+        gpa = check_field(guest_phys_addr, abi.kvm_userspace_memory_region, "guest_phys_addr")
+        size = check_field(size, abi.kvm_userspace_memory_region, "memory_size", "size")
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise ValueError(f"guest_phys_addr ({gpa:#x}) and size ({size:#x}) must be "
+                             f"multiples of the page size ({PAGE_SIZE:#x}), size > 0")
+        if gpa + size > 1 << 64:
+            raise OverflowError(f"{gpa:#x} + {size:#x} runs past the end of the 64-bit "
+                                f"guest-physical address space")
+        return gpa, size
+
+    def add_memory(self, guest_phys_addr: int, size: int, *, readonly: bool = False,
+                   log_dirty: bool = False, slot: int | None = None,
+                   guest_memfd: GuestMemfd | None = None,
+                   guest_memfd_offset: int = 0) -> MemoryRegion:
+        """Map anonymous memory and register it as a memory slot at guest_phys_addr.
+
+        readonly: guest writes exit as MMIO (KVM_CAP_READONLY_MEM). log_dirty: track
+        written pages for dirty_log(). guest_memfd: back private memory with a
+        guest_memfd of this VM (KVM_SET_USER_MEMORY_REGION2, KVM_CAP_GUEST_MEMFD).
+        slot: the slot number (default: the lowest free one). Safe from several threads.
+        """
+        self.fd  # noqa: B018 - a closed VM refuses before anything is mapped
+        gpa, size = self._check_range(guest_phys_addr, size)
+        flags = 0
+        if readonly:
+            self.require(abi.Capability.READONLY_MEM, "read-only memory slots")
+            flags |= abi.KVM_MEM_READONLY
+        if log_dirty:
+            flags |= abi.KVM_MEM_LOG_DIRTY_PAGES
+        if guest_memfd is not None:
+            self.require(abi.Capability.GUEST_MEMFD, "guest_memfd memory")
+            if not isinstance(guest_memfd, GuestMemfd):
+                raise TypeError(f"guest_memfd must be a GuestMemfd from vm.create_guest_memfd(), "
+                                f"not {type(guest_memfd).__name__}")
+            if guest_memfd.vm is not self or guest_memfd.closed:
+                raise StaleHandleError(f"{guest_memfd!r} is closed or belongs to another VM")
+            flags |= abi.KVM_MEM_GUEST_MEMFD
+        check_field(guest_memfd_offset, abi.kvm_userspace_memory_region2, "guest_memfd_offset")
+        with self._vm_lock:
+            clash = self.memory.overlapping(gpa, size)
+            if clash is not None:
+                raise ValueError(f"{gpa:#x}..{gpa + size:#x} overlaps {clash!r}")
+            if slot is None:
+                slot = self._slots.lowest_free()
+                if slot >= self._slot_limit():
+                    raise KvmError("KVM_SET_USER_MEMORY_REGION", errno.ENOSPC,
+                                   f"all {self._slot_limit()} memory slots are in use")
+            else:
+                slot = self._check_slot(slot)
+            try:
+                backing = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot map {size:#x} bytes of guest memory: "
+                                       f"{e.strerror}") from None
+            region = MemoryRegion(slot, gpa, size, flags, backing, guest_memfd,
+                                  guest_memfd_offset, owner=self)
+            try:
+                self._set_region(region)
+            except BaseException:
+                region._unmap()       # KVM never had the slot: the mapping can go at once
+                raise
+            self._slots.claim(slot, region)
+            self.memory._add(region)
+        return region
+
+    def _set_region(self, region: MemoryRegion, size: int | None = None, flags: int | None = None,
+                    gpa: int | None = None, *, closing: bool = False) -> None:
+        """KVM_SET_USER_MEMORY_REGION(2) for region, optionally with another size (0 deletes
+        the slot), flags or address. closing: from _release, on the fd close() is about to
+        close (every other caller goes through ioctl(), which refuses a closed VM)."""
+        size = region.size if size is None else size
+        fields = {"slot": region.slot, "flags": region.flags if flags is None else flags,
+                  "guest_phys_addr": region.guest_phys_addr if gpa is None else gpa,
+                  "memory_size": size, "userspace_addr": region.host_addr}
+        memfd = region.guest_memfd if size else None
+        if memfd is not None:
+            self.require(abi.Capability.USER_MEMORY2, "KVM_SET_USER_MEMORY_REGION2")
+            memfd._hold()       # its fd number stays its own until KVM has taken the file
+            req: abi.kvm_userspace_memory_region2 | abi.kvm_userspace_memory_region
+            req = fill(abi.kvm_userspace_memory_region2, guest_memfd=memfd._fd,
+                       guest_memfd_offset=region.guest_memfd_offset, **fields)
+            number, name = abi.KVM_SET_USER_MEMORY_REGION2, "KVM_SET_USER_MEMORY_REGION2"
+        else:
+            if not size:
+                # Deleting a slot, KVM reads nothing but its number: no flags, and no
+                # guest_memfd (which the caller may have closed meanwhile).
+                fields.update(flags=0, guest_phys_addr=0, userspace_addr=0)
+            req = fill(abi.kvm_userspace_memory_region, **fields)
+            number, name = abi.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION"
+        try:
+            if closing:
+                self._raw_ioctl(number, ctypes.addressof(req), name)
+            else:
+                self.ioctl(number, req, name=name)
+        finally:
+            if memfd is not None:
+                memfd._unhold()
+
+    def _forget(self, region: MemoryRegion) -> None:
+        """After KVM deleted region's slot: drop it from the tables, then unmap it."""
+        self._slots.release(region.slot)
+        self.memory._remove(region)
+        region._unmap()
+
+    def remove_memory(self, region: MemoryRegion) -> None:
+        """Delete the memory slot in KVM, then unmap its memory. The region is stale after."""
+        with self._vm_lock:
+            self._own(region, "remove_memory")
+            interrupted = self._delete_slot(region)
+            self._forget(region)
+        if interrupted is not None:
+            raise interrupted
+
+    def move_memory(self, region: MemoryRegion, guest_phys_addr: int) -> None:
+        """Move a slot to another GPA; its contents stay (KVM deletes and re-creates it)."""
+        with self._vm_lock:
+            self._own(region, "move_memory")
+            gpa, _ = self._check_range(guest_phys_addr, region.size)
+            clash = self.memory.overlapping(gpa, region.size)
+            if clash is not None and clash is not region:
+                raise ValueError(f"{gpa:#x} overlaps {clash!r}")
+            if region.guest_memfd is not None:
+                region.guest_memfd.fd  # noqa: B018 - closed: refuse before deleting anything
+            self._set_region(region, size=0)   # a slot cannot move in place
+            try:
+                self._set_region(region, gpa=gpa)
+            except BaseException:
+                try:
+                    self._set_region(region)          # back where it was
+                except BaseException:
+                    self._forget(region)              # KVM has no slot for it any more
+                    raise
+                raise
+            self.memory._remove(region)
+            region.guest_phys_addr = gpa
+            self.memory._add(region)
+
+    def set_dirty_logging(self, region: MemoryRegion, enabled: bool) -> None:
+        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for a live region of this VM."""
+        with self._vm_lock:
+            self._own(region, "set_dirty_logging")
+            flags = (region.flags | abi.KVM_MEM_LOG_DIRTY_PAGES if enabled
+                     else region.flags & ~abi.KVM_MEM_LOG_DIRTY_PAGES)
+            self._set_region(region, flags=flags)
+            region.flags = flags
+
+    def get_dirty_log(self, region: MemoryRegion) -> list[int]:
+        """KVM_GET_DIRTY_LOG: GPAs of the pages written since the last call (which resets it)."""
+        with self._vm_lock:
+            live = self._own(region, "get_dirty_log")
+            if not live.flags & abi.KVM_MEM_LOG_DIRTY_PAGES:
+                raise ValueError(f"dirty logging is off for {region!r}; "
+                                 f"add_memory(..., log_dirty=True) or set_dirty_logging()")
+            # KVM fills one bit per page of the slot as it knows it: size the bitmap from the
+            # live slot, never from anything a caller could hand in.
+            pages = live.size // PAGE_SIZE
+            bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))()
+            log = abi.kvm_dirty_log(slot=live.slot)
+            log.dirty_bitmap = ctypes.addressof(bitmap)
+            self.ioctl(abi.KVM_GET_DIRTY_LOG, log)
+            base = live.guest_phys_addr
+        out = []
+        for word_index, word in enumerate(bitmap):
+            while word:
+                bit = (word & -word).bit_length() - 1
+                out.append(base + (word_index * 64 + bit) * PAGE_SIZE)
+                word &= word - 1
+        return out
+
+    def clear_dirty_log(self, region: MemoryRegion, first_page: int = 0,
+                        num_pages: int | None = None) -> None:
+        """KVM_CLEAR_DIRTY_LOG (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled): re-protect
+        num_pages pages from first_page (a multiple of 64) of a live region of this VM."""
+        self.require(abi.Capability.MANUAL_DIRTY_LOG_PROTECT2, "KVM_CLEAR_DIRTY_LOG")
+        with self._vm_lock:
+            live = self._own(region, "clear_dirty_log")
+            total = live.size // PAGE_SIZE
+            first = check_field(first_page, abi.kvm_clear_dirty_log, "first_page")
+            pages = total - first if num_pages is None else check_field(
+                num_pages, abi.kvm_clear_dirty_log, "num_pages")
+            if first % 64 or first + pages > total:
+                raise ValueError(f"pages {first}..{first + pages} are not a range of {region!r} "
+                                 f"({total} pages) starting at a multiple of 64")
+            words = (pages + 63) // 64
+            bitmap = (ctypes.c_uint64 * words)(*([(1 << 64) - 1] * words))
+            clear = abi.kvm_clear_dirty_log(slot=live.slot, num_pages=pages, first_page=first)
+            clear.dirty_bitmap = ctypes.addressof(bitmap)
+            self.ioctl(abi.KVM_CLEAR_DIRTY_LOG, clear)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD: guest-private memory, closed with the VM."""
+        self.require(abi.Capability.GUEST_MEMFD, "KVM_CREATE_GUEST_MEMFD")
+        req = fill(abi.kvm_create_guest_memfd, size=size, flags=flags)
+        memfd = GuestMemfd(self, self.ioctl(abi.KVM_CREATE_GUEST_MEMFD, req), req.size)
+        self._adopt(memfd)
+        return memfd
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES, e.g. KVM_MEMORY_ATTRIBUTE_PRIVATE for a guest_memfd range."""
+        self.require(abi.Capability.MEMORY_ATTRIBUTES, "KVM_SET_MEMORY_ATTRIBUTES")
+        self.ioctl(abi.KVM_SET_MEMORY_ATTRIBUTES,
+                   fill(abi.kvm_memory_attributes, address=address, size=size, attributes=attributes))
+
+
+    def _delete_all_slots(self) -> None:
+        """The kernel's rule: a slot is deleted in KVM before its mapping goes. A vCPU that
+        did not stop in time would otherwise write into whatever the process maps at that
+        address next. A slot KVM would not delete stays mapped for good; the rest go on."""
+        failed: list[BaseException] = []
+        with self._vm_lock:
+            for region in self.memory.regions:
+                try:
+                    interrupted = self._delete_slot(region, closing=True)
+                except BaseException as e:
+                    _NEVER_UNMAPPED.append(region)   # KVM may still use it: keep it mapped
+                    failed.append(e)
+                    continue
+                self._forget(region)
+                if interrupted is not None:
+                    failed.append(interrupted)
+        if failed:
+            raise failed[0]
+
+    def _delete_slot(self, region: MemoryRegion, closing: bool = False) -> BaseException | None:
+        """Delete region's slot in KVM; returns once KVM has no such slot. Interrupted (Ctrl-C
+        as the ioctl returned: did it run?), it asks once more, and returns the interruption
+        for the caller to raise when its bookkeeping is done."""
+        try:
+            self._delete_slot_once(region, closing)
+        except KvmError:
+            raise
+        except BaseException as interrupted:
+            self._delete_slot_once(region, closing)
+            return interrupted
+        return None
+
+    def _delete_slot_once(self, region: MemoryRegion, closing: bool) -> None:
+        try:
+            self._set_region(region, size=0, closing=closing)
+        except KvmError as e:
+            if e.errno != errno.EINVAL:   # KVM's answer to deleting a slot it does not have
+                raise
+
+
+# Mappings KVM may still reach (deleting their slot failed): kept for the life of the process.
+_NEVER_UNMAPPED: list[MemoryRegion] = []

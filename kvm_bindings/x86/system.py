@@ -1,0 +1,77 @@
+"""X86Kvm: the x86 calls of /dev/kvm (supported and emulated CPUID, MSR lists, feature MSRs)."""
+
+from __future__ import annotations
+
+import errno
+from typing import ClassVar, cast
+
+from .. import _requests
+from ..abi import x86_64 as abi
+from ..errors import KvmError
+from ..system import Kvm
+from ..vm import Vm
+from .vm import X86Vm
+
+
+class X86Kvm(Kvm):
+    """/dev/kvm on an x86 host: everything Kvm does, the x86 queries, and X86Vm VMs."""
+
+    _vm_class: ClassVar[type[Vm]] = X86Vm
+
+    def create_vm(self, vm_type: int = 0) -> X86Vm:
+        """KVM_CREATE_VM: an X86Vm. vm_type: 0, or a KVM_X86_*_VM type kvm.vm_types() lists."""
+        return cast(X86Vm, super().create_vm(vm_type))    # _vm_class made it
+
+    # -- CPUID and MSRs
+    def _cpuid(self, number: int, name: str, cap: int, start: int = 64) -> abi.kvm_cpuid2:
+        self.require(cap, name)
+        n = start
+        while True:
+            cpuid = abi.kvm_cpuid2.alloc(n)
+            try:
+                self.ioctl(number, cpuid, name=name)
+                return cpuid
+            except KvmError as e:
+                # E2BIG: the buffer was too small; the kernel does not say how big to go.
+                if e.errno != errno.E2BIG or n >= 1 << 16:
+                    raise
+                n *= 2
+
+    def get_supported_cpuid(self) -> abi.kvm_cpuid2:
+        """KVM_GET_SUPPORTED_CPUID as a kvm_cpuid2 (entries: .flex_array())."""
+        return self._cpuid(abi.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID",
+                           abi.Capability.EXT_CPUID)
+
+    def get_emulated_cpuid(self) -> abi.kvm_cpuid2:
+        """KVM_GET_EMULATED_CPUID: CPUID bits KVM can emulate even where hardware lacks them."""
+        return self._cpuid(abi.KVM_GET_EMULATED_CPUID, "KVM_GET_EMULATED_CPUID",
+                           abi.Capability.EXT_EMUL_CPUID)
+
+    def _index_list(self, number: int, name: str) -> list[int]:
+        probe = abi.kvm_msr_list.alloc(0)
+        try:
+            self.ioctl(number, probe, name=name)
+        except KvmError as e:
+            # E2BIG, with nmsrs set to how many there are: the documented way to ask.
+            if e.errno != errno.E2BIG:
+                raise
+        lst = abi.kvm_msr_list.alloc(probe.nmsrs)
+        self.ioctl(number, lst, name=name)
+        return [int(i) for i in lst.flex_array()]
+
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM_GET_MSRS/KVM_SET_MSRS can access on a vCPU."""
+        return self._index_list(abi.KVM_GET_MSR_INDEX_LIST, "KVM_GET_MSR_INDEX_LIST")
+
+    def get_msr_feature_index_list(self) -> list[int]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST: MSRs that describe features (KVM_CAP_GET_MSR_FEATURES)."""
+        self.require(abi.Capability.GET_MSR_FEATURES, "KVM_GET_MSR_FEATURE_INDEX_LIST")
+        return self._index_list(abi.KVM_GET_MSR_FEATURE_INDEX_LIST,
+                                "KVM_GET_MSR_FEATURE_INDEX_LIST")
+
+    def get_feature_msrs(self, indices: list[int] | None = None) -> dict[int, int]:
+        """Values of feature MSRs (KVM_GET_MSRS on /dev/kvm), all of them by default."""
+        if indices is None:
+            indices = self.get_msr_feature_index_list()
+        msrs = _requests.msrs(indices)
+        return _requests.msr_results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))

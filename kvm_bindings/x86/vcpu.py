@@ -1,0 +1,228 @@
+"""X86Vcpu: the x86 calls of a vCPU (registers, MSRs, CPUID, LAPIC, events, nested state)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from .. import _requests
+from .._layout import capacity, check_field, check_flex, check_int, expect, fill
+from ..abi import x86_64 as abi
+from ..errors import KvmError, KvmUnsupported
+from ..vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from .vm import X86Vm
+
+
+class X86Vcpu(Vcpu):
+    """A vCPU of an x86 VM: everything Vcpu does, and the x86-only state ioctls.
+
+    Each setter takes only its own struct: the kernel reads sizeof(that struct) bytes
+    from whatever it is given.
+    """
+
+    vm: X86Vm
+
+    # -- registers
+    def get_regs(self) -> abi.kvm_regs:
+        """KVM_GET_REGS -> kvm_regs."""
+        return self._get(abi.KVM_GET_REGS, abi.kvm_regs)
+
+    def set_regs(self, regs: abi.kvm_regs) -> None:
+        """KVM_SET_REGS."""
+        self.ioctl(abi.KVM_SET_REGS, expect(regs, abi.kvm_regs, "set_regs()"))
+
+    def get_sregs(self) -> abi.kvm_sregs:
+        """KVM_GET_SREGS -> kvm_sregs."""
+        return self._get(abi.KVM_GET_SREGS, abi.kvm_sregs)
+
+    def set_sregs(self, sregs: abi.kvm_sregs) -> None:
+        """KVM_SET_SREGS."""
+        self.ioctl(abi.KVM_SET_SREGS, expect(sregs, abi.kvm_sregs, "set_sregs()"))
+
+    def get_sregs2(self) -> abi.kvm_sregs2:
+        """KVM_GET_SREGS2 -> kvm_sregs2 (KVM_CAP_SREGS2): sregs plus the PDPTRs."""
+        self.vm.require(abi.Capability.SREGS2, "KVM_GET_SREGS2")
+        return self._get(abi.KVM_GET_SREGS2, abi.kvm_sregs2)
+
+    def set_sregs2(self, sregs2: abi.kvm_sregs2) -> None:
+        """KVM_SET_SREGS2 (KVM_CAP_SREGS2)."""
+        self.vm.require(abi.Capability.SREGS2, "KVM_SET_SREGS2")
+        self.ioctl(abi.KVM_SET_SREGS2, expect(sregs2, abi.kvm_sregs2, "set_sregs2()"))
+
+    def get_fpu(self) -> abi.kvm_fpu:
+        """KVM_GET_FPU -> kvm_fpu."""
+        return self._get(abi.KVM_GET_FPU, abi.kvm_fpu)
+
+    def set_fpu(self, fpu: abi.kvm_fpu) -> None:
+        """KVM_SET_FPU."""
+        self.ioctl(abi.KVM_SET_FPU, expect(fpu, abi.kvm_fpu, "set_fpu()"))
+
+    def get_xsave(self) -> abi.kvm_xsave:
+        """KVM_GET_XSAVE -> kvm_xsave (the legacy 4 KiB area; see get_xsave2)."""
+        self.vm.require(abi.Capability.XSAVE, "KVM_GET_XSAVE")
+        return self._get(abi.KVM_GET_XSAVE, abi.kvm_xsave)
+
+    def set_xsave(self, xsave: abi.kvm_xsave) -> None:
+        """KVM_SET_XSAVE. Where KVM_CAP_XSAVE2 reports more than 4 KiB the kernel reads that
+        many bytes, so the object must hold them (as get_xsave2()'s does)."""
+        self.vm.require(abi.Capability.XSAVE, "KVM_SET_XSAVE")
+        expect(xsave, abi.kvm_xsave, "set_xsave()")
+        need = max(ctypes.sizeof(abi.kvm_xsave), self.vm.check_extension(abi.Capability.XSAVE2))
+        if capacity(xsave) < need:
+            raise ValueError(f"set_xsave(): this host's XSAVE state is {need} bytes and the kernel "
+                             f"reads all of them, but the object holds {capacity(xsave)}; "
+                             f"pass what get_xsave2() returned")
+        self.ioctl(abi.KVM_SET_XSAVE, xsave)
+
+    def get_xsave2(self) -> abi.kvm_xsave:
+        """KVM_GET_XSAVE2 -> kvm_xsave sized by KVM_CAP_XSAVE2 (AMX and other large state)."""
+        size = self.vm.require(abi.Capability.XSAVE2, "KVM_GET_XSAVE2")
+        extra = max(0, size - ctypes.sizeof(abi.kvm_xsave)) // ctypes.sizeof(ctypes.c_uint32)
+        xsave = abi.kvm_xsave.alloc(extra)
+        self.ioctl(abi.KVM_GET_XSAVE2, xsave)
+        return xsave
+
+    def get_xcrs(self) -> abi.kvm_xcrs:
+        """KVM_GET_XCRS -> kvm_xcrs (KVM_CAP_XCRS)."""
+        self.vm.require(abi.Capability.XCRS, "KVM_GET_XCRS")
+        return self._get(abi.KVM_GET_XCRS, abi.kvm_xcrs)
+
+    def set_xcrs(self, xcrs: abi.kvm_xcrs) -> None:
+        """KVM_SET_XCRS (KVM_CAP_XCRS)."""
+        self.vm.require(abi.Capability.XCRS, "KVM_SET_XCRS")
+        self.ioctl(abi.KVM_SET_XCRS, expect(xcrs, abi.kvm_xcrs, "set_xcrs()"))
+
+    def get_lapic(self) -> abi.kvm_lapic_state:
+        """KVM_GET_LAPIC -> kvm_lapic_state (needs the in-kernel irqchip)."""
+        return self._get(abi.KVM_GET_LAPIC, abi.kvm_lapic_state)
+
+    def set_lapic(self, lapic: abi.kvm_lapic_state) -> None:
+        """KVM_SET_LAPIC (needs the in-kernel irqchip)."""
+        self.ioctl(abi.KVM_SET_LAPIC, expect(lapic, abi.kvm_lapic_state, "set_lapic()"))
+
+    def get_vcpu_events(self) -> abi.kvm_vcpu_events:
+        """KVM_GET_VCPU_EVENTS -> kvm_vcpu_events (KVM_CAP_VCPU_EVENTS)."""
+        self.vm.require(abi.Capability.VCPU_EVENTS, "KVM_GET_VCPU_EVENTS")
+        return self._get(abi.KVM_GET_VCPU_EVENTS, abi.kvm_vcpu_events)
+
+    def set_vcpu_events(self, events: abi.kvm_vcpu_events) -> None:
+        """KVM_SET_VCPU_EVENTS (KVM_CAP_VCPU_EVENTS)."""
+        self.vm.require(abi.Capability.VCPU_EVENTS, "KVM_SET_VCPU_EVENTS")
+        self.ioctl(abi.KVM_SET_VCPU_EVENTS, expect(events, abi.kvm_vcpu_events, "set_vcpu_events()"))
+
+    def get_debugregs(self) -> abi.kvm_debugregs:
+        """KVM_GET_DEBUGREGS -> kvm_debugregs (KVM_CAP_DEBUGREGS)."""
+        self.vm.require(abi.Capability.DEBUGREGS, "KVM_GET_DEBUGREGS")
+        return self._get(abi.KVM_GET_DEBUGREGS, abi.kvm_debugregs)
+
+    def set_debugregs(self, debugregs: abi.kvm_debugregs) -> None:
+        """KVM_SET_DEBUGREGS (KVM_CAP_DEBUGREGS)."""
+        self.vm.require(abi.Capability.DEBUGREGS, "KVM_SET_DEBUGREGS")
+        self.ioctl(abi.KVM_SET_DEBUGREGS, expect(debugregs, abi.kvm_debugregs, "set_debugregs()"))
+
+    def set_guest_debug(self, control: int, debugreg: Iterable[int] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG (KVM_CAP_SET_GUEST_DEBUG): control is abi.GuestDebugFlag bits;
+        debugreg fills arch.debugreg (DR0-DR3, DR6, DR7)."""
+        self.vm.require(abi.Capability.SET_GUEST_DEBUG, "KVM_SET_GUEST_DEBUG")
+        dbg = fill(abi.kvm_guest_debug, control=control)
+        values = list(debugreg)
+        if len(values) > len(dbg.arch.debugreg):
+            raise ValueError(f"at most {len(dbg.arch.debugreg)} debug registers, not {len(values)}")
+        for i, value in enumerate(values):
+            dbg.arch.debugreg[i] = check_field(value, abi.kvm_guest_debug_arch, "debugreg",
+                                               f"debugreg[{i}]", index=i)
+        self.ioctl(abi.KVM_SET_GUEST_DEBUG, dbg)
+
+    # -- MSRs and CPUID
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """KVM_GET_MSRS for these MSR indices -> {index: value} (only those KVM returned)."""
+        msrs = _requests.msrs(indices)
+        return _requests.msr_results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        """KVM_SET_MSRS for {index: value}; raises KvmError naming the first MSR KVM refused."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"set_msrs() takes a mapping of MSR index to value, not "
+                            f"{type(values).__name__}")
+        msrs = _requests.msrs(values.keys(), values.values())
+        done = self.ioctl(abi.KVM_SET_MSRS, msrs)
+        if done != len(values):
+            index = list(values)[done]
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {index:#x} was refused")
+        return done
+
+    def set_cpuid2(self, cpuid: abi.kvm_cpuid2) -> None:
+        """KVM_SET_CPUID2 with a kvm_cpuid2 (e.g. kvm.get_supported_cpuid())."""
+        expect(cpuid, abi.kvm_cpuid2, "set_cpuid2()")
+        self.ioctl(abi.KVM_SET_CPUID2, check_flex(cpuid, "set_cpuid2()"))
+
+    def get_cpuid2(self, max_entries: int = 256) -> abi.kvm_cpuid2:
+        """KVM_GET_CPUID2: what was set, as a kvm_cpuid2."""
+        cpuid = abi.kvm_cpuid2.alloc(check_field(max_entries, abi.kvm_cpuid2, "nent", "max_entries"))
+        self.ioctl(abi.KVM_GET_CPUID2, cpuid)
+        return cpuid
+
+    def enable_sync_regs(self, valid: int) -> None:
+        """Ask KVM to copy these register sets (abi.SyncRegs bits) into kvm_run.s on every exit
+        (KVM_CAP_SYNC_REGS); read and change them in vcpu.kvm_run.s.regs, then mark_sync_regs_dirty()."""
+        supported = self.vm.require(abi.Capability.SYNC_REGS, "kvm_run sync regs")
+        fill(self.kvm_run, {"kvm_valid_regs": "valid"}, kvm_valid_regs=valid)
+        if valid & ~supported:
+            self.kvm_run.kvm_valid_regs = 0
+            raise KvmUnsupported(f"sync regs {valid:#x}", "KVM_CAP_SYNC_REGS (those register sets)")
+
+    def mark_sync_regs_dirty(self, regs: int) -> None:
+        """Tell KVM to load these sync register sets from kvm_run.s on the next run."""
+        fill(self.kvm_run, {"kvm_dirty_regs": "regs"}, kvm_dirty_regs=regs)
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ (KVM_CAP_GET_TSC_KHZ)."""
+        self.vm.require(abi.Capability.GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
+        return self.ioctl(abi.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ (KVM_CAP_TSC_CONTROL)."""
+        # The ioctl's argument is an unsigned long, but the kernel keeps the frequency as a
+        # u32 (kvm_set_tsc_khz): a larger value would be cut to its low 32 bits.
+        khz = check_int(khz, ctypes.c_uint32, "khz")
+        self.vm.require(abi.Capability.TSC_CONTROL, "KVM_SET_TSC_KHZ")
+        self.ioctl(abi.KVM_SET_TSC_KHZ, khz)
+
+    def translate(self, linear_address: int) -> abi.kvm_translation:
+        """KVM_TRANSLATE: walk the guest's page tables -> kvm_translation."""
+        return self._get(abi.KVM_TRANSLATE, abi.kvm_translation, linear_address=linear_address)
+
+    def inject_interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""
+        self.ioctl(abi.KVM_INTERRUPT, fill(abi.kvm_interrupt, {"irq": "vector"}, irq=vector))
+
+    def inject_nmi(self) -> None:
+        """KVM_NMI: inject a non-maskable interrupt."""
+        self.ioctl(abi.KVM_NMI)
+
+    def inject_smi(self) -> None:
+        """KVM_SMI: inject a system management interrupt (KVM_CAP_X86_SMM)."""
+        self.vm.require(abi.Capability.X86_SMM, "KVM_SMI")
+        self.ioctl(abi.KVM_SMI)
+
+    def get_nested_state(self) -> abi.kvm_nested_state:
+        """KVM_GET_NESTED_STATE -> kvm_nested_state with its data (KVM_CAP_NESTED_STATE)."""
+        size = self.vm.require(abi.Capability.NESTED_STATE, "KVM_GET_NESTED_STATE")
+        buf = (ctypes.c_uint8 * max(size, ctypes.sizeof(abi.kvm_nested_state)))()
+        state = abi.kvm_nested_state.from_buffer(buf)
+        state.size = len(buf)
+        self.ioctl(abi.KVM_GET_NESTED_STATE, state)
+        return state
+
+    def set_nested_state(self, state: abi.kvm_nested_state) -> None:
+        """KVM_SET_NESTED_STATE; the kernel reads state.size bytes, which the object must hold."""
+        self.vm.require(abi.Capability.NESTED_STATE, "KVM_SET_NESTED_STATE")
+        expect(state, abi.kvm_nested_state, "set_nested_state()")
+        if state.size > capacity(state):
+            raise ValueError(f"set_nested_state(): state.size is {state.size} but the object holds "
+                             f"{capacity(state)} bytes; pass what get_nested_state() returned")
+        self.ioctl(abi.KVM_SET_NESTED_STATE, state)

@@ -1,0 +1,102 @@
+"""X86Vm: the x86 calls of a VM (irqchip and PIT, kvmclock, MSR filter, real-mode setup)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from typing import TYPE_CHECKING, ClassVar, cast
+
+from .._layout import check_int, expect, fill
+from ..abi import x86_64 as abi
+from ..errors import KvmError
+from ..vm import Vm
+from .vcpu import X86Vcpu
+
+if TYPE_CHECKING:
+    from ..vcpu import Vcpu
+    from .system import X86Kvm
+
+
+class X86Vm(Vm):
+    """A VM on an x86 host: everything Vm does, the x86-only VM ioctls, and X86Vcpu vCPUs."""
+
+    _vcpu_class: ClassVar[type[Vcpu]] = X86Vcpu
+    kvm: X86Kvm
+
+    def create_vcpu(self, vcpu_id: int) -> X86Vcpu:
+        """KVM_CREATE_VCPU: an X86Vcpu (see Vm.create_vcpu)."""
+        return cast(X86Vcpu, super().create_vcpu(vcpu_id))    # _vcpu_class made it
+
+    @property
+    def vcpus(self) -> tuple[X86Vcpu, ...]:
+        """The open vCPUs, ordered by vCPU id."""
+        return cast("tuple[X86Vcpu, ...]", super().vcpus)
+
+    # -- system setup
+    def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: three pages of guest-physical space for the real-mode TSS (Intel)."""
+        self.ioctl(abi.KVM_SET_TSS_ADDR, check_int(addr, ctypes.c_ulong, "addr"))
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: one page for the real-mode EPT identity map (Intel)."""
+        self.require(abi.Capability.SET_IDENTITY_MAP_ADDR, "KVM_SET_IDENTITY_MAP_ADDR")
+        self.ioctl(abi.KVM_SET_IDENTITY_MAP_ADDR,
+                   ctypes.c_uint64(check_int(addr, ctypes.c_uint64, "addr")))
+
+    # -- interrupt controllers
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and local APICs (create vCPUs after)."""
+        self.require(abi.Capability.IRQCHIP, "KVM_CREATE_IRQCHIP")
+        if self.vcpus:
+            raise KvmError("KVM_CREATE_IRQCHIP", errno.EINVAL,
+                           "the in-kernel irqchip must be created before any vCPU")
+        self.ioctl(abi.KVM_CREATE_IRQCHIP)
+
+    def get_irqchip(self, chip_id: int) -> abi.kvm_irqchip:
+        """KVM_GET_IRQCHIP -> kvm_irqchip (abi.KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC)."""
+        return self._get(abi.KVM_GET_IRQCHIP, abi.kvm_irqchip, chip_id=chip_id)
+
+    def set_irqchip(self, chip: abi.kvm_irqchip) -> None:
+        """KVM_SET_IRQCHIP: one chip's state, as get_irqchip() returned it."""
+        self.ioctl(abi.KVM_SET_IRQCHIP, expect(chip, abi.kvm_irqchip, "set_irqchip()"))
+
+    def create_pit2(self, flags: int = 0) -> None:
+        """KVM_CREATE_PIT2: the in-kernel i8254 timer."""
+        self.require(abi.Capability.PIT2, "KVM_CREATE_PIT2")
+        self.ioctl(abi.KVM_CREATE_PIT2, fill(abi.kvm_pit_config, flags=flags))
+
+    def get_pit2(self) -> abi.kvm_pit_state2:
+        """KVM_GET_PIT2 -> kvm_pit_state2 (after create_pit2())."""
+        return self._get(abi.KVM_GET_PIT2, abi.kvm_pit_state2)
+
+    def set_pit2(self, state: abi.kvm_pit_state2) -> None:
+        """KVM_SET_PIT2."""
+        self.ioctl(abi.KVM_SET_PIT2, expect(state, abi.kvm_pit_state2, "set_pit2()"))
+
+    def get_clock(self) -> abi.kvm_clock_data:
+        """KVM_GET_CLOCK: the guest's kvmclock (kvm_clock_data)."""
+        return self._get(abi.KVM_GET_CLOCK, abi.kvm_clock_data)
+
+    def set_clock(self, clock: abi.kvm_clock_data) -> None:
+        """KVM_SET_CLOCK."""
+        self.ioctl(abi.KVM_SET_CLOCK, expect(clock, abi.kvm_clock_data, "set_clock()"))
+
+    def set_msr_filter(self, ranges: list[tuple[int, int, int, bytes]], *,
+                       default_deny: bool = False) -> None:
+        """KVM_X86_SET_MSR_FILTER: ranges of (flags, base MSR, count, bitmap); a set bit allows
+        the access, a clear one exits (with KVM_MSR_EXIT_REASON_FILTER enabled) or injects #GP.
+        flags are KVM_MSR_FILTER_READ / KVM_MSR_FILTER_WRITE."""
+        self.require(abi.Capability.X86_MSR_FILTER, "KVM_X86_SET_MSR_FILTER")
+        filt = abi.kvm_msr_filter(flags=abi.KVM_MSR_FILTER_DEFAULT_DENY if default_deny
+                                  else abi.KVM_MSR_FILTER_DEFAULT_ALLOW)
+        if len(ranges) > len(filt.ranges):
+            raise ValueError(f"at most {len(filt.ranges)} MSR filter ranges")
+        keep = []
+        for slot, (flags, base, count, bitmap) in zip(filt.ranges, ranges):
+            fill(slot, {"base": "base MSR", "nmsrs": "count"}, flags=flags, base=base, nmsrs=count)
+            if len(bitmap) * 8 < count:
+                raise ValueError(f"the bitmap for MSRs {base:#x}+{count} needs {(count + 7) // 8} bytes")
+            buf = (ctypes.c_uint8 * len(bitmap)).from_buffer_copy(bitmap)
+            keep.append(buf)
+            slot.bitmap = ctypes.addressof(buf)
+        self.ioctl(abi.KVM_X86_SET_MSR_FILTER, filt)
