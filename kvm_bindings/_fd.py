@@ -8,11 +8,13 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from . import abi
 from ._layout import _C, check_int, fill
 from .errors import KvmError, KvmUnsupported, StaleHandleError
+
+_Self = TypeVar("_Self", bound="FdObject")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # ctypes releases the GIL around foreign calls: a vCPU thread blocked in KVM_RUN
@@ -106,6 +108,12 @@ class FdObject(Unshareable):
             raise self._stale()
         return self._fd
 
+    def fileno(self) -> int:
+        """The file descriptor, for select(), os.set_inheritable(), socket.send_fds()...;
+        StaleHandleError (a ValueError) once closed. The object still owns it: dup() it to
+        keep a descriptor of your own."""
+        return self.fd
+
     @property
     def closed(self) -> bool:
         return self._closing
@@ -186,7 +194,7 @@ class FdObject(Unshareable):
         if pending is not None:
             raise pending
 
-    def __enter__(self) -> Any:
+    def __enter__(self: _Self) -> _Self:
         self.fd  # noqa: B018 - refuse a closed object here rather than later
         return self
 
@@ -204,6 +212,28 @@ class FdObject(Unshareable):
     def __repr__(self) -> str:
         state = "closed" if getattr(self, "_closing", True) else f"fd={self._fd}"
         return f"<{type(self).__name__} {state}>"
+
+
+def anon_inode_name(fd: int) -> str:
+    """What the kernel calls the file behind fd ("/dev/kvm", "anon_inode:kvm-vm",
+    "anon_inode:kvm-vcpu:3"...), from /proc/self/fd; plain OSError (EBADF) for a closed fd."""
+    os.fstat(fd)        # a closed or invalid fd: EBADF, not /proc's ENOENT
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot tell what fd {fd} is: /proc/self/fd/{fd} is "
+                               f"unreadable ({e.strerror}); is /proc mounted?") from None
+
+
+def check_same_process(fd: int, what: str) -> None:
+    """Refuse a VM, vCPU or device fd whose VM another process created: KVM answers its
+    ioctls only in the creator's address space (EIO for everyone else, every call)."""
+    # Any ioctl shows it: KVM checks the caller's mm before it looks at the number.
+    if _ioctl(fd, abi.KVM_CHECK_EXTENSION, None) < 0 and ctypes.get_errno() == errno.EIO:
+        raise KvmError(what, errno.EIO,
+                       f"fd {fd} is a KVM {what} fd, but its VM was created by another process "
+                       f"(or is dead): KVM serves a VM only to the process that created it. "
+                       f"Hand over /dev/kvm (Kvm.from_fd) and create the VM in this process")
 
 
 class CapabilityOwner(FdObject):
