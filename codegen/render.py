@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import jinja2
 
@@ -26,12 +27,25 @@ _ENV = jinja2.Environment(
     undefined=jinja2.StrictUndefined)
 
 
+class CType(NamedTuple):
+    expr: str        # the ctypes type, as the module spells it: "ctypes.c_uint8 * 4"
+    align: int       # ctypes' own alignment for it
+    value_ann: str   # what reading such a member gives: "int", "bytes", "ctypes.Array[...]"
+    ctype_ann: str   # the ctypes type as a type expression: "ctypes.Array[ctypes.c_uint8]"
+
+
 @dataclass
 class CtField:
     name: str
     ctype: str
+    ann: str                   # what reading it gives (CType.value_ann)
     bits: int | None = None
-    annotation: str | None = None
+    anonymous: str | None = None   # the record key of an anonymous member
+
+
+def _bytes(name: str, n: int) -> CtField:
+    """Padding or bitfield storage: n bytes ctypes must not interpret."""
+    return CtField(name, f"ctypes.c_uint8 * {n}", "ctypes.Array[ctypes.c_uint8]")
 
 
 @dataclass
@@ -43,10 +57,26 @@ class CtRecord:
     anonymous: list[str] = field(default_factory=list)
     align: int | None = None
     pack: int | None = None
+    # what reading each member ctypes exposes gives, as an annotation: (name, type)
     annotations: list[tuple[str, str]] = field(default_factory=list)
-    flex: tuple[str, str, str | None] | None = None   # (field, element ctype, count field)
+    # (field, element ctype, element type annotation, count field)
+    flex: tuple[str, str, str, str | None] | None = None
     # bitfields ctypes cannot lay out: (name, storage member, bit offset in it, width, signed)
     properties: list[tuple[str, str, int, int, bool]] = field(default_factory=list)
+
+    @property
+    def class_annotations(self) -> list[tuple[str, str]]:
+        """The annotations a class body can hold as they are."""
+        return [(n, a) for n, a in self.annotations if not _mangled(n)]
+
+    @property
+    def checker_annotations(self) -> list[tuple[str, str]]:
+        """The ones Python would mangle there (__x becomes _Class__x): for type checkers only."""
+        return [(n, a) for n, a in self.annotations if _mangled(n)]
+
+
+def _mangled(name: str) -> bool:
+    return name.startswith("__") and not name.endswith("__")
 
 
 class _Renderer:
@@ -55,31 +85,36 @@ class _Renderer:
         self.layout = layout
         self.plan = plan
         self.ct_align: dict[str, int] = {}
+        self.done: dict[str, CtRecord] = {}   # records rendered so far, by key
 
     # -- types
-    def ctype(self, t: Type) -> tuple[str, int, str]:
-        """(ctypes expression, ctypes' own alignment for it, Python annotation)."""
+    def ctype(self, t: Type) -> CType:
+        """The ctypes spelling of `t`, ctypes' own alignment for it, and its annotations."""
         if isinstance(t, Aligned):
             return self.ctype(t.inner)
         if isinstance(t, Int):
             if t.size == 16:
-                return "ctypes.c_uint64 * 2", 8, "ctypes.Array[ctypes.c_uint64]"
+                array = "ctypes.Array[ctypes.c_uint64]"
+                return CType("ctypes.c_uint64 * 2", 8, array, array)
             if t.cname == "char":
-                return "ctypes.c_char", 1, "bytes"
+                return CType("ctypes.c_char", 1, "bytes", "ctypes.c_char")
             if t.cname == "_Bool":
-                return "ctypes.c_bool", 1, "bool"
-            return f"ctypes.c_{'' if t.signed else 'u'}int{t.size * 8}", t.size, "int"
+                return CType("ctypes.c_bool", 1, "bool", "ctypes.c_bool")
+            expr = f"ctypes.c_{'' if t.signed else 'u'}int{t.size * 8}"
+            return CType(expr, t.size, "int", expr)
         if isinstance(t, Pointer):
-            return "ctypes.c_void_p", self.m.arch.size("pointer"), "int | None"
+            return CType("ctypes.c_void_p", self.m.arch.size("pointer"), "int | None",
+                         "ctypes.c_void_p")
         if isinstance(t, Array):
-            elem, align, ann = self.ctype(t.element)
-            elem_ann = elem if ann in ("int", "bytes", "bool") else ann
-            if " " in elem:
-                elem = f"({elem})"
-            return f"{elem} * {t.length or 0}", align, f"ctypes.Array[{elem_ann}]"
+            elem = self.ctype(t.element)
+            expr = f"({elem.expr})" if " " in elem.expr else elem.expr
+            array = f"ctypes.Array[{elem.ctype_ann}]"
+            # ctypes reads a char array as the bytes before its first NUL, not as an Array
+            value = "bytes" if elem.expr == "ctypes.c_char" else array
+            return CType(f"{expr} * {t.length or 0}", elem.align, value, array)
         if isinstance(t, RecordRef):
             cls = self.plan.classes[t.key]
-            return cls, self.ct_align[t.key], cls
+            return CType(cls, self.ct_align[t.key], cls, cls)
         if isinstance(t, (Void, Function)):
             raise GeneratorError("a void or function member has no ctypes form")
         raise TypeError(t)
@@ -106,45 +141,61 @@ class _Renderer:
                 continue
             fl = item
             f = fl.field
-            expr, align, ann = self.ctype(f.type)
+            expr, align, ann, _ = self.ctype(f.type)
             if rec.packed:
                 align = 1
             if f.bits is not None:   # a bitfield in a union: ctypes puts it at bit 0 too
                 name = f.py_name or f.name or f"_bits{npad}"
                 npad += f.name is None
-                out.fields.append(CtField(name, expr, f.bits))
+                out.fields.append(CtField(name, expr, ann, f.bits))
                 ct_align = max(ct_align, align)
-                out.annotations.append((name, ann))
                 continue
             name = f.py_name or f.name
             assert name is not None
             if not union and round_up(cur, align) != fl.offset:
                 cur = self._pad(out, cur, fl.offset, align, rec)
-            out.fields.append(CtField(name, expr))
-            ct_align = max(ct_align, align)
+            anonymous = None
             if f.name is None:
+                assert isinstance(f.type, RecordRef)
+                anonymous = f.type.key
                 out.anonymous.append(name)
-                self._annotate_anonymous(out, f.type)
-            else:
-                out.annotations.append((name, ann))
+            out.fields.append(CtField(name, expr, ann, anonymous=anonymous))
+            ct_align = max(ct_align, align)
             if not union:
                 cur = fl.offset + fl.size
         if union:
             natural = max([self.layout.size_align(f.field.type)[0] for f in lay.fields] + [0])
             if round_up(natural, ct_align) != lay.size:
-                out.fields.append(CtField("_pad_size", f"ctypes.c_uint8 * {lay.size}"))
+                out.fields.append(_bytes("_pad_size", lay.size))
         elif round_up(cur, ct_align) != lay.size:
             if round_up(cur, ct_align) > lay.size:
                 raise GeneratorError(f"ctypes cannot express the layout of {c_desc}",
                                      rec.file, rec.line)
-            out.fields.append(CtField("_pad_end", f"ctypes.c_uint8 * {lay.size - cur}"))
+            out.fields.append(_bytes("_pad_end", lay.size - cur))
         if lay.align > ct_align:
             out.align = lay.align
         self.ct_align[key] = ct_align if out.pack is None else 1
+        out.annotations = self._annotations(out)
         out.flex = self._flex(key)
-        if out.flex:
-            out.base = "_FlexibleStructure" if not union else out.base
+        if out.flex and not union:
+            entry = out.flex[2]
+            # quoted when a class: it may be declared further down
+            out.base = f'_FlexibleStructure["{entry}"]' if entry in self.plan.classes.values() \
+                else f"_FlexibleStructure[{entry}]"
+        self.done[key] = out
         return out
+
+    def _annotations(self, out: CtRecord) -> list[tuple[str, str]]:
+        """Every member ctypes lets you read on an instance, with what reading it gives.
+        An anonymous member is not one of them: ctypes lifts its members into this class
+        instead (but not its properties, which ctypes does not know about)."""
+        anns: dict[str, str] = {}
+        for f in out.fields:
+            if f.anonymous is None:
+                anns[f.name] = f.ann
+            else:
+                anns.update(self.done[f.anonymous].annotations)
+        return list(anns.items())
 
     def _bit_run(self, out: CtRecord, run: list, cur: int, ct_align: int, npad: int, rec,
                  limit: int):
@@ -152,9 +203,9 @@ class _Renderer:
         as GCC does (one type, no zero-width or unnamed members, and the storage unit
         ends before the next member at `limit`), else as a byte array with a property
         per bitfield."""
-        types = {self.ctype(fl.field.type)[0] for fl in run}
+        types = {self.ctype(fl.field.type).expr for fl in run}
         if len(types) == 1 and all(fl.field.name and fl.field.bits for fl in run) and not rec.packed:
-            expr, align, ann = self.ctype(run[0].field.type)
+            expr, align, ann, _ = self.ctype(run[0].field.type)
             first_unit = run[0].offset
             last = run[-1]
             if cur <= first_unit and first_unit % align == 0 and \
@@ -163,8 +214,7 @@ class _Renderer:
                     cur = self._pad(out, cur, first_unit, align, rec)
                 for fl in run:
                     name = fl.field.py_name or fl.field.name
-                    out.fields.append(CtField(name, expr, fl.field.bits))
-                    out.annotations.append((name, ann))
+                    out.fields.append(CtField(name, expr, ann, fl.field.bits))
                 return last.offset + last.size, max(ct_align, align), npad
         start = min(fl.bit_offset for fl in run) // 8
         end = (max(fl.bit_offset + fl.bit_size for fl in run) + 7) // 8
@@ -172,9 +222,9 @@ class _Renderer:
             raise GeneratorError(f"ctypes cannot place the bitfields of "
                                  f"{rec.c_name or rec.key} at byte {start}", rec.file, rec.line)
         if start > cur:
-            out.fields.append(CtField(f"_pad{len(out.fields)}", f"ctypes.c_uint8 * {start - cur}"))
+            out.fields.append(_bytes(f"_pad{len(out.fields)}", start - cur))
         storage = f"_bits{npad}"
-        out.fields.append(CtField(storage, f"ctypes.c_uint8 * {end - start}"))
+        out.fields.append(_bytes(storage, end - start))
         for fl in run:
             if fl.field.name:
                 t = fl.field.type
@@ -188,21 +238,12 @@ class _Renderer:
             raise GeneratorError(f"ctypes cannot place a member of "
                                  f"{rec.c_name or rec.key} at offset {offset}", rec.file, rec.line)
         if round_up(cur, align) != offset:
-            out.fields.append(CtField(f"_pad{len(out.fields)}", f"ctypes.c_uint8 * {offset - cur}"))
+            out.fields.append(_bytes(f"_pad{len(out.fields)}", offset - cur))
         return offset
 
-    def _annotate_anonymous(self, out: CtRecord, t: Type) -> None:
-        """ctypes lifts an anonymous member's fields into the parent: say so to type checkers."""
-        assert isinstance(t, RecordRef)
-        inner = self.m.records[t.key]
-        for f in inner.fields or []:
-            if f.name is None and isinstance(f.type, RecordRef):
-                self._annotate_anonymous(out, f.type)
-            elif f.name is not None:
-                out.annotations.append((f.py_name or f.name, self.ctype(f.type)[2]))
-
-    def _flex(self, key: str) -> tuple[str, str, str | None] | None:
-        """(member, element ctype, count member) if the record ends in a flexible array."""
+    def _flex(self, key: str) -> tuple[str, str, str, str | None] | None:
+        """(member, element ctype, its annotation, count member) if the record ends in a
+        flexible array."""
         rec = self.m.records[key]
         if rec.kind != "struct" or not rec.fields or rec.c_name is None:
             return None
@@ -221,7 +262,8 @@ class _Renderer:
                 raise GeneratorError(f"families.FLEX_COUNT_FIELDS names {key}.{count}, which "
                                      f"does not exist")
             count = member.py_name or count
-        return last.py_name or last.name, self.ctype(last.type.element)[0], count
+        entry = self.ctype(last.type.element)
+        return last.py_name or last.name, entry.expr, entry.ctype_ann, count
 
     def order(self) -> list[str]:
         """Records with every by-value dependency before its user."""
@@ -359,7 +401,7 @@ def render_module(model: Model, layout: Layout) -> str:
         arg = None
         if io.arg_type is not None:
             try:
-                arg = r.ctype(io.arg_type)[0]
+                arg = r.ctype(io.arg_type).expr
             except GeneratorError:
                 arg = None
         ioctls.append({"name": io.name, "number": io.number, "direction": io.direction,
@@ -399,6 +441,19 @@ def render_support() -> str:
     return render_template("support.py.j2", gen_version=GENERATOR_VERSION)
 
 
+def typing_flag(arch: str) -> str:
+    """The constant a type checker is told is true to see `arch` as kvm_bindings.abi."""
+    return f"KVM_BINDINGS_TYPING_{arch.upper()}"
+
+
+_ENV.filters["typing_flag"] = typing_flag
+
+
 def render_init(arches, version: str, source: str) -> str:
-    return _ENV.get_template("init.py.j2").render(arches=list(arches), version=version,
-                                                  source=source, gen_version=GENERATOR_VERSION)
+    """The package: the host's arch at run time; for type checkers, x86_64 (or the one arch
+    generated) unless a typing_flag() picks another."""
+    arches = list(arches)
+    default = "x86_64" if "x86_64" in arches else arches[0]
+    return _ENV.get_template("init.py.j2").render(
+        arches=arches, version=version, source=source, gen_version=GENERATOR_VERSION,
+        default=default, others=[a for a in arches if a != default], typing_flag=typing_flag)

@@ -7,6 +7,7 @@ import collections
 import json
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -46,6 +47,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def info(args: argparse.Namespace) -> int:
     """What this host's KVM supports."""
+    from .x86 import X86Kvm
     with Kvm() as kvm:
         report: dict[str, Any] = {
             "api_version": kvm.api_version,
@@ -55,10 +57,14 @@ def info(args: argparse.Namespace) -> int:
             "vm_types": kvm.vm_types(),
             "capabilities": {f"KVM_CAP_{c.name}": v for c, v in kvm.capabilities().items()},
         }
-        for key, get in (("supported_cpuid_entries", lambda: kvm.get_supported_cpuid().nent),
-                         ("emulated_cpuid_entries", lambda: kvm.get_emulated_cpuid().nent),
-                         ("msr_indices", lambda: len(kvm.get_msr_index_list())),
-                         ("feature_msrs", lambda: len(kvm.get_msr_feature_index_list()))):
+        probes: list[tuple[str, Callable[[], int]]] = []
+        if isinstance(kvm, X86Kvm):
+            x86kvm = kvm
+            probes += [("supported_cpuid_entries", lambda: x86kvm.get_supported_cpuid().nent),
+                       ("emulated_cpuid_entries", lambda: x86kvm.get_emulated_cpuid().nent),
+                       ("msr_indices", lambda: len(x86kvm.get_msr_index_list())),
+                       ("feature_msrs", lambda: len(x86kvm.get_msr_feature_index_list()))]
+        for key, get in probes:
             try:
                 report[key] = get()
             except KvmError as e:

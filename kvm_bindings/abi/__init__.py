@@ -5,7 +5,16 @@
 
 ``from kvm_bindings import abi`` gives the module for the machine you run on;
 ``kvm_bindings.abi.x86_64`` / ``kvm_bindings.abi.arm64`` / ``kvm_bindings.abi.riscv64`` can be imported on any host.
+
+A type checker cannot know the machine, so to it this module is the x86_64 ABI
+unless a constant it is told is true picks another:
+``KVM_BINDINGS_TYPING_ARM64`` for arm64,
+``KVM_BINDINGS_TYPING_RISCV64`` for riscv64.
+mypy: ``always_true = KVM_BINDINGS_TYPING_ARM64``;
+pyright: ``defineConstant = { "KVM_BINDINGS_TYPING_ARM64" = true }``.
 """
+# Unless the checker is told otherwise (the docstring says how), the default arch:
+# mypy: always-false="KVM_BINDINGS_TYPING_ARM64, KVM_BINDINGS_TYPING_RISCV64"
 
 from __future__ import annotations
 
@@ -17,41 +26,52 @@ _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64":
              "riscv64": "riscv64"}
 
 HOST_ARCH = _MACHINES.get(_os.uname().machine.lower())
-if HOST_ARCH == "x86_64":
-    if _typing.TYPE_CHECKING:
-        from .x86_64 import *  # noqa: F401,F403
-    from . import x86_64 as _host
-elif HOST_ARCH == "arm64":
-    if _typing.TYPE_CHECKING:
-        from .arm64 import *  # noqa: F401,F403
-    from . import arm64 as _host
-elif HOST_ARCH == "riscv64":
-    if _typing.TYPE_CHECKING:
-        from .riscv64 import *  # noqa: F401,F403
-    from . import riscv64 as _host
-else:
-    _host = None
-if _host is not None:
-    __all__ = [*_host.__all__, "ARCHES", "HOST_ARCH"]
-    # The host's ABI as plain attributes. Not `from .<arch> import *`: that would build the
-    # enum classes now, which cost more than the rest of the ABI; they come on first use.
-    globals().update({name: getattr(_host, name) for name in _host.__all__
-                      if name not in _host._ENUMS})
+KVM_BINDINGS_TYPING_ARM64 = False
+KVM_BINDINGS_TYPING_RISCV64 = False
 
-    def __getattr__(name: str) -> object:
-        """The enum classes, built on first use and then kept here, so a later
-        abi.Capability is a plain attribute, not another call to this function."""
-        value = getattr(_host, name)
-        globals()[name] = value
-        return value
-else:
+if _typing.TYPE_CHECKING:
+    if KVM_BINDINGS_TYPING_ARM64:
+        from . import arm64 as _typed
+        from .arm64 import *
+    elif KVM_BINDINGS_TYPING_RISCV64:
+        from . import riscv64 as _typed
+        from .riscv64 import *
+    else:
+        from . import x86_64 as _typed
+        from .x86_64 import *
     __all__ = ["ARCHES", "HOST_ARCH"]
+    __all__ += _typed.__all__
+else:
+    if HOST_ARCH == "x86_64":
+        from . import x86_64 as _host
+    elif HOST_ARCH == "arm64":
+        from . import arm64 as _host
+    elif HOST_ARCH == "riscv64":
+        from . import riscv64 as _host
+    else:
+        _host = None
+    if _host is not None:
+        __all__ = [*_host.__all__, "ARCHES", "HOST_ARCH"]
+        # The host's ABI as plain attributes. Not `from .<arch> import *`: that would build the
+        # enum classes now, which cost more than the rest of the ABI; they come on first use.
+        globals().update({name: getattr(_host, name) for name in _host.__all__
+                          if name not in _host._ENUMS})
 
-    # Submodules stay importable by name; only the host re-export is missing.
-    def __getattr__(name: str) -> object:
-        raise ImportError(f"kvm_bindings has no generated ABI for this machine "
-                          f"({_os.uname().machine!r}); it ships {', '.join(ARCHES)}. Import one "
-                          f"by name, e.g. kvm_bindings.abi.{ARCHES[0]}, to read that arch's ABI.")
+        def __getattr__(name: str) -> object:
+            """The enum classes, built on first use and then kept here, so a later
+            abi.Capability is a plain attribute, not another call to this function."""
+            value = getattr(_host, name)
+            globals()[name] = value
+            return value
+    else:
+        __all__ = ["ARCHES", "HOST_ARCH"]
+
+        # Submodules stay importable by name; only the host re-export is missing.
+        def __getattr__(name: str) -> object:
+            raise ImportError(f"kvm_bindings has no generated ABI for this machine "
+                              f"({_os.uname().machine!r}); it ships {', '.join(ARCHES)}. Import "
+                              f"one by name, e.g. kvm_bindings.abi.{ARCHES[0]}, to read that "
+                              f"arch's ABI.")
 
 
 def __dir__() -> list[str]:

@@ -7,22 +7,37 @@ ABI itself is in the arch modules."""
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast, overload
+
+if TYPE_CHECKING:
+    from ctypes import _CData
+    from typing import TypeAlias
+
+    # What a flexible array's entries can be: the ctypes types that multiply into arrays.
+    _EntryType: TypeAlias = type[ctypes.Structure | ctypes.Union | ctypes._SimpleCData[Any]]
+else:
+    _EntryType = type   # the same to typing.get_type_hints() at run time
+
+_Entry = TypeVar("_Entry", bound="_CData", covariant=True)
+_Flex = TypeVar("_Flex", bound="_FlexibleStructure[_CData]")
 
 
-class _FlexibleStructure(ctypes.Structure):
-    """A struct that ends in a flexible array member: allocate it with room for entries."""
+class _FlexibleStructure(ctypes.Structure, Generic[_Entry]):
+    """A struct that ends in a flexible array member: allocate it with room for entries.
+    _Entry, its type parameter, is the entries' ctypes type; _flex_type_ is the same type,
+    for run time."""
 
-    _flex_field_: str
-    _flex_type_: Any
-    _flex_count_: str | None = None
+    _flex_field_: ClassVar[str]
+    _flex_type_: ClassVar[_EntryType]
+    _flex_count_: ClassVar[str | None] = None
+    _flex_capacity_: int = 0    # set per instance by alloc()
 
     @classmethod
-    def alloc(cls, count: int) -> Any:
+    def alloc(cls: type[_Flex], count: int) -> _Flex:
         """A zeroed instance with room for `count` trailing entries; sets the count member."""
         if count < 0:
             raise ValueError("count must be >= 0")
-        offset = getattr(cls, cls._flex_field_).offset
+        offset: int = getattr(cls, cls._flex_field_).offset
         size = max(ctypes.sizeof(cls), offset + count * ctypes.sizeof(cls._flex_type_))
         obj = cls.from_buffer((ctypes.c_uint8 * size)())
         obj._flex_capacity_ = count
@@ -33,43 +48,60 @@ class _FlexibleStructure(ctypes.Structure):
     @property
     def flex_capacity(self) -> int:
         """How many trailing entries this instance has room for."""
-        return int(getattr(self, "_flex_capacity_", 0))
+        return self._flex_capacity_
 
     @property
     def flex_nbytes(self) -> int:
         """Size of the struct with its trailing entries, as the kernel reads it."""
-        offset = getattr(type(self), self._flex_field_).offset
+        offset: int = getattr(type(self), self._flex_field_).offset
         return max(ctypes.sizeof(self), offset + self.flex_capacity * ctypes.sizeof(self._flex_type_))
 
-    def flex_array(self, count: int | None = None) -> Any:
+    def flex_array(self, count: int | None = None) -> ctypes.Array[_Entry]:
         """The trailing entries as a ctypes array (default: as many as the count member says)."""
         if count is None:
-            count = getattr(self, self._flex_count_) if self._flex_count_ else self.flex_capacity
+            count = int(getattr(self, self._flex_count_)) if self._flex_count_ else self.flex_capacity
         if not 0 <= count <= self.flex_capacity:
             raise ValueError(f"{type(self).__name__} has room for {self.flex_capacity} entries, "
                              f"not {count}; allocate it with {type(self).__name__}.alloc(n)")
-        offset = getattr(type(self), self._flex_field_).offset
+        offset: int = getattr(type(self), self._flex_field_).offset
         arr = (self._flex_type_ * count).from_address(ctypes.addressof(self) + offset)
-        arr._owner_ = self   # the entries live in self's buffer: keep it alive
-        return arr
+        setattr(arr, "_owner_", self)   # the entries live in self's buffer: keep it alive
+        return cast("ctypes.Array[_Entry]", arr)
 
 
-def _bitfield(storage: str, start: int, width: int, signed: bool, byteorder: str) -> property:
+class _Bitfield:
     """A bitfield GCC places where ctypes' own bitfields cannot go: bits of a byte array."""
-    mask = (1 << width) - 1
 
-    def get(self: ctypes.Structure) -> int:
-        raw = int.from_bytes(bytes(getattr(self, storage)), byteorder)
-        value = (raw >> start) & mask
-        return value - (1 << width) if signed and value >> (width - 1) else value
+    __slots__ = ("storage", "start", "width", "signed", "byteorder", "mask")
 
-    def set(self: ctypes.Structure, value: int) -> None:
-        array = getattr(self, storage)
-        raw = int.from_bytes(bytes(array), byteorder)
-        raw = (raw & ~(mask << start)) | ((value & mask) << start)
-        array[:] = raw.to_bytes(len(array), byteorder)
+    def __init__(self, storage: str, start: int, width: int, signed: bool,
+                 byteorder: Literal["little", "big"]) -> None:
+        self.storage = storage
+        self.start = start
+        self.width = width
+        self.signed = signed
+        self.byteorder: Literal["little", "big"] = byteorder
+        self.mask = (1 << width) - 1
 
-    return property(get, set)
+    @overload
+    def __get__(self, obj: None, owner: type[object] | None = None) -> _Bitfield: ...
+    @overload
+    def __get__(self, obj: ctypes.Structure | ctypes.Union,
+                owner: type[object] | None = None) -> int: ...
+
+    def __get__(self, obj: ctypes.Structure | ctypes.Union | None,
+                owner: type[object] | None = None) -> _Bitfield | int:
+        if obj is None:
+            return self
+        raw = int.from_bytes(bytes(getattr(obj, self.storage)), self.byteorder)
+        value = (raw >> self.start) & self.mask
+        return value - (1 << self.width) if self.signed and value >> (self.width - 1) else value
+
+    def __set__(self, obj: ctypes.Structure | ctypes.Union, value: int) -> None:
+        array = getattr(obj, self.storage)
+        raw = int.from_bytes(bytes(array), self.byteorder)
+        raw = (raw & ~(self.mask << self.start)) | ((value & self.mask) << self.start)
+        array[:] = raw.to_bytes(len(array), self.byteorder)
 
 
 class Ioctl:
@@ -77,8 +109,8 @@ class Ioctl:
 
     __slots__ = ("name", "number", "direction", "size", "arg_type", "arg_c")
 
-    def __init__(self, name: str, number: int, direction: str, size: int, arg_type: Any,
-                 arg_c: str | None) -> None:
+    def __init__(self, name: str, number: int, direction: str, size: int,
+                 arg_type: type[_CData] | None, arg_c: str | None) -> None:
         self.name = name
         self.number = number
         self.direction = direction    # "none", "write", "read" or "readwrite", as _IOC says

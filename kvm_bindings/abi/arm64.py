@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ctypes
 
-from ._support import Ioctl, _FlexibleStructure, _bitfield
+from ._support import Ioctl, _Bitfield, _FlexibleStructure
 
 KERNEL_VERSION = "7.2.0"
 ARCH = "arm64"
@@ -1050,8 +1050,6 @@ KVM_DEV_TYPE_MAX = 17
 _ENUMS = frozenset({"ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "DisableExits", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SmcccFilterAction", })
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
-
     from .arm64_enums import *  # noqa: F403
 else:
     def __getattr__(name: str) -> object:
@@ -1097,7 +1095,8 @@ class user_fpsimd_state(ctypes.Structure):
     vregs: ctypes.Array[ctypes.Array[ctypes.c_uint64]]
     fpsr: int
     fpcr: int
-    __reserved: ctypes.Array[ctypes.c_uint32]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _user_fpsimd_state__x
+        __reserved: ctypes.Array[ctypes.c_uint32]
 
 
 class user_hwdebug_state(ctypes.Structure):
@@ -1124,7 +1123,8 @@ class user_sve_header(ctypes.Structure):
     vl: int
     max_vl: int
     flags: int
-    __reserved: int
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _user_sve_header__x
+        __reserved: int
 
 
 class user_pac_mask(ctypes.Structure):
@@ -1159,7 +1159,8 @@ class user_za_header(ctypes.Structure):
     vl: int
     max_vl: int
     flags: int
-    __reserved: int
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _user_za_header__x
+        __reserved: int
 
 
 class user_gcs(ctypes.Structure):
@@ -1178,6 +1179,7 @@ class kvm_regs(ctypes.Structure):
     sp_el1: int
     elr_el1: int
     spsr: ctypes.Array[ctypes.c_uint64]
+    _pad4: ctypes.Array[ctypes.c_uint8]
     fp_regs: user_fpsimd_state
 
 
@@ -1332,7 +1334,7 @@ class kvm_irqchip(ctypes.Structure):
 class kvm_irqchip_chip(ctypes.Union):
     """anonymous union in kvm_irqchip (linux/kvm.h:76), 512 bytes."""
 
-    dummy: ctypes.Array[ctypes.c_char]
+    dummy: bytes
 
 
 class kvm_pit_config(ctypes.Structure):
@@ -1465,7 +1467,7 @@ class kvm_run(ctypes.Structure):
     tdx: kvm_run_tdx
     arm_sea: kvm_run_arm_sea
     snp_req_certs: kvm_exit_snp_req_certs
-    padding: ctypes.Array[ctypes.c_char]
+    padding: bytes
     kvm_valid_regs: int
     kvm_dirty_regs: int
     s: kvm_run_s2
@@ -1507,7 +1509,7 @@ class kvm_run_u(ctypes.Union):
     tdx: kvm_run_tdx
     arm_sea: kvm_run_arm_sea
     snp_req_certs: kvm_exit_snp_req_certs
-    padding: ctypes.Array[ctypes.c_char]
+    padding: bytes
 
 
 class kvm_run_hw(ctypes.Structure):
@@ -1828,7 +1830,7 @@ class kvm_run_s2(ctypes.Union):
     """anonymous union in kvm_run (linux/kvm.h:506), 2048 bytes."""
 
     regs: kvm_sync_regs
-    padding: ctypes.Array[ctypes.c_char]
+    padding: bytes
 
 
 class kvm_coalesced_mmio_zone(ctypes.Structure):
@@ -1866,22 +1868,24 @@ class kvm_coalesced_mmio_u(ctypes.Union):
     pio: int
 
 
-class kvm_coalesced_mmio_ring(_FlexibleStructure):
+class kvm_coalesced_mmio_ring(_FlexibleStructure["kvm_coalesced_mmio"]):
     """struct kvm_coalesced_mmio_ring (linux/kvm.h:533), 8 bytes."""
 
     _anonymous_ = ("_anon0", )
     _flex_field_ = "coalesced_mmio"
     first: int
     last: int
-    __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
     coalesced_mmio: ctypes.Array[kvm_coalesced_mmio]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_coalesced_mmio_ring__x
+        __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
 
 
 class kvm_coalesced_mmio_ring_s(ctypes.Structure):
     """anonymous struct in kvm_coalesced_mmio_ring (linux/kvm.h:535), 0 bytes."""
 
-    __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
     coalesced_mmio: ctypes.Array[kvm_coalesced_mmio]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_coalesced_mmio_ring_s__x
+        __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
 
 
 class kvm_coalesced_mmio_ring___empty_coalesced_mmio(ctypes.Structure):
@@ -1941,22 +1945,24 @@ class kvm_clear_dirty_log_u(ctypes.Union):
     padding2: int
 
 
-class kvm_signal_mask(_FlexibleStructure):
+class kvm_signal_mask(_FlexibleStructure[ctypes.c_uint8]):
     """struct kvm_signal_mask (linux/kvm.h:583), 4 bytes."""
 
     _anonymous_ = ("_anon0", )
     _flex_field_ = "sigset"
     _flex_count_ = "len"
     len: int
-    __empty_sigset: kvm_signal_mask___empty_sigset
     sigset: ctypes.Array[ctypes.c_uint8]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_signal_mask__x
+        __empty_sigset: kvm_signal_mask___empty_sigset
 
 
 class kvm_signal_mask_s(ctypes.Structure):
     """anonymous struct in kvm_signal_mask (linux/kvm.h:585), 0 bytes."""
 
-    __empty_sigset: kvm_signal_mask___empty_sigset
     sigset: ctypes.Array[ctypes.c_uint8]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_signal_mask_s__x
+        __empty_sigset: kvm_signal_mask___empty_sigset
 
 
 class kvm_signal_mask___empty_sigset(ctypes.Structure):
@@ -2083,7 +2089,7 @@ class kvm_irq_routing_entry_u(ctypes.Union):
     pad: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_irq_routing(_FlexibleStructure):
+class kvm_irq_routing(_FlexibleStructure["kvm_irq_routing_entry"]):
     """struct kvm_irq_routing (linux/kvm.h:1048), 8 bytes."""
 
     _anonymous_ = ("_anon0", )
@@ -2091,15 +2097,17 @@ class kvm_irq_routing(_FlexibleStructure):
     _flex_count_ = "nr"
     nr: int
     flags: int
-    __empty_entries: kvm_irq_routing___empty_entries
     entries: ctypes.Array[kvm_irq_routing_entry]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_irq_routing__x
+        __empty_entries: kvm_irq_routing___empty_entries
 
 
 class kvm_irq_routing_s(ctypes.Structure):
     """anonymous struct in kvm_irq_routing (linux/kvm.h:1051), 0 bytes."""
 
-    __empty_entries: kvm_irq_routing___empty_entries
     entries: ctypes.Array[kvm_irq_routing_entry]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_irq_routing_s__x
+        __empty_entries: kvm_irq_routing___empty_entries
 
 
 class kvm_irq_routing___empty_entries(ctypes.Structure):
@@ -2144,22 +2152,24 @@ class kvm_dirty_tlb(ctypes.Structure):
     num_dirty: int
 
 
-class kvm_reg_list(_FlexibleStructure):
+class kvm_reg_list(_FlexibleStructure[ctypes.c_uint64]):
     """struct kvm_reg_list (linux/kvm.h:1140), 8 bytes."""
 
     _anonymous_ = ("_anon0", )
     _flex_field_ = "reg"
     _flex_count_ = "n"
     n: int
-    __empty_reg: kvm_reg_list___empty_reg
     reg: ctypes.Array[ctypes.c_uint64]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_reg_list__x
+        __empty_reg: kvm_reg_list___empty_reg
 
 
 class kvm_reg_list_s(ctypes.Structure):
     """anonymous struct in kvm_reg_list (linux/kvm.h:1142), 0 bytes."""
 
-    __empty_reg: kvm_reg_list___empty_reg
     reg: ctypes.Array[ctypes.c_uint64]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_reg_list_s__x
+        __empty_reg: kvm_reg_list___empty_reg
 
 
 class kvm_reg_list___empty_reg(ctypes.Structure):
@@ -2251,7 +2261,7 @@ class kvm_stats_header(ctypes.Structure):
     data_offset: int
 
 
-class kvm_stats_desc(_FlexibleStructure):
+class kvm_stats_desc(_FlexibleStructure[ctypes.c_char]):
     """struct kvm_stats_desc (linux/kvm.h:1603), 16 bytes."""
 
     _anonymous_ = ("_anon0", )
@@ -2261,15 +2271,17 @@ class kvm_stats_desc(_FlexibleStructure):
     size: int
     offset: int
     bucket_size: int
-    __empty_name: kvm_stats_desc___empty_name
-    name: ctypes.Array[ctypes.c_char]
+    name: bytes
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_stats_desc__x
+        __empty_name: kvm_stats_desc___empty_name
 
 
 class kvm_stats_desc_s(ctypes.Structure):
     """anonymous struct in kvm_stats_desc (linux/kvm.h:1609), 0 bytes."""
 
-    __empty_name: kvm_stats_desc___empty_name
-    name: ctypes.Array[ctypes.c_char]
+    name: bytes
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_stats_desc_s__x
+        __empty_name: kvm_stats_desc___empty_name
 
 
 class kvm_stats_desc___empty_name(ctypes.Structure):
@@ -3179,7 +3191,7 @@ EXIT_MEMBERS: dict[str, str] = {
 }
 
 # C spelling -> ctypes class, for every struct and union the headers name.
-C_TYPES: dict[str, Any] = {
+C_TYPES: dict[str, type[ctypes.Structure] | type[ctypes.Union]] = {
     "__kernel_fd_set": __kernel_fd_set,
     "__kernel_fsid_t": __kernel_fsid_t,
     "struct kvm_arm_copy_mte_tags": kvm_arm_copy_mte_tags,

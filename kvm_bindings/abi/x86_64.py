@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ctypes
 
-from ._support import Ioctl, _FlexibleStructure, _bitfield
+from ._support import Ioctl, _Bitfield, _FlexibleStructure
 
 KERNEL_VERSION = "7.2.0"
 ARCH = "x86_64"
@@ -846,8 +846,6 @@ KVM_DEV_TYPE_MAX = 17
 _ENUMS = frozenset({"ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", })
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
-
     from .x86_64_enums import *  # noqa: F403
 else:
     def __getattr__(name: str) -> object:
@@ -958,7 +956,7 @@ class kvm_regs(ctypes.Structure):
 class kvm_lapic_state(ctypes.Structure):
     """struct kvm_lapic_state (asm/kvm.h:128), 1024 bytes."""
 
-    regs: ctypes.Array[ctypes.c_char]
+    regs: bytes
 
 
 class kvm_segment(ctypes.Structure):
@@ -1058,7 +1056,7 @@ class kvm_msr_entry(ctypes.Structure):
     data: int
 
 
-class kvm_msrs(_FlexibleStructure):
+class kvm_msrs(_FlexibleStructure["kvm_msr_entry"]):
     """struct kvm_msrs (asm/kvm.h:196), 8 bytes."""
 
     _anonymous_ = ("_anon0", )
@@ -1066,15 +1064,17 @@ class kvm_msrs(_FlexibleStructure):
     _flex_count_ = "nmsrs"
     nmsrs: int
     pad: int
-    __empty_entries: kvm_msrs___empty_entries
     entries: ctypes.Array[kvm_msr_entry]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_msrs__x
+        __empty_entries: kvm_msrs___empty_entries
 
 
 class kvm_msrs_s(ctypes.Structure):
     """anonymous struct in kvm_msrs (asm/kvm.h:200), 0 bytes."""
 
-    __empty_entries: kvm_msrs___empty_entries
     entries: ctypes.Array[kvm_msr_entry]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_msrs_s__x
+        __empty_entries: kvm_msrs___empty_entries
 
 
 class kvm_msrs___empty_entries(ctypes.Structure):
@@ -1082,22 +1082,24 @@ class kvm_msrs___empty_entries(ctypes.Structure):
 
 
 
-class kvm_msr_list(_FlexibleStructure):
+class kvm_msr_list(_FlexibleStructure[ctypes.c_uint32]):
     """struct kvm_msr_list (asm/kvm.h:204), 4 bytes."""
 
     _anonymous_ = ("_anon0", )
     _flex_field_ = "indices"
     _flex_count_ = "nmsrs"
     nmsrs: int
-    __empty_indices: kvm_msr_list___empty_indices
     indices: ctypes.Array[ctypes.c_uint32]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_msr_list__x
+        __empty_indices: kvm_msr_list___empty_indices
 
 
 class kvm_msr_list_s(ctypes.Structure):
     """anonymous struct in kvm_msr_list (asm/kvm.h:206), 0 bytes."""
 
-    __empty_indices: kvm_msr_list___empty_indices
     indices: ctypes.Array[ctypes.c_uint32]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_msr_list_s__x
+        __empty_indices: kvm_msr_list___empty_indices
 
 
 class kvm_msr_list___empty_indices(ctypes.Structure):
@@ -1132,7 +1134,7 @@ class kvm_cpuid_entry(ctypes.Structure):
     padding: int
 
 
-class kvm_cpuid(_FlexibleStructure):
+class kvm_cpuid(_FlexibleStructure["kvm_cpuid_entry"]):
     """struct kvm_cpuid (asm/kvm.h:243), 8 bytes."""
 
     _anonymous_ = ("_anon0", )
@@ -1140,15 +1142,17 @@ class kvm_cpuid(_FlexibleStructure):
     _flex_count_ = "nent"
     nent: int
     padding: int
-    __empty_entries: kvm_cpuid___empty_entries
     entries: ctypes.Array[kvm_cpuid_entry]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_cpuid__x
+        __empty_entries: kvm_cpuid___empty_entries
 
 
 class kvm_cpuid_s(ctypes.Structure):
     """anonymous struct in kvm_cpuid (asm/kvm.h:246), 0 bytes."""
 
-    __empty_entries: kvm_cpuid___empty_entries
     entries: ctypes.Array[kvm_cpuid_entry]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_cpuid_s__x
+        __empty_entries: kvm_cpuid___empty_entries
 
 
 class kvm_cpuid___empty_entries(ctypes.Structure):
@@ -1169,7 +1173,7 @@ class kvm_cpuid_entry2(ctypes.Structure):
     padding: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_cpuid2(_FlexibleStructure):
+class kvm_cpuid2(_FlexibleStructure["kvm_cpuid_entry2"]):
     """struct kvm_cpuid2 (asm/kvm.h:265), 8 bytes."""
 
     _anonymous_ = ("_anon0", )
@@ -1177,15 +1181,17 @@ class kvm_cpuid2(_FlexibleStructure):
     _flex_count_ = "nent"
     nent: int
     padding: int
-    __empty_entries: kvm_cpuid2___empty_entries
     entries: ctypes.Array[kvm_cpuid_entry2]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_cpuid2__x
+        __empty_entries: kvm_cpuid2___empty_entries
 
 
 class kvm_cpuid2_s(ctypes.Structure):
     """anonymous struct in kvm_cpuid2 (asm/kvm.h:268), 0 bytes."""
 
-    __empty_entries: kvm_cpuid2___empty_entries
     entries: ctypes.Array[kvm_cpuid_entry2]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_cpuid2_s__x
+        __empty_entries: kvm_cpuid2___empty_entries
 
 
 class kvm_cpuid2___empty_entries(ctypes.Structure):
@@ -1316,21 +1322,23 @@ class kvm_debugregs(ctypes.Structure):
     reserved: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_xsave(_FlexibleStructure):
+class kvm_xsave(_FlexibleStructure[ctypes.c_uint32]):
     """struct kvm_xsave (asm/kvm.h:384), 4096 bytes."""
 
     _anonymous_ = ("_anon0", )
     _flex_field_ = "extra"
     region: ctypes.Array[ctypes.c_uint32]
-    __empty_extra: kvm_xsave___empty_extra
     extra: ctypes.Array[ctypes.c_uint32]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_xsave__x
+        __empty_extra: kvm_xsave___empty_extra
 
 
 class kvm_xsave_s(ctypes.Structure):
     """anonymous struct in kvm_xsave (asm/kvm.h:399), 0 bytes."""
 
-    __empty_extra: kvm_xsave___empty_extra
     extra: ctypes.Array[ctypes.c_uint32]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_xsave_s__x
+        __empty_extra: kvm_xsave___empty_extra
 
 
 class kvm_xsave___empty_extra(ctypes.Structure):
@@ -1422,17 +1430,19 @@ class kvm_nested_state_data(ctypes.Union):
     """anonymous union in kvm_nested_state (asm/kvm.h:556), 0 bytes."""
 
     _anonymous_ = ("_anon0", "_anon1", )
-    __empty_vmx: kvm_nested_state___empty_vmx
     vmx: ctypes.Array[kvm_vmx_nested_state_data]
-    __empty_svm: kvm_nested_state___empty_svm
     svm: ctypes.Array[kvm_svm_nested_state_data]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_nested_state_data__x
+        __empty_vmx: kvm_nested_state___empty_vmx
+        __empty_svm: kvm_nested_state___empty_svm
 
 
 class kvm_nested_state_s(ctypes.Structure):
     """anonymous struct in kvm_nested_state (asm/kvm.h:557), 0 bytes."""
 
-    __empty_vmx: kvm_nested_state___empty_vmx
     vmx: ctypes.Array[kvm_vmx_nested_state_data]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_nested_state_s__x
+        __empty_vmx: kvm_nested_state___empty_vmx
 
 
 class kvm_nested_state___empty_vmx(ctypes.Structure):
@@ -1443,8 +1453,9 @@ class kvm_nested_state___empty_vmx(ctypes.Structure):
 class kvm_nested_state_s2(ctypes.Structure):
     """anonymous struct in kvm_nested_state (asm/kvm.h:558), 0 bytes."""
 
-    __empty_svm: kvm_nested_state___empty_svm
     svm: ctypes.Array[kvm_svm_nested_state_data]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_nested_state_s2__x
+        __empty_svm: kvm_nested_state___empty_svm
 
 
 class kvm_nested_state___empty_svm(ctypes.Structure):
@@ -1452,7 +1463,7 @@ class kvm_nested_state___empty_svm(ctypes.Structure):
 
 
 
-class kvm_pmu_event_filter(_FlexibleStructure):
+class kvm_pmu_event_filter(_FlexibleStructure[ctypes.c_uint64]):
     """struct kvm_pmu_event_filter (asm/kvm.h:563), 32 bytes."""
 
     _anonymous_ = ("_anon0", )
@@ -1463,15 +1474,17 @@ class kvm_pmu_event_filter(_FlexibleStructure):
     fixed_counter_bitmap: int
     flags: int
     pad: ctypes.Array[ctypes.c_uint32]
-    __empty_events: kvm_pmu_event_filter___empty_events
     events: ctypes.Array[ctypes.c_uint64]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_pmu_event_filter__x
+        __empty_events: kvm_pmu_event_filter___empty_events
 
 
 class kvm_pmu_event_filter_s(ctypes.Structure):
     """anonymous struct in kvm_pmu_event_filter (asm/kvm.h:569), 0 bytes."""
 
-    __empty_events: kvm_pmu_event_filter___empty_events
     events: ctypes.Array[ctypes.c_uint64]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_pmu_event_filter_s__x
+        __empty_events: kvm_pmu_event_filter___empty_events
 
 
 class kvm_pmu_event_filter___empty_events(ctypes.Structure):
@@ -1889,7 +1902,7 @@ class kvm_irqchip(ctypes.Structure):
 class kvm_irqchip_chip(ctypes.Union):
     """anonymous union in kvm_irqchip (linux/kvm.h:76), 512 bytes."""
 
-    dummy: ctypes.Array[ctypes.c_char]
+    dummy: bytes
     pic: kvm_pic_state
     ioapic: kvm_ioapic_state
 
@@ -2024,7 +2037,7 @@ class kvm_run(ctypes.Structure):
     tdx: kvm_run_tdx
     arm_sea: kvm_run_arm_sea
     snp_req_certs: kvm_exit_snp_req_certs
-    padding: ctypes.Array[ctypes.c_char]
+    padding: bytes
     kvm_valid_regs: int
     kvm_dirty_regs: int
     s: kvm_run_s2
@@ -2066,7 +2079,7 @@ class kvm_run_u(ctypes.Union):
     tdx: kvm_run_tdx
     arm_sea: kvm_run_arm_sea
     snp_req_certs: kvm_exit_snp_req_certs
-    padding: ctypes.Array[ctypes.c_char]
+    padding: bytes
 
 
 class kvm_run_hw(ctypes.Structure):
@@ -2387,7 +2400,7 @@ class kvm_run_s2(ctypes.Union):
     """anonymous union in kvm_run (linux/kvm.h:506), 2048 bytes."""
 
     regs: kvm_sync_regs
-    padding: ctypes.Array[ctypes.c_char]
+    padding: bytes
 
 
 class kvm_coalesced_mmio_zone(ctypes.Structure):
@@ -2425,22 +2438,24 @@ class kvm_coalesced_mmio_u(ctypes.Union):
     pio: int
 
 
-class kvm_coalesced_mmio_ring(_FlexibleStructure):
+class kvm_coalesced_mmio_ring(_FlexibleStructure["kvm_coalesced_mmio"]):
     """struct kvm_coalesced_mmio_ring (linux/kvm.h:533), 8 bytes."""
 
     _anonymous_ = ("_anon0", )
     _flex_field_ = "coalesced_mmio"
     first: int
     last: int
-    __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
     coalesced_mmio: ctypes.Array[kvm_coalesced_mmio]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_coalesced_mmio_ring__x
+        __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
 
 
 class kvm_coalesced_mmio_ring_s(ctypes.Structure):
     """anonymous struct in kvm_coalesced_mmio_ring (linux/kvm.h:535), 0 bytes."""
 
-    __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
     coalesced_mmio: ctypes.Array[kvm_coalesced_mmio]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_coalesced_mmio_ring_s__x
+        __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
 
 
 class kvm_coalesced_mmio_ring___empty_coalesced_mmio(ctypes.Structure):
@@ -2500,22 +2515,24 @@ class kvm_clear_dirty_log_u(ctypes.Union):
     padding2: int
 
 
-class kvm_signal_mask(_FlexibleStructure):
+class kvm_signal_mask(_FlexibleStructure[ctypes.c_uint8]):
     """struct kvm_signal_mask (linux/kvm.h:583), 4 bytes."""
 
     _anonymous_ = ("_anon0", )
     _flex_field_ = "sigset"
     _flex_count_ = "len"
     len: int
-    __empty_sigset: kvm_signal_mask___empty_sigset
     sigset: ctypes.Array[ctypes.c_uint8]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_signal_mask__x
+        __empty_sigset: kvm_signal_mask___empty_sigset
 
 
 class kvm_signal_mask_s(ctypes.Structure):
     """anonymous struct in kvm_signal_mask (linux/kvm.h:585), 0 bytes."""
 
-    __empty_sigset: kvm_signal_mask___empty_sigset
     sigset: ctypes.Array[ctypes.c_uint8]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_signal_mask_s__x
+        __empty_sigset: kvm_signal_mask___empty_sigset
 
 
 class kvm_signal_mask___empty_sigset(ctypes.Structure):
@@ -2642,7 +2659,7 @@ class kvm_irq_routing_entry_u(ctypes.Union):
     pad: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_irq_routing(_FlexibleStructure):
+class kvm_irq_routing(_FlexibleStructure["kvm_irq_routing_entry"]):
     """struct kvm_irq_routing (linux/kvm.h:1048), 8 bytes."""
 
     _anonymous_ = ("_anon0", )
@@ -2650,15 +2667,17 @@ class kvm_irq_routing(_FlexibleStructure):
     _flex_count_ = "nr"
     nr: int
     flags: int
-    __empty_entries: kvm_irq_routing___empty_entries
     entries: ctypes.Array[kvm_irq_routing_entry]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_irq_routing__x
+        __empty_entries: kvm_irq_routing___empty_entries
 
 
 class kvm_irq_routing_s(ctypes.Structure):
     """anonymous struct in kvm_irq_routing (linux/kvm.h:1051), 0 bytes."""
 
-    __empty_entries: kvm_irq_routing___empty_entries
     entries: ctypes.Array[kvm_irq_routing_entry]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_irq_routing_s__x
+        __empty_entries: kvm_irq_routing___empty_entries
 
 
 class kvm_irq_routing___empty_entries(ctypes.Structure):
@@ -2703,22 +2722,24 @@ class kvm_dirty_tlb(ctypes.Structure):
     num_dirty: int
 
 
-class kvm_reg_list(_FlexibleStructure):
+class kvm_reg_list(_FlexibleStructure[ctypes.c_uint64]):
     """struct kvm_reg_list (linux/kvm.h:1140), 8 bytes."""
 
     _anonymous_ = ("_anon0", )
     _flex_field_ = "reg"
     _flex_count_ = "n"
     n: int
-    __empty_reg: kvm_reg_list___empty_reg
     reg: ctypes.Array[ctypes.c_uint64]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_reg_list__x
+        __empty_reg: kvm_reg_list___empty_reg
 
 
 class kvm_reg_list_s(ctypes.Structure):
     """anonymous struct in kvm_reg_list (linux/kvm.h:1142), 0 bytes."""
 
-    __empty_reg: kvm_reg_list___empty_reg
     reg: ctypes.Array[ctypes.c_uint64]
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_reg_list_s__x
+        __empty_reg: kvm_reg_list___empty_reg
 
 
 class kvm_reg_list___empty_reg(ctypes.Structure):
@@ -2810,7 +2831,7 @@ class kvm_stats_header(ctypes.Structure):
     data_offset: int
 
 
-class kvm_stats_desc(_FlexibleStructure):
+class kvm_stats_desc(_FlexibleStructure[ctypes.c_char]):
     """struct kvm_stats_desc (linux/kvm.h:1603), 16 bytes."""
 
     _anonymous_ = ("_anon0", )
@@ -2820,15 +2841,17 @@ class kvm_stats_desc(_FlexibleStructure):
     size: int
     offset: int
     bucket_size: int
-    __empty_name: kvm_stats_desc___empty_name
-    name: ctypes.Array[ctypes.c_char]
+    name: bytes
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_stats_desc__x
+        __empty_name: kvm_stats_desc___empty_name
 
 
 class kvm_stats_desc_s(ctypes.Structure):
     """anonymous struct in kvm_stats_desc (linux/kvm.h:1609), 0 bytes."""
 
-    __empty_name: kvm_stats_desc___empty_name
-    name: ctypes.Array[ctypes.c_char]
+    name: bytes
+    if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_stats_desc_s__x
+        __empty_name: kvm_stats_desc___empty_name
 
 
 class kvm_stats_desc___empty_name(ctypes.Structure):
@@ -4298,7 +4321,7 @@ EXIT_MEMBERS: dict[str, str] = {
 }
 
 # C spelling -> ctypes class, for every struct and union the headers name.
-C_TYPES: dict[str, Any] = {
+C_TYPES: dict[str, type[ctypes.Structure] | type[ctypes.Union]] = {
     "__kernel_fd_set": __kernel_fd_set,
     "__kernel_fsid_t": __kernel_fsid_t,
     "struct kvm_arm_device_addr": kvm_arm_device_addr,
