@@ -4,6 +4,7 @@ feature MSRs, and on vCPUs) and kvm_enable_cap (KVM_ENABLE_CAP on VMs and vCPUs)
 from __future__ import annotations
 
 from collections.abc import Iterable
+
 from . import abi
 from ._layout import check_field, fill
 
