@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+__all__ = ["GuestMemoryError", "KvmError", "KvmUnavailable", "KvmUnsupported", "StaleExitError",
+           "StaleHandleError", "VcpuBusyError"]
+
 
 class KvmError(OSError):
     """An ioctl on a KVM fd failed: names the ioctl and carries the errno."""

@@ -10,6 +10,8 @@ from . import abi
 from ._fd import FdObject
 from ._layout import member
 
+__all__ = ["StatDescriptor", "Stats"]
+
 
 @dataclass(frozen=True)
 class StatDescriptor:
