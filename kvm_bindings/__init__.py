@@ -75,8 +75,19 @@ _EXPORTS = {
 }
 # The host arch's classes: {public name: (arch package, class)}; the arch-neutral ones
 # (kvm_bindings.system.Kvm, ...) on a host with no arch package.
-_HOST_CLASSES = {"x86_64": {"Kvm": ("x86", "X86Kvm"), "Vm": ("x86", "X86Vm"),
-                            "Vcpu": ("x86", "X86Vcpu")}}
+_HOST_CLASSES = {
+    "x86_64": {"Kvm": ("x86", "X86Kvm"), "Vm": ("x86", "X86Vm"), "Vcpu": ("x86", "X86Vcpu")},
+    "arm64": {"Kvm": ("arm64", "Arm64Kvm"), "Vm": ("arm64", "Arm64Vm"),
+              "Vcpu": ("arm64", "Arm64Vcpu")},
+    "riscv64": {"Kvm": ("riscv64", "Riscv64Kvm"), "Vm": ("riscv64", "Riscv64Vm"),
+                "Vcpu": ("riscv64", "Riscv64Vcpu")},
+}
+# Type checkers cannot know the machine: to them Kvm/Vm/Vcpu are x86_64's classes, as
+# kvm_bindings.abi is x86_64's ABI, unless told otherwise the way kvm_bindings.abi's
+# docstring says (mypy: always_true = KVM_BINDINGS_TYPING_ARM64; pyright: defineConstant).
+# mypy: always-false="KVM_BINDINGS_TYPING_ARM64, KVM_BINDINGS_TYPING_RISCV64"
+KVM_BINDINGS_TYPING_ARM64 = False
+KVM_BINDINGS_TYPING_RISCV64 = False
 _NEUTRAL = {"Kvm": "system", "Vm": "vm", "Vcpu": "vcpu"}
 __all__ = [
     "ApResetHoldExit",
@@ -214,11 +225,18 @@ if TYPE_CHECKING:
     from .memory import GuestMemfd, GuestMemory, MemoryRegion
     from .stats import StatDescriptor, Stats
 
-    # Type checkers cannot know the machine: they see x86_64's classes, as they see
-    # x86_64's ABI in kvm_bindings.abi (see there for choosing another arch).
-    from .x86 import X86Kvm as Kvm
-    from .x86 import X86Vcpu as Vcpu
-    from .x86 import X86Vm as Vm
+    if KVM_BINDINGS_TYPING_ARM64:
+        from .arm64 import Arm64Kvm as Kvm
+        from .arm64 import Arm64Vcpu as Vcpu
+        from .arm64 import Arm64Vm as Vm
+    elif KVM_BINDINGS_TYPING_RISCV64:
+        from .riscv64 import Riscv64Kvm as Kvm
+        from .riscv64 import Riscv64Vcpu as Vcpu
+        from .riscv64 import Riscv64Vm as Vm
+    else:
+        from .x86 import X86Kvm as Kvm
+        from .x86 import X86Vcpu as Vcpu
+        from .x86 import X86Vm as Vm
 
 
 def __getattr__(name: str) -> object:

@@ -145,3 +145,39 @@ def test_pyright_reports_each_planted_mistake_and_reveals_the_concrete_types(tmp
             found_errors.setdefault(number, []).append(diag["message"])
     assert found_reveals, proc.stdout
     _check(found_errors, found_reveals)
+
+
+ARM64_SAMPLE = '''\
+from kvm_bindings import Kvm, abi
+
+with Kvm() as kvm:
+    vm = kvm.create_vm(ipa_bits=40)
+    reveal_type(vm)  # R: Arm64Vm
+    vcpu = vm.create_vcpu(0)
+    reveal_type(vcpu)  # R: Arm64Vcpu
+    vcpu.vcpu_init(features=[abi.KVM_ARM_VCPU_PSCI_0_2])
+    reveal_type(vcpu.get_core_reg("pc"))  # R: int
+    vcpu.get_regs()  # E: get_regs
+'''
+
+
+def test_mypy_told_the_machine_is_arm64_sees_the_arm64_classes(tmp_path):
+    """The host classes follow the same switch as kvm_bindings.abi: an arm64 user's checker
+    offers vcpu_init and refuses the x86-only get_regs."""
+    mypy = _tool("mypy")
+    (tmp_path / "sample.py").write_text(ARM64_SAMPLE)
+    (tmp_path / "mypy.ini").write_text("[mypy]\nalways_true = KVM_BINDINGS_TYPING_ARM64\n")
+    proc = subprocess.run(
+        [mypy, "--strict", "--no-error-summary", "--config-file", "mypy.ini",
+         "--cache-dir", str(tmp_path / "cache"), "sample.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "MYPYPATH": str(ROOT)})
+    errors, reveals = _expectations(ARM64_SAMPLE)
+    lines = proc.stdout.splitlines()
+    for number, want in reveals.items():
+        assert any(line.startswith(f"sample.py:{number}: note: Revealed type is") and want in line
+                   for line in lines), (number, want, proc.stdout)
+    for number, want in errors.items():
+        assert any(line.startswith(f"sample.py:{number}: error") and want in line
+                   for line in lines), (number, want, proc.stdout)
+    assert sum(": error" in line for line in lines) == len(errors), proc.stdout
