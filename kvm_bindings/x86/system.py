@@ -5,11 +5,11 @@ from __future__ import annotations
 import errno
 from typing import ClassVar, cast
 
-from .. import _requests
 from ..abi import x86_64 as abi
 from ..errors import KvmError
 from ..system import Kvm
 from ..vm import Vm
+from . import _msrs
 from .vm import X86Vm
 
 
@@ -47,6 +47,12 @@ class X86Kvm(Kvm):
         return self._cpuid(abi.KVM_GET_EMULATED_CPUID, "KVM_GET_EMULATED_CPUID",
                            abi.Capability.EXT_EMUL_CPUID)
 
+    def get_supported_hv_cpuid(self) -> abi.kvm_cpuid2:
+        """KVM_GET_SUPPORTED_HV_CPUID on /dev/kvm (KVM_CAP_SYS_HYPERV_CPUID): the Hyper-V
+        CPUID leaves KVM can offer a guest, as a kvm_cpuid2."""
+        return self._cpuid(abi.KVM_GET_SUPPORTED_HV_CPUID, "KVM_GET_SUPPORTED_HV_CPUID",
+                           abi.Capability.SYS_HYPERV_CPUID, start=16)
+
     def _index_list(self, number: int, name: str) -> list[int]:
         probe = abi.kvm_msr_list.alloc(0)
         try:
@@ -73,5 +79,5 @@ class X86Kvm(Kvm):
         """Values of feature MSRs (KVM_GET_MSRS on /dev/kvm), all of them by default."""
         if indices is None:
             indices = self.get_msr_feature_index_list()
-        msrs = _requests.msrs(indices)
-        return _requests.msr_results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
+        msrs = _msrs.msrs(indices)
+        return _msrs.msr_results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))

@@ -7,11 +7,11 @@ import errno
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from .. import _requests
 from .._layout import capacity, check_field, check_flex, check_int, expect, fill
 from ..abi import x86_64 as abi
 from ..errors import KvmError, KvmUnsupported
 from ..vcpu import Vcpu
+from . import _msrs
 
 if TYPE_CHECKING:
     from .vm import X86Vm
@@ -140,15 +140,15 @@ class X86Vcpu(Vcpu):
     # -- MSRs and CPUID
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS for these MSR indices -> {index: value} (only those KVM returned)."""
-        msrs = _requests.msrs(indices)
-        return _requests.msr_results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
+        msrs = _msrs.msrs(indices)
+        return _msrs.msr_results(msrs, self.ioctl(abi.KVM_GET_MSRS, msrs))
 
     def set_msrs(self, values: dict[int, int]) -> int:
         """KVM_SET_MSRS for {index: value}; raises KvmError naming the first MSR KVM refused."""
         if not isinstance(values, Mapping):
             raise TypeError(f"set_msrs() takes a mapping of MSR index to value, not "
                             f"{type(values).__name__}")
-        msrs = _requests.msrs(values.keys(), values.values())
+        msrs = _msrs.msrs(values.keys(), values.values())
         done = self.ioctl(abi.KVM_SET_MSRS, msrs)
         if done != len(values):
             index = list(values)[done]
@@ -165,6 +165,22 @@ class X86Vcpu(Vcpu):
         cpuid = abi.kvm_cpuid2.alloc(check_field(max_entries, abi.kvm_cpuid2, "nent", "max_entries"))
         self.ioctl(abi.KVM_GET_CPUID2, cpuid)
         return cpuid
+
+    def get_supported_hv_cpuid(self) -> abi.kvm_cpuid2:
+        """KVM_GET_SUPPORTED_HV_CPUID on this vCPU (KVM_CAP_HYPERV_CPUID): the Hyper-V CPUID
+        leaves KVM can offer it (eVMCS leaves included once enabled), as a kvm_cpuid2."""
+        self.vm.require(abi.Capability.HYPERV_CPUID, "KVM_GET_SUPPORTED_HV_CPUID")
+        n = 16
+        while True:
+            cpuid = abi.kvm_cpuid2.alloc(n)
+            try:
+                self.ioctl(abi.KVM_GET_SUPPORTED_HV_CPUID, cpuid)
+                return cpuid
+            except KvmError as e:
+                # E2BIG: the buffer was too small; the kernel does not say how big to go.
+                if e.errno != errno.E2BIG or n >= 1 << 10:
+                    raise
+                n *= 2
 
     def enable_sync_regs(self, valid: int) -> None:
         """Ask KVM to copy these register sets (abi.SyncRegs bits) into kvm_run.s on every exit
@@ -191,6 +207,13 @@ class X86Vcpu(Vcpu):
         khz = check_int(khz, ctypes.c_uint32, "khz")
         self.vm.require(abi.Capability.TSC_CONTROL, "KVM_SET_TSC_KHZ")
         self.ioctl(abi.KVM_SET_TSC_KHZ, khz)
+
+    def notify_kvmclock_paused(self) -> None:
+        """KVM_KVMCLOCK_CTRL (KVM_CAP_KVMCLOCK_CTRL): tell the guest's kvmclock that the host
+        paused it, so its soft-lockup watchdog does not fire on resume. KvmError EINVAL if
+        the guest has not enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW)."""
+        self.vm.require(abi.Capability.KVMCLOCK_CTRL, "KVM_KVMCLOCK_CTRL")
+        self.ioctl(abi.KVM_KVMCLOCK_CTRL)
 
     def translate(self, linear_address: int) -> abi.kvm_translation:
         """KVM_TRANSLATE: walk the guest's page tables -> kvm_translation."""
