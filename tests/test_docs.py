@@ -18,8 +18,9 @@ from .conftest import REQUIRE_TOOLS, ROOT, need
 
 DOCS = ROOT / "docs"
 # The modules the reference has a page for, besides kvm_bindings itself.
-MODULES = ["kvm_bindings.x86", "kvm_bindings.memory", "kvm_bindings.exits", "kvm_bindings.errors",
-           "kvm_bindings.stats", "kvm_bindings.device"]
+ARCHES = ["x86", "arm64", "riscv64"]
+MODULES = [*(f"kvm_bindings.{a}" for a in ARCHES), "kvm_bindings.memory", "kvm_bindings.exits",
+           "kvm_bindings.errors", "kvm_bindings.stats", "kvm_bindings.device"]
 # Bases whose members are Python's, not ours.
 FOREIGN = ("builtins", "ctypes", "_ctypes", "enum", "abc", "typing")
 
@@ -61,39 +62,38 @@ def home(name: str) -> type:
     return next(c for c in getattr(kvm_bindings, name).__mro__ if c.__name__ == name)
 
 
-def x86_classes() -> dict[type, str]:
-    """Every public class the x86 package (or module) defines, found by looking, each with the
-    name users reach it by (kvm_bindings.x86.Name), which is where it must be documented."""
-    x86 = importlib.import_module("kvm_bindings.x86")
-    mods = [x86]
-    if hasattr(x86, "__path__"):    # a package: its public submodules too
-        mods += [importlib.import_module(m.name)
-                 for m in pkgutil.walk_packages(x86.__path__, "kvm_bindings.x86.")
-                 if not any(p.startswith("_") for p in m.name.split("."))]
+def arch_classes() -> dict[type, str]:
+    """Every public class the arch packages (x86, arm64, riscv64) define, found by looking, each
+    with the name users reach it by (kvm_bindings.x86.Name), which is where it must be documented."""
     out = {}
-    for mod in mods:
-        for name, value in vars(mod).items():
-            if (isinstance(value, type) and not name.startswith("_") and value.__name__ == name
-                    and value.__module__.startswith("kvm_bindings.x86")):
-                out.setdefault(value, f"kvm_bindings.x86.{name}")
+    for arch in ARCHES:
+        pkg = importlib.import_module(f"kvm_bindings.{arch}")
+        mods = [pkg] + [importlib.import_module(m.name)
+                        for m in pkgutil.walk_packages(pkg.__path__, f"kvm_bindings.{arch}.")
+                        if not any(p.startswith("_") for p in m.name.split("."))]
+        for mod in mods:
+            for name, value in vars(mod).items():
+                if (isinstance(value, type) and not name.startswith("_") and value.__name__ == name
+                        and value.__module__.startswith(f"kvm_bindings.{arch}")):
+                    out.setdefault(value, f"kvm_bindings.{arch}.{name}")
     return out
 
 
 def public_classes() -> dict[type, str]:
-    """The classes whose members must all be listed: Kvm, Vm, Vcpu, Device and the x86 classes."""
+    """The classes whose members must all be listed: Kvm, Vm, Vcpu, Device and the arch classes."""
     out = {home(n): f"kvm_bindings.{n}" for n in ("Kvm", "Vm", "Vcpu", "Device")}
-    for cls, path in x86_classes().items():
+    for cls, path in arch_classes().items():
         out.setdefault(cls, path)
     return out
 
 
 def exported_classes() -> dict[type, str]:
-    """Classes with an entry of their own: kvm_bindings.__all__'s and the x86 package's."""
+    """Classes with an entry of their own: kvm_bindings.__all__'s and the arch packages'."""
     import kvm_bindings
 
     out = {home(n): f"kvm_bindings.{n}" for n in kvm_bindings.__all__
            if isinstance(getattr(kvm_bindings, n), type)}
-    for cls, path in x86_classes().items():
+    for cls, path in arch_classes().items():
         out.setdefault(cls, path)
     return out
 
@@ -116,11 +116,12 @@ def missing_entries(inventory: dict[str, str]) -> list[str]:
     import kvm_bindings
 
     want = [f"kvm_bindings.{n}" for n in kvm_bindings.__all__] + ["kvm_bindings", *MODULES]
-    x86 = importlib.import_module("kvm_bindings.x86")
-    want += [f"kvm_bindings.x86.{n}" for n in getattr(x86, "__all__", ())]
-    want += [f"kvm_bindings.x86.{n}" for n, v in vars(x86).items()
-             if inspect.isfunction(v) and not n.startswith("_")
-             and v.__module__.startswith("kvm_bindings.x86")]     # the mode helpers
+    for arch in ARCHES:
+        pkg = importlib.import_module(f"kvm_bindings.{arch}")
+        want += [f"kvm_bindings.{arch}.{n}" for n in getattr(pkg, "__all__", ())]
+        want += [f"kvm_bindings.{arch}.{n}" for n, v in vars(pkg).items()
+                 if inspect.isfunction(v) and not n.startswith("_")
+                 and v.__module__.startswith(f"kvm_bindings.{arch}")]   # mode helpers, reg ids
     exported = exported_classes()
     for cls, path in public_classes().items():
         want.append(path)
@@ -134,7 +135,7 @@ def missing_entries(inventory: dict[str, str]) -> list[str]:
 
 def test_docs_build_with_warnings_as_errors(built):
     assert (built / "index.html").is_file()
-    for page in ("tutorial", "abi", "reference/kvm_bindings", "reference/x86"):
+    for page in ("tutorial", "abi", "reference/kvm_bindings", *(f"reference/{a}" for a in ARCHES)):
         assert (built / f"{page}.html").is_file(), page
 
 
