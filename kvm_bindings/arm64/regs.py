@@ -16,6 +16,11 @@ import re
 from .._layout import offset_of, type_of
 from ..abi import arm64 as abi
 
+__all__ = [
+    "CORE_REGS", "CORE_REG_PATHS", "core_reg", "irq_line", "reg_size", "size_code", "sve_ffr",
+    "sve_preg", "sve_zreg", "sys_reg"
+]
+
 _U32 = ctypes.sizeof(ctypes.c_uint32)     # KVM_REG_ARM_CORE_REG counts in __u32 words
 
 

@@ -13,6 +13,8 @@ from ..system import Kvm
 from ..vm import Vm
 from .vm import Arm64Vm
 
+__all__ = ["Arm64Kvm", "vm_type_ipa_size"]
+
 
 def vm_type_ipa_size(ipa_bits: int) -> int:
     """KVM_VM_TYPE_ARM_IPA_SIZE(ipa_bits): the IPA-size field of an arm64 VM type."""

@@ -21,6 +21,8 @@ from .regs import core_reg
 if TYPE_CHECKING:
     from .vm import Arm64Vm
 
+__all__ = ["Arm64Vcpu"]
+
 
 class Arm64Vcpu(Vcpu):
     """A vCPU of an arm64 VM: everything Vcpu does, and the arm64-only vCPU ioctls.

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from ..vcpu import Vcpu
     from .system import Arm64Kvm
 
+__all__ = ["Arm64Vm"]
+
 _U32 = ctypes.sizeof(ctypes.c_uint32)
 _U64 = ctypes.sizeof(ctypes.c_uint64)
 

@@ -15,6 +15,11 @@ from typing import Any
 from .._layout import offset_of, type_of
 from ..abi import riscv64 as abi
 
+__all__ = [
+    "CONFIG_REGS", "CORE_REGS", "CSRS", "TIMER_REGS", "ULONG", "config_reg", "core_reg", "csr_reg",
+    "isa_ext_reg", "reg_size", "sbi_ext_reg", "size_code", "timer_reg"
+]
+
 # The macros count in units of unsigned long, the arch's register width.
 ULONG = getattr(abi, "__BITS_PER_LONG") // 8
 

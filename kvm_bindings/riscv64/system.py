@@ -8,6 +8,8 @@ from ..system import Kvm
 from ..vm import Vm
 from .vm import Riscv64Vm
 
+__all__ = ["Riscv64Kvm"]
+
 
 class Riscv64Kvm(Kvm):
     """/dev/kvm on a riscv64 host: everything Kvm does, and Riscv64Vm VMs."""

@@ -20,6 +20,8 @@ from .regs import core_reg, isa_ext_reg, sbi_ext_reg
 if TYPE_CHECKING:
     from .vm import Riscv64Vm
 
+__all__ = ["Riscv64Vcpu"]
+
 
 class Riscv64Vcpu(Vcpu):
     """A vCPU of a riscv64 VM: everything Vcpu does, and the riscv64-only vCPU calls.

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from ..vcpu import Vcpu
     from .system import Riscv64Kvm
 
+__all__ = ["Riscv64Vm"]
+
 
 class Riscv64Vm(Vm):
     """A VM on a riscv64 host: everything Vm does, and Riscv64Vcpu vCPUs."""

@@ -13,6 +13,13 @@ from ..abi import x86_64 as abi
 from ..memory import GuestMemory
 from .vcpu import X86Vcpu
 
+__all__ = [
+    "CR0_ET", "CR0_NE", "CR0_PE", "CR0_PG", "CR4_PAE", "EFER_LMA", "EFER_LME", "GDT_SIZE", "PAGE",
+    "PTE_LARGE", "PTE_PRESENT", "PTE_WRITE", "SEL_CODE32", "SEL_CODE64", "SEL_DATA",
+    "page_table_size", "set_supported_cpuid", "setup_long_mode", "setup_protected_mode",
+    "setup_real_mode", "write_gdt", "write_identity_page_tables",
+]
+
 # Architectural bits (Intel SDM vol. 3, 2.5 and 2.2.1).
 CR0_PE = 1 << 0      # protected mode
 CR0_ET = 1 << 4
