@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "Capability": "abi", "ExitReason": "abi",
+    "Capability": "abi", "ExitReason": "abi", "Backing": "backing",
     "Device": "device",
     "GuestMemoryError": "errors", "KvmError": "errors", "KvmUnavailable": "errors",
     "KvmUnsupported": "errors", "StaleExitError": "errors", "StaleHandleError": "errors",
@@ -91,6 +91,7 @@ KVM_BINDINGS_TYPING_RISCV64 = False
 _NEUTRAL = {"Kvm": "system", "Vm": "vm", "Vcpu": "vcpu"}
 __all__ = [
     "ApResetHoldExit",
+    "Backing",
     "ArmLdst64bExit",
     "ArmNisvExit",
     "ArmSeaExit",
@@ -161,6 +162,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .abi import Capability, ExitReason
+    from .backing import Backing
     from .device import Device
     from .errors import (
         GuestMemoryError,

@@ -1,12 +1,9 @@
-"""Guest memory: host mappings registered as KVM memory slots, addressed by GPA."""
+"""Guest memory: host mappings (backings) registered as KVM memory slots, addressed by GPA."""
 
 from __future__ import annotations
 
 import bisect
-import ctypes
 import heapq
-import mmap
-import operator
 import os
 import threading
 import weakref
@@ -14,41 +11,43 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from ._fd import FdObject, Unshareable
+from .backing import PAGE_SIZE, Backing, _index
 from .errors import GuestMemoryError, StaleHandleError
 
-PAGE_SIZE = mmap.PAGESIZE
-
-
-def _host_address(mm: mmap.mmap) -> int:
-    anchor = ctypes.c_char.from_buffer(mm)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor   # release the buffer export at once, so the mapping can be closed later
-
+__all__ = ["PAGE_SIZE", "GuestMemfd", "GuestMemory", "MemoryRegion", "SlotTable"]
 
 class MemoryRegion(Unshareable):
-    """One memory slot: a host mapping and where the guest sees it.
+    """One memory slot: part of a Backing and where the guest sees it.
 
     slot, guest_phys_addr, size and flags are what KVM was given
-    (struct kvm_userspace_memory_region / kvm_userspace_memory_region2). The region
-    is a handle: once removed (or its VM closed) every call taking it raises
-    StaleHandleError, and so does passing it to another VM.
+    (struct kvm_userspace_memory_region / kvm_userspace_memory_region2); the slot maps
+    backing from offset, at host_addr. The region is a handle: once removed (or its VM
+    closed) every call taking it raises StaleHandleError, and so does passing it to
+    another VM. Its backing stays as it was, unless add_memory mapped it for this region
+    alone: then it is unmapped with the slot.
     """
 
-    __slots__ = ("slot", "guest_phys_addr", "size", "flags", "host_addr", "guest_memfd",
-                 "guest_memfd_offset", "_mmap", "_view", "_owner", "__weakref__")
+    __slots__ = ("slot", "guest_phys_addr", "size", "flags", "host_addr", "backing", "offset",
+                 "guest_memfd", "guest_memfd_offset", "_view", "_owns_backing", "_owner",
+                 "__weakref__")
 
-    def __init__(self, slot: int, guest_phys_addr: int, size: int, flags: int,
-                 backing: mmap.mmap, guest_memfd: Any = None, guest_memfd_offset: int = 0,
-                 owner: Any = None) -> None:
+    def __init__(self, slot: int, guest_phys_addr: int, size: int, flags: int, backing: Backing,
+                 offset: int = 0, guest_memfd: Any = None, guest_memfd_offset: int = 0, *,
+                 owner: Any = None, owns_backing: bool = False,
+                 replacing: MemoryRegion | None = None) -> None:
         self.slot = slot
         self.guest_phys_addr = guest_phys_addr
         self.size = size
         self.flags = flags
-        self._mmap: mmap.mmap | None = backing
-        self.host_addr = _host_address(backing)
-        self._view = memoryview(backing)
+        self.backing = backing
+        self.offset = offset
+        self._owns_backing = owns_backing
+        self._view: memoryview | None = None
+        backing._attach(self, replacing)    # from here the backing cannot be unmapped under us
+        buffer = backing._buffer
+        assert buffer is not None            # attached: the backing is not unmapped yet
+        self._view = buffer[offset:offset + size]
+        self.host_addr = backing.host_addr + offset
         self.guest_memfd = guest_memfd
         self.guest_memfd_offset = guest_memfd_offset
         self._owner: Callable[[], Any] = weakref.ref(owner) if owner is not None else _nobody
@@ -60,47 +59,39 @@ class MemoryRegion(Unshareable):
     @property
     def removed(self) -> bool:
         """True once the slot is deleted (remove_memory, or its VM closed)."""
-        return self._mmap is None
+        return self._view is None
 
     def view(self) -> memoryview:
         """The whole region, zero-copy. A view you hold keeps the mapping alive after the
         region is removed; the guest no longer reaches it (KVM's slot goes first)."""
-        if self._mmap is None:
+        view = self._view
+        if view is None:
             raise StaleHandleError(f"{self!r} was removed")
-        return self._view[:]
+        return view[:]
 
     def _unmap(self) -> None:
-        """Drop the mapping; only ever after KVM has deleted the slot."""
-        if self._mmap is None:
+        """Let go of the backing, unmapping it if add_memory mapped it for this region alone;
+        only ever after KVM has deleted the slot."""
+        view, self._view = self._view, None
+        if view is None:
             return
         try:
-            self._view.release()
+            view.release()
         except BufferError:
             pass        # re-exported by a caller (ctypes from_buffer...): the mapping stays
-        mm, self._mmap = self._mmap, None
-        try:
-            mm.close()
-        except BufferError:
-            # A caller still holds a view into it: the mapping lives until that view
-            # goes, rather than leaving the view pointing at unmapped memory.
-            pass
+        self.backing._detach(self)
+        if self._owns_backing:
+            self.backing.close()
 
     def __repr__(self) -> str:
-        state = " removed" if self._mmap is None else ""
+        state = " removed" if self._view is None else ""
+        where = "" if self._owns_backing else f" backing={self.backing.kind}+{self.offset:#x}"
         return (f"<MemoryRegion slot={self.slot} gpa={self.guest_phys_addr:#x} "
-                f"size={self.size:#x} flags={self.flags:#x}{state}>")
+                f"size={self.size:#x} flags={self.flags:#x}{where}{state}>")
 
 
 def _nobody() -> None:
     return None
-
-
-def _index(value: object, what: str) -> int:
-    """value as an int (anything with a true __index__), else a TypeError naming it."""
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, not {type(value).__name__}") from None
 
 
 class GuestMemory(Unshareable):
@@ -130,10 +121,19 @@ class GuestMemory(Unshareable):
 
     def _remove(self, region: MemoryRegion) -> None:
         with self._lock:
-            i = bisect.bisect(self._starts, region.guest_phys_addr) - 1
-            if i < 0 or self._regions[i] is not region:
-                i = self._regions.index(region)
+            i = self._find(region)
             del self._starts[i], self._regions[i]
+
+    def _replace(self, old: MemoryRegion, new: MemoryRegion) -> None:
+        """new in old's place (the same GPA range), in one step for readers in other threads."""
+        with self._lock:
+            self._regions[self._find(old)] = new
+
+    def _find(self, region: MemoryRegion) -> int:
+        i = bisect.bisect(self._starts, region.guest_phys_addr) - 1
+        if i < 0 or self._regions[i] is not region:
+            i = self._regions.index(region)
+        return i
 
     def overlapping(self, gpa: int, size: int) -> MemoryRegion | None:
         """The region overlapping gpa..gpa+size, if any."""
@@ -258,6 +258,10 @@ class SlotTable:
             for unused in range(self._next, slot):
                 heapq.heappush(self._free, unused)
             self._next = slot + 1
+        self._by_slot[slot] = region
+
+    def replace(self, slot: int, region: MemoryRegion) -> None:
+        """region takes over slot, which stays in use."""
         self._by_slot[slot] = region
 
     def release(self, slot: int) -> None:

@@ -1,21 +1,25 @@
 """Memory slots of a VM: regions added, moved and removed, dirty logging, guest_memfd.
 
 The one rule every path here keeps: a slot is deleted in KVM before its mapping
-goes, so a guest can never reach host memory the process has reused.
+goes, so a guest can never reach host memory the process has reused. A slot's mapping
+is a Backing, which may back several slots: it goes only once none uses it, and only if
+the runtime mapped it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import threading
 
 from . import abi
 from ._fd import CapabilityOwner
 from ._layout import check_field, fill
+from .backing import PAGE_SIZE, Backing, _index
 from .errors import KvmError, StaleHandleError
-from .memory import PAGE_SIZE, GuestMemfd, GuestMemory, MemoryRegion, SlotTable
+from .memory import GuestMemfd, GuestMemory, MemoryRegion, SlotTable
+
+__all__ = ["MemorySlots"]
 
 
 class MemorySlots(CapabilityOwner):
@@ -67,18 +71,33 @@ class MemorySlots(CapabilityOwner):
                                 f"guest-physical address space")
         return gpa, size
 
-    def add_memory(self, guest_phys_addr: int, size: int, *, readonly: bool = False,
+    def add_memory(self, guest_phys_addr: int, size: int | None = None, *,
+                   backing: Backing | None = None, offset: int = 0, readonly: bool = False,
                    log_dirty: bool = False, slot: int | None = None,
                    guest_memfd: GuestMemfd | None = None,
                    guest_memfd_offset: int = 0) -> MemoryRegion:
-        """Map anonymous memory and register it as a memory slot at guest_phys_addr.
+        """Register host memory as a memory slot at guest_phys_addr (KVM_SET_USER_MEMORY_REGION).
 
-        readonly: guest writes exit as MMIO (KVM_CAP_READONLY_MEM). log_dirty: track
-        written pages for dirty_log(). guest_memfd: back private memory with a
-        guest_memfd of this VM (KVM_SET_USER_MEMORY_REGION2, KVM_CAP_GUEST_MEMFD).
-        slot: the slot number (default: the lowest free one). Safe from several threads.
+        backing: a Backing to map size bytes of from offset (size default: its whole pages
+        after offset); it may back other slots too, of this VM or others, and removing the
+        slot leaves it mapped. Without one, size bytes of fresh anonymous memory are mapped
+        for this slot alone, and unmapped when it goes. readonly: guest writes exit as MMIO
+        (KVM_CAP_READONLY_MEM). log_dirty: track written pages for get_dirty_log().
+        guest_memfd: back private memory with a guest_memfd of this VM
+        (KVM_SET_USER_MEMORY_REGION2, KVM_CAP_GUEST_MEMFD). slot: the slot number (default:
+        the lowest free one). Every argument is checked before KVM is asked for the slot.
+        Safe from several threads.
         """
         self.fd  # noqa: B018 - a closed VM refuses before anything is mapped
+        if backing is not None:
+            if not isinstance(backing, Backing):
+                raise TypeError(f"backing must be a Backing (Backing.memfd(), .file(), "
+                                f".from_buffer()...), not {type(backing).__name__}")
+            offset, size = backing._span(offset, size)
+        elif size is None:
+            raise TypeError("add_memory() needs a size, or a backing= to take it from")
+        elif _index(offset, "offset"):
+            raise ValueError("offset= is where in backing= the slot starts: it needs a backing")
         gpa, size = self._check_range(guest_phys_addr, size)
         flags = 0
         if readonly:
@@ -106,14 +125,16 @@ class MemorySlots(CapabilityOwner):
                                    f"all {self._slot_limit()} memory slots are in use")
             else:
                 slot = self._check_slot(slot)
+            owned = backing is None
+            if backing is None:
+                backing = Backing.anonymous(size)
             try:
-                backing = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            except OSError as e:
-                raise OSError(e.errno, f"cannot map {size:#x} bytes of guest memory: "
-                                       f"{e.strerror}") from None
-            region = MemoryRegion(slot, gpa, size, flags, backing, guest_memfd,
-                                  guest_memfd_offset, owner=self)
+                region = MemoryRegion(slot, gpa, size, flags, backing, offset, guest_memfd,
+                                      guest_memfd_offset, owner=self, owns_backing=owned)
+            except BaseException:
+                if owned:
+                    backing.close()
+                raise
             try:
                 self._set_region(region)
             except BaseException:
@@ -157,13 +178,14 @@ class MemorySlots(CapabilityOwner):
                 memfd._unhold()
 
     def _forget(self, region: MemoryRegion) -> None:
-        """After KVM deleted region's slot: drop it from the tables, then unmap it."""
+        """After KVM deleted region's slot: drop it from the tables, then let go of its backing."""
         self._slots.release(region.slot)
         self.memory._remove(region)
         region._unmap()
 
     def remove_memory(self, region: MemoryRegion) -> None:
-        """Delete the memory slot in KVM, then unmap its memory. The region is stale after."""
+        """Delete the memory slot in KVM, then let go of its backing: unmapped if add_memory
+        mapped it for this slot, else left as it was. The region is stale after."""
         with self._vm_lock:
             self._own(region, "remove_memory")
             interrupted = self._delete_slot(region)
@@ -194,6 +216,48 @@ class MemorySlots(CapabilityOwner):
             self.memory._remove(region)
             region.guest_phys_addr = gpa
             self.memory._add(region)
+
+    def set_readonly(self, region: MemoryRegion, readonly: bool) -> MemoryRegion:
+        """Make a slot read-only (guest writes exit as MMIO) or writable, its contents kept.
+
+        KVM cannot change KVM_MEM_READONLY in place: the slot is deleted and added again, same
+        number, GPA and backing. Returns the new region; region is stale after (unless it
+        already was as asked: then it is returned as it is). A vCPU running meanwhile may
+        see an MMIO exit for that range. KVM_CAP_READONLY_MEM.
+        """
+        with self._vm_lock:
+            old = self._own(region, "set_readonly")
+            if readonly:
+                self.require(abi.Capability.READONLY_MEM, "read-only memory slots")
+            flags = (old.flags | abi.KVM_MEM_READONLY if readonly
+                     else old.flags & ~abi.KVM_MEM_READONLY)
+            if flags == old.flags:
+                return old
+            if old.guest_memfd is not None:
+                old.guest_memfd.fd  # noqa: B018 - closed: refuse before deleting anything
+            # Holds the backing too, so the mapping stays while KVM has neither slot.
+            new = MemoryRegion(old.slot, old.guest_phys_addr, old.size, flags, old.backing,
+                               old.offset, old.guest_memfd, old.guest_memfd_offset, owner=self,
+                               replacing=old)
+            try:
+                self._set_region(old, size=0)
+                try:
+                    self._set_region(new)
+                except BaseException:
+                    try:
+                        self._set_region(old)         # back as it was
+                    except BaseException:
+                        self._forget(old)             # KVM has no slot for it any more
+                        raise
+                    raise
+            except BaseException:
+                new._unmap()
+                raise
+            new._owns_backing, old._owns_backing = old._owns_backing, False
+            self._slots.replace(old.slot, new)
+            self.memory._replace(old, new)
+            old._unmap()                              # the backing stays: new maps it
+        return new
 
     def set_dirty_logging(self, region: MemoryRegion, enabled: bool) -> None:
         """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for a live region of this VM."""
