@@ -256,5 +256,13 @@ class CapabilityOwner(FdObject):
         """The capability's value, or KvmUnsupported naming the capability `what` needs."""
         value = self.check_extension(cap)
         if not value:
-            raise KvmUnsupported(what, f"KVM_CAP_{abi.Capability(cap).name}")
+            raise KvmUnsupported(what, capability_name(cap))
         return value
+
+
+def capability_name(cap: int) -> str:
+    """KVM_CAP_<name>, or the bare number for one these bindings do not know."""
+    try:
+        return f"KVM_CAP_{abi.Capability(cap).name}"
+    except ValueError:
+        return f"capability {cap}"

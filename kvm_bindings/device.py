@@ -8,12 +8,14 @@ import mmap
 from typing import TYPE_CHECKING
 
 from . import abi
-from ._fd import FdObject
+from ._fd import FdObject, anon_inode_name, check_same_process
 from ._layout import check_int, fill
 from .errors import KvmError
 
 if TYPE_CHECKING:
     from .vm import Vm
+
+__all__ = ["ATTR_BUFFER", "Device", "DeviceAttributes"]
 
 
 # Bytes behind every attribute buffer: KVM writes (and reads) an attribute's own size,
@@ -73,3 +75,24 @@ class Device(DeviceAttributes):
         super().__init__(fd)
         self.vm = vm
         self.device_type = device_type
+
+    @classmethod
+    def from_fd(cls, vm: Vm, fd: int, device_type: int) -> Device:
+        """A Device of vm for an open KVM_CREATE_DEVICE fd of that VM, made elsewhere in this
+        process; closed with the VM like one from vm.create_device().
+
+        From then on the Device owns fd and closes it: dup() it first to keep one of yours.
+        If fd is not a KVM device fd (or vm is closed) it raises and fd stays yours, open.
+        That the device is of device_type and belongs to vm is the caller's word: the
+        kernel cannot be asked.
+        """
+        fd = check_int(fd, ctypes.c_int, "fd")
+        name = anon_inode_name(fd)
+        kind = name.removeprefix("anon_inode:kvm-")
+        if kind == name or kind.startswith(("vm", "vcpu")):
+            raise ValueError(f"fd {fd} is {name}, not a KVM device fd (anon_inode:kvm-<device>)")
+        check_same_process(fd, "device")
+        vm.fd  # noqa: B018 - a closed VM refuses before fd is taken
+        dev = cls(vm, fd, device_type)
+        vm._adopt(dev)      # closed with the VM; if the VM closed just now, closed at once
+        return dev

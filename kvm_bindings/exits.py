@@ -598,7 +598,7 @@ class SnpReqCertsExit(PayloadExit[abi.kvm_exit_snp_req_certs], reason=ExitReason
 
 # ---- decoding ----------------------------------------------------------------------------
 
-class Decoder:
+class _Decoder:
     """Turns the kvm_run page of one vCPU into Exit objects, and hands the answer to a
     guest read (IN, MMIO read) back to the page before the next KVM_RUN."""
 
@@ -624,20 +624,20 @@ class Decoder:
         self.size = len(page)
         # The pending answer to a guest read: (offset in the page, buffer, the view handed out)
         self.answer: tuple[int, bytearray, memoryview] | None = None
-        if not Decoder._plans:
+        if not _Decoder._plans:
             by_name = ExitReason.__members__
-            Decoder._members = {
+            _Decoder._members = {
                 int(by_name[r[len("KVM_EXIT_"):]]): (offset_of(abi.kvm_run, m), member(abi.kvm_run, m)[1])
                 for r, m in abi.EXIT_MEMBERS.items() if r[len("KVM_EXIT_"):] in by_name}
             plans = {}
             for r in ExitReason:
                 # A reason with no class here (headers newer than this file) decodes as UnknownExit.
                 cls = EXIT_CLASSES.get(r, UnknownExit)
-                off, t = Decoder._members.get(r, (0, None)) if issubclass(cls, PayloadExit) else (0, None)
+                off, t = _Decoder._members.get(r, (0, None)) if issubclass(cls, PayloadExit) else (0, None)
                 plans[int(r)] = (cls, r, off, t)
-            Decoder._plans = plans
-        self.members = Decoder._members
-        self.plans = Decoder._plans
+            _Decoder._plans = plans
+        self.members = _Decoder._members
+        self.plans = _Decoder._plans
 
     def deliver(self) -> None:
         """Copy the answer into kvm_run and retire the buffer handed out for it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import threading
 
 from . import abi
@@ -316,6 +317,9 @@ class MemorySlots(CapabilityOwner):
         self.require(abi.Capability.GUEST_MEMFD, "KVM_CREATE_GUEST_MEMFD")
         req = fill(abi.kvm_create_guest_memfd, size=size, flags=flags)
         memfd = GuestMemfd(self, self.ioctl(abi.KVM_CREATE_GUEST_MEMFD, req), req.size)
+        # Every other fd KVM makes is O_CLOEXEC; this one is not (6.18): an exec'ed program
+        # would inherit guest-private memory it can do nothing with.
+        os.set_inheritable(memfd._fd, False)
         self._adopt(memfd)
         return memfd
 

@@ -11,18 +11,22 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _requests, abi
 from ._fd import _ioctl
 from ._layout import check_field, check_int, fill, member, offset_of
 from .device import DeviceAttributes
 from .errors import KvmError, StaleExitError, StaleHandleError, VcpuBusyError
-from .exits import Decoder, Exit, InterruptedExit
+from .exits import Exit, InterruptedExit, _Decoder
 from .stats import Stats
 
 if TYPE_CHECKING:
     from .vm import Vm
+
+__all__ = ["CLOSE_TIMEOUT", "KICK_SIGNAL", "Vcpu", "map_run_page"]
+
+_C = TypeVar("_C", bound="Vcpu")
 
 # kick() interrupts KVM_RUN with this signal; any handler will do, what matters
 # is that the signal is neither ignored nor fatal, so KVM_RUN returns EINTR.
@@ -94,9 +98,25 @@ class Vcpu(DeviceAttributes):
         self._ring: mmap.mmap | None = None
         self._ring_next = 0
         self._ring_lock = threading.Lock()
-        self._decoder = Decoder(self, page)
+        self._decoder = _Decoder(self, page)
         self._kvm_run = abi.kvm_run.from_buffer(page)
         _install_kick_handler()
+
+    @classmethod
+    def from_fd(cls: type[_C], vm: Vm, fd: int, vcpu_id: int | None = None) -> _C:
+        """A Vcpu of vm for an open "kvm-vcpu" fd of that VM (KVM_CREATE_VCPU elsewhere in
+        this process), with its kvm_run page mapped from fd; of vm's arch Vcpu class.
+
+        vcpu_id: read from the fd's name where the kernel puts it there, else required.
+        From then on the Vcpu owns fd and closes it with itself or its VM: dup() it first
+        to keep one of yours. If fd is not a vCPU fd, the id is taken by an open Vcpu, the
+        VM is closed or the mapping fails, it raises and fd stays yours, open. That fd
+        belongs to vm is the caller's word: the kernel cannot be asked.
+        """
+        vcpu = vm._adopt_vcpu_fd(fd, vcpu_id)
+        if not isinstance(vcpu, cls):
+            raise TypeError(f"{vm!r} makes {type(vcpu).__name__} vCPUs, not {cls.__name__}")
+        return vcpu
 
     @property
     def kvm_run(self) -> abi.kvm_run:
@@ -374,9 +394,12 @@ class Vcpu(DeviceAttributes):
         return out
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        """KVM_ENABLE_CAP on this vCPU."""
+        """KVM_ENABLE_CAP on this vCPU with up to four arguments; KvmUnsupported naming cap if
+        this kernel does not report it (KVM_CHECK_EXTENSION says 0)."""
         self.vm.require(abi.Capability.ENABLE_CAP, "KVM_ENABLE_CAP on a vCPU")
-        self.ioctl(abi.KVM_ENABLE_CAP, _requests.enable_cap(cap, args, flags))
+        req = _requests.enable_cap(cap, args, flags)
+        self.vm.require(req.cap, "KVM_ENABLE_CAP")
+        self.ioctl(abi.KVM_ENABLE_CAP, req)
 
     def open_stats(self) -> Stats:
         """The vCPU's binary statistics fd (KVM_GET_STATS_FD); closed with the vCPU."""

@@ -10,10 +10,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from . import _requests, abi
 from . import vcpu as vcpu_module
+from ._fd import anon_inode_name, check_same_process
 from ._layout import check_int, expect, fill
 from .device import Device, DeviceAttributes
 from .errors import KvmError, KvmUnsupported
@@ -24,6 +25,10 @@ from .vcpu import Vcpu, map_run_page
 
 if TYPE_CHECKING:
     from .system import Kvm
+
+__all__ = ["Vm"]
+
+_V = TypeVar("_V", bound="Vm")
 
 
 class Vm(MemorySlots, DeviceAttributes):
@@ -56,6 +61,33 @@ class Vm(MemorySlots, DeviceAttributes):
             self.close()
             raise
 
+    @classmethod
+    def from_fd(cls: type[_V], kvm: Kvm, fd: int, vm_type: int = 0) -> _V:
+        """A Vm for an open "kvm-vm" fd this process created (KVM_CREATE_VM elsewhere in it:
+        C code, another library); of kvm's arch Vm class.
+
+        From then on the Vm owns fd and closes it: dup() it first to keep one of yours. If
+        fd is not a VM fd, or kvm is closed, it raises and fd stays yours, open.
+
+        KVM answers a VM's ioctls only in the process that created it: a VM fd received
+        from another process is refused (KvmError, EIO); send /dev/kvm instead.
+
+        What an adopted VM does not know, because the kernel cannot be asked: memory slots
+        registered before (vm.memory is empty, and add_memory() may pick a slot number in
+        use: pass slot=), vCPUs made before (adopt their fds with Vcpu.from_fd), devices,
+        irqfds and the dirty ring; vm_type is what the creator passed to KVM_CREATE_VM.
+        """
+        fd = check_int(fd, ctypes.c_int, "fd")
+        name = anon_inode_name(fd)
+        if name != "anon_inode:kvm-vm":
+            raise ValueError(f"fd {fd} is {name}, not a KVM VM fd (anon_inode:kvm-vm)")
+        check_same_process(fd, "VM")
+        # What __init__ asks /dev/kvm, asked before fd is taken: a closed kvm refuses here.
+        kvm.get_vcpu_mmap_size()
+        kvm.check_extension(abi.Capability.CHECK_EXTENSION_VM)
+        vm_class = kvm._vm_class if issubclass(kvm._vm_class, cls) else cls
+        return vm_class(kvm, fd, vm_type)
+
     # -- capabilities
     def _ask_extension(self, cap: int) -> int:
         """On the VM fd where the kernel supports it (KVM_CAP_CHECK_EXTENSION_VM), else on
@@ -65,9 +97,12 @@ class Vm(MemorySlots, DeviceAttributes):
         return self.kvm.check_extension(cap)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        """KVM_ENABLE_CAP on the VM with up to four arguments."""
+        """KVM_ENABLE_CAP on the VM with up to four arguments; KvmUnsupported naming cap if
+        this kernel does not report it (KVM_CHECK_EXTENSION says 0)."""
         self.require(abi.Capability.ENABLE_CAP_VM, "KVM_ENABLE_CAP on a VM")
-        self.ioctl(abi.KVM_ENABLE_CAP, _requests.enable_cap(cap, args, flags))
+        req = _requests.enable_cap(cap, args, flags)
+        self.require(req.cap, "KVM_ENABLE_CAP")
+        self.ioctl(abi.KVM_ENABLE_CAP, req)
 
     # -- vCPUs
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
@@ -114,6 +149,37 @@ class Vm(MemorySlots, DeviceAttributes):
                                f"KVM created vCPU {vcpu_id} but its kvm_run page could not be "
                                f"mapped; its fd is kept: free some file descriptors or memory "
                                f"and call create_vcpu({vcpu_id}) again") from None
+            vcpu = self._vcpu_class(self, fd, vcpu_id, page)
+            with self._lock:
+                if not self._closing:
+                    self._vcpus[vcpu_id] = vcpu
+                    return vcpu
+            vcpu.close()                   # the VM was closed meanwhile: nothing escapes it
+            raise self._stale()
+
+    def _adopt_vcpu_fd(self, fd: int, vcpu_id: int | None) -> Vcpu:
+        """Vcpu.from_fd(): check fd, map its kvm_run page, and only then own it."""
+        fd = check_int(fd, ctypes.c_int, "fd")
+        name = anon_inode_name(fd)
+        prefix = "anon_inode:kvm-vcpu"
+        rest = name[len(prefix):]
+        if not name.startswith(prefix) or not (rest == "" or rest[:1] == ":" and rest[1:].isdigit()):
+            raise ValueError(f"fd {fd} is {name}, not a KVM vCPU fd (anon_inode:kvm-vcpu:N)")
+        # The kernel names the vCPU's id after a colon (older kernels leave it to the caller).
+        named = int(rest[1:]) if rest else None
+        if vcpu_id is None:
+            if named is None:
+                raise ValueError(f"fd {fd} ({name}) does not say its vCPU id: pass vcpu_id")
+            vcpu_id = named
+        vcpu_id = check_int(vcpu_id, ctypes.c_ulong, "vcpu_id")
+        if named is not None and named != vcpu_id:
+            raise ValueError(f"fd {fd} is vCPU {named}, not vCPU {vcpu_id}")
+        check_same_process(fd, "vCPU")
+        with self._vm_lock:
+            self.fd  # noqa: B018 - a closed VM adopts nothing
+            if vcpu_id in self._vcpus and not self._vcpus[vcpu_id].closed:
+                raise ValueError(f"vCPU {vcpu_id} already has an open Vcpu in {self!r}")
+            page = map_run_page(fd, self.vcpu_mmap_size)   # fails: fd is still the caller's
             vcpu = self._vcpu_class(self, fd, vcpu_id, page)
             with self._lock:
                 if not self._closing:

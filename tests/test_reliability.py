@@ -189,10 +189,10 @@ def test_soak_thousands_of_vm_lifetimes_leak_no_fd_and_no_mapping(kvm, assemble)
 
 # ---- 2. exit decoding fuzz over random kvm_run pages ----------------------------
 
-_IO_OFF = exits.Decoder._io_off
-_MMIO_OFF = exits.Decoder._mmio_off
-_MMIO_DATA_OFF = exits.Decoder._mmio_data_off
-_MMIO_DATA_MAX = exits.Decoder._mmio_data_max
+_IO_OFF = exits._Decoder._io_off
+_MMIO_OFF = exits._Decoder._mmio_off
+_MMIO_DATA_OFF = exits._Decoder._mmio_data_off
+_MMIO_DATA_MAX = exits._Decoder._mmio_data_max
 
 
 def _pick(rng: random.Random, *choices):

@@ -12,6 +12,8 @@ from ..vm import Vm
 from . import _msrs
 from .vm import X86Vm
 
+__all__ = ["X86Kvm"]
+
 
 class X86Kvm(Kvm):
     """/dev/kvm on an x86 host: everything Kvm does, the x86 queries, and X86Vm VMs."""

@@ -16,6 +16,8 @@ from . import _msrs
 if TYPE_CHECKING:
     from .vm import X86Vm
 
+__all__ = ["X86Vcpu"]
+
 
 class X86Vcpu(Vcpu):
     """A vCPU of an x86 VM: everything Vcpu does, and the x86-only state ioctls.

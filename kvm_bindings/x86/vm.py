@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING, ClassVar, cast
 
 from .._layout import check_int, expect, fill
 from ..abi import x86_64 as abi
-from ..errors import KvmError
+from ..errors import KvmError, KvmUnsupported
+from ..memory import MemoryRegion
 from ..vm import Vm
 from .vcpu import X86Vcpu
 
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
     from .system import X86Kvm
+
+__all__ = ["X86Vm"]
 
 
 class X86Vm(Vm):
@@ -42,6 +45,53 @@ class X86Vm(Vm):
         self.require(abi.Capability.SET_IDENTITY_MAP_ADDR, "KVM_SET_IDENTITY_MAP_ADDR")
         self.ioctl(abi.KVM_SET_IDENTITY_MAP_ADDR,
                    ctypes.c_uint64(check_int(addr, ctypes.c_uint64, "addr")))
+
+    def set_boot_cpu_id(self, vcpu_id: int) -> None:
+        """KVM_SET_BOOT_CPU_ID (KVM_CAP_SET_BOOT_CPU_ID): which vCPU is the bootstrap
+        processor (0 unless set); before any vCPU exists."""
+        self.require(abi.Capability.SET_BOOT_CPU_ID, "KVM_SET_BOOT_CPU_ID")
+        vcpu_id = check_int(vcpu_id, ctypes.c_ulong, "vcpu_id")
+        if self.vcpus:
+            raise KvmError("KVM_SET_BOOT_CPU_ID", errno.EBUSY,
+                           "the boot vCPU must be chosen before any vCPU is created")
+        self.ioctl(abi.KVM_SET_BOOT_CPU_ID, vcpu_id)
+
+    # -- memory encryption (SEV, TDX)
+    def _encryption_ioctl(self, number: int, name: str, arg: object) -> None:
+        try:
+            self.ioctl(number, arg, name=name)
+        except KvmError as e:
+            # KVM says ENOTTY where the host (or this VM's type) has no memory encryption.
+            if e.errno != errno.ENOTTY:
+                raise
+            raise KvmUnsupported(name, "memory encryption (a KVM_X86_SEV_VM, KVM_X86_SNP_VM or "
+                                       "KVM_X86_TDX_VM type in KVM_CAP_VM_TYPES)") from None
+
+    def memory_encrypt_op(self, cmd: abi.kvm_sev_cmd | abi.kvm_tdx_cmd) -> None:
+        """KVM_MEMORY_ENCRYPT_OP: one SEV (kvm_sev_cmd) or TDX (kvm_tdx_cmd) command, filled in
+        by the caller (its data field points at the command's own struct). The kernel writes
+        the firmware's status into cmd.error (SEV) or cmd.hw_error (TDX), also on failure.
+        KvmUnsupported where the host or the VM's type has no memory encryption."""
+        if not isinstance(cmd, (abi.kvm_sev_cmd, abi.kvm_tdx_cmd)):
+            raise TypeError(f"memory_encrypt_op() takes a kvm_sev_cmd or kvm_tdx_cmd, not "
+                            f"{type(cmd).__name__}")
+        self._encryption_ioctl(abi.KVM_MEMORY_ENCRYPT_OP, "KVM_MEMORY_ENCRYPT_OP", cmd)
+
+    def _enc_region(self, region: MemoryRegion, call: str) -> abi.kvm_enc_region:
+        live = self._own(region, call)
+        return fill(abi.kvm_enc_region, addr=live.host_addr, size=live.size)
+
+    def add_encrypted_region(self, region: MemoryRegion) -> None:
+        """KVM_MEMORY_ENCRYPT_REG_REGION: pin this VM's memory region as encrypted guest
+        memory (SEV); KvmUnsupported without memory encryption."""
+        self._encryption_ioctl(abi.KVM_MEMORY_ENCRYPT_REG_REGION, "KVM_MEMORY_ENCRYPT_REG_REGION",
+                               self._enc_region(region, "add_encrypted_region"))
+
+    def remove_encrypted_region(self, region: MemoryRegion) -> None:
+        """KVM_MEMORY_ENCRYPT_UNREG_REGION: undo add_encrypted_region()."""
+        self._encryption_ioctl(abi.KVM_MEMORY_ENCRYPT_UNREG_REGION,
+                               "KVM_MEMORY_ENCRYPT_UNREG_REGION",
+                               self._enc_region(region, "remove_encrypted_region"))
 
     # -- interrupt controllers
     def create_irqchip(self) -> None:

@@ -1,0 +1,6 @@
+/* WRMSR of edx:eax to the MSR the test put in ecx (one KVM does not know), then halt. */
+    .code16
+    .globl _start
+_start:
+    wrmsr                       /* exit: X86_WRMSR, with KVM_CAP_X86_USER_SPACE_MSR */
+    hlt
