@@ -25,7 +25,7 @@ from .model import Model, Record, RecordRef
 MODULE_RESERVED = frozenset({
     "annotations", "ctypes", "enum", "KERNEL_VERSION", "ARCH", "TYPE_CHECKING", "Any",
     "Ioctl", "IOCTLS", "EXIT_MEMBERS", "C_TYPES", "EMPTY_MACROS", "UNEXPRESSED", "RENAMED",
-    "_ENUMS", "_FlexibleStructure", "_bitfield",
+    "_ENUMS", "_Structure", "_Union", "_FlexibleStructure", "_Bitfield",
     "AttributeError", "bool", "bytes", "dict", "frozenset", "getattr", "globals", "int", "list",
     "object", "str", "tuple",
 })

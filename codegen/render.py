@@ -126,7 +126,7 @@ class _Renderer:
         union = rec.kind == "union"
         c_desc = rec.c_name or f"anonymous {rec.kind} in {rec.parent}"
         doc = f"{c_desc} ({rec.file}:{rec.line}), {lay.size} bytes."
-        out = CtRecord(self.plan.classes[key], "ctypes.Union" if union else "ctypes.Structure", doc)
+        out = CtRecord(self.plan.classes[key], "_Union" if union else "_Structure", doc)
         if rec.packed:
             out.pack = 1
         cur = 0                      # where ctypes has got to (structs)

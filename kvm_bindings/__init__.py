@@ -84,7 +84,8 @@ _HOST_CLASSES = {
 }
 # Type checkers cannot know the machine: to them Kvm/Vm/Vcpu are x86_64's classes, as
 # kvm_bindings.abi is x86_64's ABI, unless told otherwise the way kvm_bindings.abi's
-# docstring says (mypy: always_true = KVM_BINDINGS_TYPING_ARM64; pyright: defineConstant).
+# docstring says (mypy: always_true = KVM_BINDINGS_TYPING_ARM64; pyright: defineConstant,
+# with every KVM_BINDINGS_TYPING_* constant set).
 # mypy: always-false="KVM_BINDINGS_TYPING_ARM64, KVM_BINDINGS_TYPING_RISCV64"
 KVM_BINDINGS_TYPING_ARM64 = False
 KVM_BINDINGS_TYPING_RISCV64 = False

@@ -106,7 +106,8 @@ def test_unexpressed_items_each_carry_a_reason_and_place():
 
 ARCH_MODULES = ("x86_64", "arm64", "riscv64")
 # What an arch module binds that is not ABI: its imports and the helpers its code uses.
-NOT_ABI = {"annotations", "ctypes", "TYPE_CHECKING", "_FlexibleStructure", "_Bitfield", "_ENUMS"}
+NOT_ABI = {"annotations", "ctypes", "TYPE_CHECKING", "_Structure", "_Union", "_FlexibleStructure",
+           "_Bitfield", "_ENUMS"}
 
 
 def _arch(name: str):
@@ -118,21 +119,25 @@ def test_the_shared_helpers_are_one_set_of_objects_from_the_support_module():
     from kvm_bindings.abi import _support
     for name in ARCH_MODULES:
         m = _arch(name)
+        assert m._Structure is _support._Structure and m._Union is _support._Union
         assert m._FlexibleStructure is _support._FlexibleStructure
         assert m._Bitfield is _support._Bitfield
         assert m.Ioctl is _support.Ioctl
         assert type(m.IOCTLS["KVM_RUN"]) is _support.Ioctl
         flexible = [cls for cls in m.C_TYPES.values() if hasattr(cls, "_flex_field_")]
         assert flexible and all(issubclass(cls, _support._FlexibleStructure) for cls in flexible)
+        assert all(issubclass(cls, (_support._Structure, _support._Union))
+                   for cls in m.C_TYPES.values())
 
 
 @pytest.mark.parametrize("name", ARCH_MODULES)
 def test_an_arch_module_does_not_repeat_the_helpers_source(name):
     text = resources.files("kvm_bindings.abi").joinpath(f"{name}.py").read_text()
-    for definition in ("class _FlexibleStructure", "class _Bitfield", "class Ioctl", "def alloc",
-                       "def flex_array"):
+    for definition in ("class _Structure", "class _Union", "class _FlexibleStructure",
+                       "class _Bitfield", "class Ioctl", "def alloc", "def flex_array",
+                       "def __reduce__"):
         assert definition not in text
-    assert "from ._support import Ioctl, _Bitfield, _FlexibleStructure" in text
+    assert "from ._support import Ioctl, _Bitfield, _FlexibleStructure, _Structure, _Union" in text
 
 
 def test_dir_of_abi_is_its_all_and_shows_no_imports():
@@ -140,7 +145,8 @@ def test_dir_of_abi_is_its_all_and_shows_no_imports():
     shown = {n for n in dir(package) if not (n.startswith("__") and n.endswith("__"))}
     assert shown == set(package.__all__)
     assert not shown & {"ctypes", "annotations", "TYPE_CHECKING", "Any", "_os", "_typing",
-                        "_host", "_MACHINES", "_FlexibleStructure", "_Bitfield"}
+                        "_host", "_MACHINES", "_Structure", "_Union", "_FlexibleStructure",
+                        "_Bitfield"}
     assert {"ARCHES", "HOST_ARCH", "KVM_RUN", "kvm_regs", "IOCTLS", "Capability"} <= shown
 
 

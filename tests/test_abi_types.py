@@ -10,11 +10,15 @@ Python keeps them (__annotations__), and mypy is asked what it makes of each mem
 from __future__ import annotations
 
 import ast
+import copy
 import ctypes
 import importlib
 import inspect
+import json
 import os
+import pickle
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -307,3 +311,199 @@ def test_mypy_reads_every_member_as_the_type_ctypes_gives(mypy_dir, corners):
             f"{what}: mypy says {m.group(2)}, ctypes gives {value!r}"
         seen += 1
     assert seen == len(where) > 1000
+
+
+# ---- __slots__: a misspelt field is an AttributeError; pickling and copying still work ----
+
+def _a_real_value(value: object) -> object:
+    """Something other than zero to store in a member that reads as `value` on a zeroed
+    instance, of the type ctypes accepts for it."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int) or value is None:    # None: a NULL pointer, set by address
+        return 1
+    if isinstance(value, bytes):                   # a char array
+        return b"\x01"
+    if isinstance(value, float):
+        return 1.0
+    assert isinstance(value, (ctypes.Structure, ctypes.Union, ctypes.Array)), repr(value)
+    return type(value).from_buffer_copy(b"\xff" * ctypes.sizeof(value))
+
+
+def check_slots(mod: types.ModuleType, source: str) -> None:
+    static = _source_annotations(source)
+    for cls in _records(mod):
+        obj = cls()
+        assert not hasattr(obj, "__dict__"), cls.__name__
+        members = sorted(set(static[cls.__name__]) | _bitfields(cls))
+        misspelt = f"{members[0]}_" if members else "misspelt"
+        assert not hasattr(cls, misspelt)
+        with pytest.raises(AttributeError):
+            setattr(obj, misspelt, 1)
+        assert bytes(obj) == bytes(ctypes.sizeof(cls))    # and nothing was written
+        for member in members:
+            descriptor = getattr(cls, member)
+            if isinstance(descriptor, _CFIELD) and descriptor.size == 0:
+                continue    # a flexible array member: no bytes of its own
+            # a real member still takes a value, and it lands in the struct's own bytes
+            obj = cls()
+            setattr(obj, member, _a_real_value(getattr(obj, member)))
+            assert bytes(obj) != bytes(ctypes.sizeof(cls)), f"{cls.__name__}.{member}"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_misspelt_field_is_an_attribute_error_on_every_shipped_struct(arch):
+    check_slots(*_shipped(arch))
+
+
+def test_a_misspelt_field_is_an_attribute_error_on_the_corner_cases(corners):
+    mod, source = corners
+    check_slots(mod, source)
+    obj = mod.t_bits()
+    with pytest.raises(AttributeError):
+        obj.rpi = 1
+
+
+def test_a_flexible_struct_keeps_its_capacity_and_refuses_other_names():
+    from kvm_bindings.abi import x86_64
+    msrs = x86_64.kvm_msrs.alloc(3)
+    assert msrs.flex_capacity == 3 and len(msrs.flex_array()) == 3
+    assert x86_64.kvm_msrs().flex_capacity == 0    # not made by alloc(): room for none
+    with pytest.raises(AttributeError):
+        msrs.nmsr = 2
+    assert msrs.nmsrs == 3
+
+
+def _ctypes_refuses_to_pickle(obj: ctypes.Structure | ctypes.Union) -> bool:
+    """What ctypes' own __reduce__ says: it refuses a type holding a pointer (a ValueError)
+    before it reaches for the __dict__ these classes no longer have (an AttributeError)."""
+    try:
+        ctypes.Structure.__reduce__(obj)   # the same _CData method for unions
+    except ValueError:
+        return True
+    except AttributeError:
+        return False
+    raise AssertionError(f"{type(obj).__name__} has a __dict__")
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_every_shipped_struct_pickles_and_copies_by_value(arch):
+    mod, _ = _shipped(arch)
+    refused = 0
+    for cls in _records(mod):
+        size = ctypes.sizeof(cls)
+        pattern = bytes((i * 7 + 1) & 0xFF for i in range(size))
+        obj = cls.from_buffer_copy(pattern)
+        if _ctypes_refuses_to_pickle(obj):    # an address means nothing in another process
+            refused += 1
+            for clone in (copy.copy, copy.deepcopy, pickle.dumps):
+                with pytest.raises(ValueError, match="pointers"):
+                    clone(obj)
+            continue
+        for clone in (copy.copy, copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))):
+            other = clone(obj)
+            assert type(other) is cls and bytes(other) == pattern, cls.__name__
+            if size:   # its own bytes, not a view of the original's
+                ctypes.memset(ctypes.addressof(other), 0, size)
+                assert bytes(obj) == pattern, cls.__name__
+    assert refused < len(_records(mod))
+
+
+def test_a_struct_holding_a_pointer_is_refused_a_pickle_as_ctypes_refuses_it(corners):
+    mod, _ = corners
+    holders = [cls for cls in _records(mod) if _ctypes_refuses_to_pickle(cls())]
+    assert holders     # the corners do have pointers
+    for cls in holders:
+        with pytest.raises(ValueError, match="pointers"):
+            pickle.dumps(cls())
+
+
+def test_a_flexible_struct_pickles_and_copies_with_its_entries():
+    from kvm_bindings.abi import x86_64
+    msrs = x86_64.kvm_msrs.alloc(3)
+    for i, entry in enumerate(msrs.flex_array()):
+        entry.index, entry.data = 0x10 + i, 0x1000 + i
+    for clone in (copy.copy, copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))):
+        other = clone(msrs)
+        assert type(other) is x86_64.kvm_msrs
+        assert other.nmsrs == 3 and other.flex_capacity == 3
+        assert [(e.index, e.data) for e in other.flex_array()] == \
+            [(0x10, 0x1000), (0x11, 0x1001), (0x12, 0x1002)]
+        other.flex_array()[2].data = 0
+        assert msrs.flex_array()[2].data == 0x1002
+
+
+# ---- pyright: the arch it picks, as the package's docstring tells a user to configure it ----
+
+_PYRIGHT_SAMPLE = """\
+from kvm_bindings import abi
+from kvm_bindings.abi import arm64, riscv64, x86_64
+reveal_type(abi.kvm_regs)
+x86_64_regs: type[x86_64.kvm_regs] = abi.kvm_regs
+arm64_regs: type[arm64.kvm_regs] = abi.kvm_regs
+riscv64_regs: type[riscv64.kvm_regs] = abi.kvm_regs
+reveal_type(abi.KVM_GET_MSRS)
+reveal_type(abi.KVM_ARM_VCPU_INIT)
+reveal_type(abi.KVM_REG_RISCV_CORE)
+"""
+# the line of each arch's `<arch>_regs: ... = abi.kvm_regs`, and of a name only it has
+_REGS_LINE = {"x86_64": 4, "arm64": 5, "riscv64": 6}
+_ONLY_LINE = {"x86_64": 7, "arm64": 8, "riscv64": 9}
+
+
+def _pyright(tmp: Path, constants: dict[str, bool] | None,
+             root: Path = ROOT) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """Run pyright on _PYRIGHT_SAMPLE: {line: [errors]}, {line: revealed type}."""
+    pyright = shutil.which("pyright") or pytest.skip("pyright is not installed")
+    (tmp / "sample.py").write_text(_PYRIGHT_SAMPLE)
+    config: dict[str, object] = {"extraPaths": [str(root)], "include": ["sample.py"]}
+    if constants is not None:
+        config["defineConstant"] = constants
+    (tmp / "pyrightconfig.json").write_text(json.dumps(config))
+    proc = subprocess.run([pyright, "--outputjson"], cwd=tmp, capture_output=True, text=True,
+                          timeout=600)
+    report = json.loads(proc.stdout)
+    errors: dict[int, list[str]] = {}
+    reveals: dict[int, str] = {}
+    for diag in report["generalDiagnostics"]:
+        line = diag["range"]["start"]["line"] + 1
+        if diag["severity"] == "information" and diag["message"].startswith("Type of"):
+            reveals[line] = diag["message"]
+        elif diag["severity"] == "error":
+            errors.setdefault(line, []).append(diag["message"])
+    assert reveals, proc.stdout    # pyright did read the sample
+    return errors, reveals
+
+
+def check_pyright_picks(errors: dict[int, list[str]], reveals: dict[int, str], arch: str,
+                        exclusive: bool = True) -> None:
+    assert reveals[3] == 'Type of "abi.kvm_regs" is "type[kvm_regs]"', reveals
+    # abi.kvm_regs is assignable to this arch's kvm_regs alone, and is named as it
+    assert _REGS_LINE[arch] not in errors, errors
+    for other, line in _REGS_LINE.items():
+        if other != arch:
+            assert any(f'"type[kvm_bindings.abi.{arch}.kvm_regs]" is not assignable' in m
+                       for m in errors.get(line, [])), errors
+    assert _ONLY_LINE[arch] not in errors and "Literal[" in reveals[_ONLY_LINE[arch]], reveals
+    if exclusive:   # a name only another arch has is flagged: one module, not three
+        for other, line in _ONLY_LINE.items():
+            if other != arch:
+                assert any("is not a known attribute of module" in m
+                           for m in errors.get(line, [])), errors
+
+
+@pytest.mark.parametrize("constants, arch", [
+    ({"KVM_BINDINGS_TYPING_ARM64": False, "KVM_BINDINGS_TYPING_RISCV64": False}, "x86_64"),
+    ({"KVM_BINDINGS_TYPING_ARM64": True}, "arm64"),
+    ({"KVM_BINDINGS_TYPING_ARM64": True, "KVM_BINDINGS_TYPING_RISCV64": False}, "arm64"),
+    ({"KVM_BINDINGS_TYPING_ARM64": False, "KVM_BINDINGS_TYPING_RISCV64": True}, "riscv64"),
+])
+def test_pyright_sees_the_arch_its_define_constant_picks(tmp_path, constants, arch):
+    check_pyright_picks(*_pyright(tmp_path, constants), arch)
+
+
+def test_pyright_told_nothing_reads_x86_64s_types(tmp_path):
+    # pyright reads both branches of a constant it is not given, so a name only arm64 or
+    # riscv64 has gets through; a name every arch has is x86_64's, the default's (the
+    # docstring tells pyright users to give every constant)
+    check_pyright_picks(*_pyright(tmp_path, None), "x86_64", exclusive=False)

@@ -11,7 +11,9 @@ unless a constant it is told is true picks another:
 ``KVM_BINDINGS_TYPING_ARM64`` for arm64,
 ``KVM_BINDINGS_TYPING_RISCV64`` for riscv64.
 mypy: ``always_true = KVM_BINDINGS_TYPING_ARM64``;
-pyright: ``defineConstant = { "KVM_BINDINGS_TYPING_ARM64" = true }``.
+pyright: ``defineConstant = { KVM_BINDINGS_TYPING_ARM64 = true, KVM_BINDINGS_TYPING_RISCV64 = false }``,
+every one, true or false: pyright reads both branches of a constant it is not given, so
+told nothing it reads x86_64's types but also accepts names only another arch has.
 """
 # Unless the checker is told otherwise (the docstring says how), the default arch:
 # mypy: always-false="KVM_BINDINGS_TYPING_ARM64, KVM_BINDINGS_TYPING_RISCV64"

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ctypes
 
-from ._support import Ioctl, _Bitfield, _FlexibleStructure
+from ._support import Ioctl, _Bitfield, _FlexibleStructure, _Structure, _Union
 
 KERNEL_VERSION = "7.2.0"
 ARCH = "arm64"
@@ -1067,30 +1067,34 @@ else:
 # ---- structs and unions: declared here, laid out below ----
 
 
-class __kernel_fd_set(ctypes.Structure):
+class __kernel_fd_set(_Structure):
     """__kernel_fd_set (linux/posix_types.h:25), 128 bytes."""
 
+    __slots__ = ()   # see _Structure
     fds_bits: ctypes.Array[ctypes.c_uint64]
 
 
-class __kernel_fsid_t(ctypes.Structure):
+class __kernel_fsid_t(_Structure):
     """__kernel_fsid_t (asm-generic/posix_types.h:79), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     val: ctypes.Array[ctypes.c_int32]
 
 
-class user_pt_regs(ctypes.Structure):
+class user_pt_regs(_Structure):
     """struct user_pt_regs (asm/ptrace.h:88), 272 bytes."""
 
+    __slots__ = ()   # see _Structure
     regs: ctypes.Array[ctypes.c_uint64]
     sp: int
     pc: int
     pstate: int
 
 
-class user_fpsimd_state(ctypes.Structure):
+class user_fpsimd_state(_Structure):
     """struct user_fpsimd_state (asm/ptrace.h:95), 528 bytes."""
 
+    __slots__ = ()   # see _Structure
     _align_ = 16  # C's alignment; ctypes honours _align_ from Python 3.13
     vregs: ctypes.Array[ctypes.Array[ctypes.c_uint64]]
     fpsr: int
@@ -1099,25 +1103,28 @@ class user_fpsimd_state(ctypes.Structure):
         __reserved: ctypes.Array[ctypes.c_uint32]
 
 
-class user_hwdebug_state(ctypes.Structure):
+class user_hwdebug_state(_Structure):
     """struct user_hwdebug_state (asm/ptrace.h:102), 264 bytes."""
 
+    __slots__ = ()   # see _Structure
     dbg_info: int
     pad: int
     dbg_regs: ctypes.Array[user_hwdebug_state_dbg_regs]
 
 
-class user_hwdebug_state_dbg_regs(ctypes.Structure):
+class user_hwdebug_state_dbg_regs(_Structure):
     """anonymous struct in user_hwdebug_state (asm/ptrace.h:105), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     addr: int
     ctrl: int
     pad: int
 
 
-class user_sve_header(ctypes.Structure):
+class user_sve_header(_Structure):
     """struct user_sve_header (asm/ptrace.h:114), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     size: int
     max_size: int
     vl: int
@@ -1127,16 +1134,18 @@ class user_sve_header(ctypes.Structure):
         __reserved: int
 
 
-class user_pac_mask(ctypes.Structure):
+class user_pac_mask(_Structure):
     """struct user_pac_mask (asm/ptrace.h:253), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     data_mask: int
     insn_mask: int
 
 
-class user_pac_address_keys(ctypes.Structure):
+class user_pac_address_keys(_Structure):
     """struct user_pac_address_keys (asm/ptrace.h:260), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     _align_ = 16  # C's alignment; ctypes honours _align_ from Python 3.13
     apiakey: ctypes.Array[ctypes.c_uint64]
     apibkey: ctypes.Array[ctypes.c_uint64]
@@ -1144,16 +1153,18 @@ class user_pac_address_keys(ctypes.Structure):
     apdbkey: ctypes.Array[ctypes.c_uint64]
 
 
-class user_pac_generic_keys(ctypes.Structure):
+class user_pac_generic_keys(_Structure):
     """struct user_pac_generic_keys (asm/ptrace.h:267), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _align_ = 16  # C's alignment; ctypes honours _align_ from Python 3.13
     apgakey: ctypes.Array[ctypes.c_uint64]
 
 
-class user_za_header(ctypes.Structure):
+class user_za_header(_Structure):
     """struct user_za_header (asm/ptrace.h:273), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     size: int
     max_size: int
     vl: int
@@ -1163,17 +1174,19 @@ class user_za_header(ctypes.Structure):
         __reserved: int
 
 
-class user_gcs(ctypes.Structure):
+class user_gcs(_Structure):
     """struct user_gcs (asm/ptrace.h:329), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     features_enabled: int
     features_locked: int
     gcspr_el0: int
 
 
-class kvm_regs(ctypes.Structure):
+class kvm_regs(_Structure):
     """struct kvm_regs (asm/kvm.h:46), 864 bytes."""
 
+    __slots__ = ()   # see _Structure
     _align_ = 16  # C's alignment; ctypes honours _align_ from Python 3.13
     regs: user_pt_regs
     sp_el1: int
@@ -1183,65 +1196,74 @@ class kvm_regs(ctypes.Structure):
     fp_regs: user_fpsimd_state
 
 
-class kvm_vcpu_init(ctypes.Structure):
+class kvm_vcpu_init(_Structure):
     """struct kvm_vcpu_init (asm/kvm.h:110), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     target: int
     features: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_sregs(ctypes.Structure):
+class kvm_sregs(_Structure):
     """struct kvm_sregs (asm/kvm.h:115), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_fpu(ctypes.Structure):
+class kvm_fpu(_Structure):
     """struct kvm_fpu (asm/kvm.h:118), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_guest_debug_arch(ctypes.Structure):
+class kvm_guest_debug_arch(_Structure):
     """struct kvm_guest_debug_arch (asm/kvm.h:135), 512 bytes."""
 
+    __slots__ = ()   # see _Structure
     dbg_bcr: ctypes.Array[ctypes.c_uint64]
     dbg_bvr: ctypes.Array[ctypes.c_uint64]
     dbg_wcr: ctypes.Array[ctypes.c_uint64]
     dbg_wvr: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_debug_exit_arch(ctypes.Structure):
+class kvm_debug_exit_arch(_Structure):
     """struct kvm_debug_exit_arch (asm/kvm.h:143), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     hsr: int
     hsr_high: int
     far: int
 
 
-class kvm_sync_regs(ctypes.Structure):
+class kvm_sync_regs(_Structure):
     """struct kvm_sync_regs (asm/kvm.h:156), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     device_irq_level: int
 
 
-class kvm_pmu_event_filter(ctypes.Structure):
+class kvm_pmu_event_filter(_Structure):
     """struct kvm_pmu_event_filter (asm/kvm.h:170), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     base_event: int
     nevents: int
     action: int
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_vcpu_events(ctypes.Structure):
+class kvm_vcpu_events(_Structure):
     """struct kvm_vcpu_events (asm/kvm.h:182), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     exception: kvm_vcpu_events_exception
     reserved: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_vcpu_events_exception(ctypes.Structure):
+class kvm_vcpu_events_exception(_Structure):
     """anonymous struct in kvm_vcpu_events (asm/kvm.h:183), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     serror_pending: int
     serror_has_esr: int
     ext_dabt_pending: int
@@ -1249,9 +1271,10 @@ class kvm_vcpu_events_exception(ctypes.Structure):
     serror_esr: int
 
 
-class kvm_arm_copy_mte_tags(ctypes.Structure):
+class kvm_arm_copy_mte_tags(_Structure):
     """struct kvm_arm_copy_mte_tags (asm/kvm.h:194), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     guest_ipa: int
     length: int
     addr: int | None
@@ -1259,33 +1282,37 @@ class kvm_arm_copy_mte_tags(ctypes.Structure):
     reserved: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_arm_counter_offset(ctypes.Structure):
+class kvm_arm_counter_offset(_Structure):
     """struct kvm_arm_counter_offset (asm/kvm.h:206), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     counter_offset: int
     reserved: int
 
 
-class kvm_smccc_filter(ctypes.Structure):
+class kvm_smccc_filter(_Structure):
     """struct kvm_smccc_filter (asm/kvm.h:502), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     base: int
     nr_functions: int
     action: int
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class reg_mask_range(ctypes.Structure):
+class reg_mask_range(_Structure):
     """struct reg_mask_range (asm/kvm.h:539), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     addr: int
     range: int
     reserved: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_userspace_memory_region(ctypes.Structure):
+class kvm_userspace_memory_region(_Structure):
     """struct kvm_userspace_memory_region (linux/kvm.h:27), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     slot: int
     flags: int
     guest_phys_addr: int
@@ -1293,9 +1320,10 @@ class kvm_userspace_memory_region(ctypes.Structure):
     userspace_addr: int
 
 
-class kvm_userspace_memory_region2(ctypes.Structure):
+class kvm_userspace_memory_region2(_Structure):
     """struct kvm_userspace_memory_region2 (linux/kvm.h:36), 160 bytes."""
 
+    __slots__ = ()   # see _Structure
     slot: int
     flags: int
     guest_phys_addr: int
@@ -1307,62 +1335,70 @@ class kvm_userspace_memory_region2(ctypes.Structure):
     pad2: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_irq_level(ctypes.Structure):
+class kvm_irq_level(_Structure):
     """struct kvm_irq_level (linux/kvm.h:58), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     irq: int
     status: int
     level: int
 
 
-class kvm_irq_level_u(ctypes.Union):
+class kvm_irq_level_u(_Union):
     """anonymous union in kvm_irq_level (linux/kvm.h:65), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     irq: int
     status: int
 
 
-class kvm_irqchip(ctypes.Structure):
+class kvm_irqchip(_Structure):
     """struct kvm_irqchip (linux/kvm.h:73), 520 bytes."""
 
+    __slots__ = ()   # see _Structure
     chip_id: int
     pad: int
     chip: kvm_irqchip_chip
 
 
-class kvm_irqchip_chip(ctypes.Union):
+class kvm_irqchip_chip(_Union):
     """anonymous union in kvm_irqchip (linux/kvm.h:76), 512 bytes."""
 
+    __slots__ = ()   # see _Structure
     dummy: bytes
 
 
-class kvm_pit_config(ctypes.Structure):
+class kvm_pit_config(_Structure):
     """struct kvm_pit_config (linux/kvm.h:88), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     pad: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_hyperv_exit(ctypes.Structure):
+class kvm_hyperv_exit(_Structure):
     """struct kvm_hyperv_exit (linux/kvm.h:95), 56 bytes."""
 
+    __slots__ = ()   # see _Structure
     type: int
     pad1: int
     u: kvm_hyperv_exit_u
 
 
-class kvm_hyperv_exit_u(ctypes.Union):
+class kvm_hyperv_exit_u(_Union):
     """anonymous union in kvm_hyperv_exit (linux/kvm.h:101), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     synic: kvm_hyperv_exit_synic
     hcall: kvm_hyperv_exit_hcall
     syndbg: kvm_hyperv_exit_syndbg
 
 
-class kvm_hyperv_exit_synic(ctypes.Structure):
+class kvm_hyperv_exit_synic(_Structure):
     """anonymous struct in kvm_hyperv_exit (linux/kvm.h:102), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     msr: int
     pad2: int
     control: int
@@ -1370,17 +1406,19 @@ class kvm_hyperv_exit_synic(ctypes.Structure):
     msg_page: int
 
 
-class kvm_hyperv_exit_hcall(ctypes.Structure):
+class kvm_hyperv_exit_hcall(_Structure):
     """anonymous struct in kvm_hyperv_exit (linux/kvm.h:109), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     input: int
     result: int
     params: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_hyperv_exit_syndbg(ctypes.Structure):
+class kvm_hyperv_exit_syndbg(_Structure):
     """anonymous struct in kvm_hyperv_exit (linux/kvm.h:114), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     msr: int
     pad2: int
     control: int
@@ -1390,22 +1428,25 @@ class kvm_hyperv_exit_syndbg(ctypes.Structure):
     pending_page: int
 
 
-class kvm_xen_exit(ctypes.Structure):
+class kvm_xen_exit(_Structure):
     """struct kvm_xen_exit (linux/kvm.h:126), 80 bytes."""
 
+    __slots__ = ()   # see _Structure
     type: int
     u: kvm_xen_exit_u
 
 
-class kvm_xen_exit_u(ctypes.Union):
+class kvm_xen_exit_u(_Union):
     """anonymous union in kvm_xen_exit (linux/kvm.h:129), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     hcall: kvm_xen_exit_hcall
 
 
-class kvm_xen_exit_hcall(ctypes.Structure):
+class kvm_xen_exit_hcall(_Structure):
     """anonymous struct in kvm_xen_exit (linux/kvm.h:130), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     longmode: int
     cpl: int
     input: int
@@ -1413,17 +1454,19 @@ class kvm_xen_exit_hcall(ctypes.Structure):
     params: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_exit_snp_req_certs(ctypes.Structure):
+class kvm_exit_snp_req_certs(_Structure):
     """struct kvm_exit_snp_req_certs (linux/kvm.h:140), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     gpa: int
     npages: int
     ret: int
 
 
-class kvm_run(ctypes.Structure):
+class kvm_run(_Structure):
     """struct kvm_run (linux/kvm.h:217), 2352 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     request_interrupt_window: int
     immediate_exit: int
@@ -1473,9 +1516,10 @@ class kvm_run(ctypes.Structure):
     s: kvm_run_s2
 
 
-class kvm_run_u(ctypes.Union):
+class kvm_run_u(_Union):
     """anonymous union in kvm_run (linux/kvm.h:238), 256 bytes."""
 
+    __slots__ = ()   # see _Structure
     hw: kvm_run_hw
     fail_entry: kvm_run_fail_entry
     ex: kvm_run_ex
@@ -1512,29 +1556,33 @@ class kvm_run_u(ctypes.Union):
     padding: bytes
 
 
-class kvm_run_hw(ctypes.Structure):
+class kvm_run_hw(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:240), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     hardware_exit_reason: int
 
 
-class kvm_run_fail_entry(ctypes.Structure):
+class kvm_run_fail_entry(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:244), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     hardware_entry_failure_reason: int
     cpu: int
 
 
-class kvm_run_ex(ctypes.Structure):
+class kvm_run_ex(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:249), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     exception: int
     error_code: int
 
 
-class kvm_run_io(ctypes.Structure):
+class kvm_run_io(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:254), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     direction: int
     size: int
     port: int
@@ -1542,33 +1590,37 @@ class kvm_run_io(ctypes.Structure):
     data_offset: int
 
 
-class kvm_run_debug(ctypes.Structure):
+class kvm_run_debug(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:264), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     arch: kvm_debug_exit_arch
 
 
-class kvm_run_mmio(ctypes.Structure):
+class kvm_run_mmio(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:268), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     phys_addr: int
     data: ctypes.Array[ctypes.c_uint8]
     len: int
     is_write: int
 
 
-class kvm_run_iocsr_io(ctypes.Structure):
+class kvm_run_iocsr_io(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:275), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     phys_addr: int
     data: ctypes.Array[ctypes.c_uint8]
     len: int
     is_write: int
 
 
-class kvm_run_hypercall(ctypes.Structure):
+class kvm_run_hypercall(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:282), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     nr: int
     args: ctypes.Array[ctypes.c_uint64]
@@ -1577,55 +1629,62 @@ class kvm_run_hypercall(ctypes.Structure):
     flags: int
 
 
-class kvm_run_u2(ctypes.Union):
+class kvm_run_u2(_Union):
     """anonymous union in kvm_run (linux/kvm.h:287), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     longmode: int
     flags: int
 
 
-class kvm_run_tpr_access(ctypes.Structure):
+class kvm_run_tpr_access(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:293), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     rip: int
     is_write: int
     pad: int
 
 
-class kvm_run_s390_sieic(ctypes.Structure):
+class kvm_run_s390_sieic(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:299), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     icptcode: int
     ipa: int
     ipb: int
 
 
-class kvm_run_s390_ucontrol(ctypes.Structure):
+class kvm_run_s390_ucontrol(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:307), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     trans_exc_code: int
     pgm_code: int
 
 
-class kvm_run_dcr(ctypes.Structure):
+class kvm_run_dcr(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:312), 12 bytes."""
 
+    __slots__ = ()   # see _Structure
     dcrn: int
     data: int
     is_write: int
 
 
-class kvm_run_internal(ctypes.Structure):
+class kvm_run_internal(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:318), 136 bytes."""
 
+    __slots__ = ()   # see _Structure
     suberror: int
     ndata: int
     data: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_emulation_failure(ctypes.Structure):
+class kvm_run_emulation_failure(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:341), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     suberror: int
     ndata: int
@@ -1634,38 +1693,43 @@ class kvm_run_emulation_failure(ctypes.Structure):
     insn_bytes: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_run_u3(ctypes.Union):
+class kvm_run_u3(_Union):
     """anonymous union in kvm_run (linux/kvm.h:345), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     insn_size: int
     insn_bytes: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_run_s(ctypes.Structure):
+class kvm_run_s(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:346), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     insn_size: int
     insn_bytes: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_run_osi(ctypes.Structure):
+class kvm_run_osi(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:354), 256 bytes."""
 
+    __slots__ = ()   # see _Structure
     gprs: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_papr_hcall(ctypes.Structure):
+class kvm_run_papr_hcall(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:358), 88 bytes."""
 
+    __slots__ = ()   # see _Structure
     nr: int
     ret: int
     args: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_s390_tsch(ctypes.Structure):
+class kvm_run_s390_tsch(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:364), 20 bytes."""
 
+    __slots__ = ()   # see _Structure
     subchannel_id: int
     subchannel_nr: int
     io_int_parm: int
@@ -1674,15 +1738,17 @@ class kvm_run_s390_tsch(ctypes.Structure):
     dequeued: int
 
 
-class kvm_run_epr(ctypes.Structure):
+class kvm_run_epr(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:373), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     epr: int
 
 
-class kvm_run_system_event(ctypes.Structure):
+class kvm_run_system_event(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:377), 136 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     type: int
     ndata: int
@@ -1690,16 +1756,18 @@ class kvm_run_system_event(ctypes.Structure):
     data: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_u4(ctypes.Union):
+class kvm_run_u4(_Union):
     """anonymous union in kvm_run (linux/kvm.h:387), 128 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     data: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_s390_stsi(ctypes.Structure):
+class kvm_run_s390_stsi(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:393), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     addr: int
     ar: int
     reserved: int
@@ -1708,22 +1776,25 @@ class kvm_run_s390_stsi(ctypes.Structure):
     sel2: int
 
 
-class kvm_run_eoi(ctypes.Structure):
+class kvm_run_eoi(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:402), 1 bytes."""
 
+    __slots__ = ()   # see _Structure
     vector: int
 
 
-class kvm_run_arm_nisv(ctypes.Structure):
+class kvm_run_arm_nisv(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:408), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     esr_iss: int
     fault_ipa: int
 
 
-class kvm_run_msr(ctypes.Structure):
+class kvm_run_msr(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:413), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     error: int
     pad: ctypes.Array[ctypes.c_uint8]
     reason: int
@@ -1731,41 +1802,46 @@ class kvm_run_msr(ctypes.Structure):
     data: int
 
 
-class kvm_run_riscv_sbi(ctypes.Structure):
+class kvm_run_riscv_sbi(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:429), 80 bytes."""
 
+    __slots__ = ()   # see _Structure
     extension_id: int
     function_id: int
     args: ctypes.Array[ctypes.c_uint64]
     ret: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_riscv_csr(ctypes.Structure):
+class kvm_run_riscv_csr(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:436), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     csr_num: int
     new_value: int
     write_mask: int
     ret_value: int
 
 
-class kvm_run_notify(ctypes.Structure):
+class kvm_run_notify(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:443), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
 
 
-class kvm_run_memory_fault(ctypes.Structure):
+class kvm_run_memory_fault(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:448), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     gpa: int
     size: int
 
 
-class kvm_run_tdx(ctypes.Structure):
+class kvm_run_tdx(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:455), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     flags: int
     nr: int
@@ -1775,33 +1851,37 @@ class kvm_run_tdx(ctypes.Structure):
     setup_event_notify: kvm_run_setup_event_notify
 
 
-class kvm_run_u5(ctypes.Union):
+class kvm_run_u5(_Union):
     """anonymous union in kvm_run (linux/kvm.h:458), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     unknown: kvm_run_unknown
     get_quote: kvm_run_get_quote
     get_tdvmcall_info: kvm_run_get_tdvmcall_info
     setup_event_notify: kvm_run_setup_event_notify
 
 
-class kvm_run_unknown(ctypes.Structure):
+class kvm_run_unknown(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:459), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     ret: int
     data: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_get_quote(ctypes.Structure):
+class kvm_run_get_quote(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:463), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     ret: int
     gpa: int
     size: int
 
 
-class kvm_run_get_tdvmcall_info(ctypes.Structure):
+class kvm_run_get_tdvmcall_info(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:468), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     ret: int
     leaf: int
     r11: int
@@ -1810,32 +1890,36 @@ class kvm_run_get_tdvmcall_info(ctypes.Structure):
     r14: int
 
 
-class kvm_run_setup_event_notify(ctypes.Structure):
+class kvm_run_setup_event_notify(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:473), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     ret: int
     vector: int
 
 
-class kvm_run_arm_sea(ctypes.Structure):
+class kvm_run_arm_sea(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:480), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     esr: int
     gva: int
     gpa: int
 
 
-class kvm_run_s2(ctypes.Union):
+class kvm_run_s2(_Union):
     """anonymous union in kvm_run (linux/kvm.h:506), 2048 bytes."""
 
+    __slots__ = ()   # see _Structure
     regs: kvm_sync_regs
     padding: bytes
 
 
-class kvm_coalesced_mmio_zone(ctypes.Structure):
+class kvm_coalesced_mmio_zone(_Structure):
     """struct kvm_coalesced_mmio_zone (linux/kvm.h:514), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     addr: int
     size: int
@@ -1843,16 +1927,18 @@ class kvm_coalesced_mmio_zone(ctypes.Structure):
     pio: int
 
 
-class kvm_coalesced_mmio_zone_u(ctypes.Union):
+class kvm_coalesced_mmio_zone_u(_Union):
     """anonymous union in kvm_coalesced_mmio_zone (linux/kvm.h:517), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     pad: int
     pio: int
 
 
-class kvm_coalesced_mmio(ctypes.Structure):
+class kvm_coalesced_mmio(_Structure):
     """struct kvm_coalesced_mmio (linux/kvm.h:523), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     phys_addr: int
     len: int
@@ -1861,9 +1947,10 @@ class kvm_coalesced_mmio(ctypes.Structure):
     data: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_coalesced_mmio_u(ctypes.Union):
+class kvm_coalesced_mmio_u(_Union):
     """anonymous union in kvm_coalesced_mmio (linux/kvm.h:526), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     pad: int
     pio: int
 
@@ -1871,6 +1958,7 @@ class kvm_coalesced_mmio_u(ctypes.Union):
 class kvm_coalesced_mmio_ring(_FlexibleStructure["kvm_coalesced_mmio"]):
     """struct kvm_coalesced_mmio_ring (linux/kvm.h:533), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "coalesced_mmio"
     first: int
@@ -1880,22 +1968,25 @@ class kvm_coalesced_mmio_ring(_FlexibleStructure["kvm_coalesced_mmio"]):
         __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
 
 
-class kvm_coalesced_mmio_ring_s(ctypes.Structure):
+class kvm_coalesced_mmio_ring_s(_Structure):
     """anonymous struct in kvm_coalesced_mmio_ring (linux/kvm.h:535), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     coalesced_mmio: ctypes.Array[kvm_coalesced_mmio]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_coalesced_mmio_ring_s__x
         __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
 
 
-class kvm_coalesced_mmio_ring___empty_coalesced_mmio(ctypes.Structure):
+class kvm_coalesced_mmio_ring___empty_coalesced_mmio(_Structure):
     """anonymous struct in kvm_coalesced_mmio_ring (linux/kvm.h:535), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_translation(ctypes.Structure):
+class kvm_translation(_Structure):
     """struct kvm_translation (linux/kvm.h:543), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     linear_address: int
     physical_address: int
     valid: int
@@ -1904,15 +1995,17 @@ class kvm_translation(ctypes.Structure):
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_interrupt(ctypes.Structure):
+class kvm_interrupt(_Structure):
     """struct kvm_interrupt (linux/kvm.h:556), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     irq: int
 
 
-class kvm_dirty_log(ctypes.Structure):
+class kvm_dirty_log(_Structure):
     """struct kvm_dirty_log (linux/kvm.h:562), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     slot: int
     padding1: int
@@ -1920,16 +2013,18 @@ class kvm_dirty_log(ctypes.Structure):
     padding2: int
 
 
-class kvm_dirty_log_u(ctypes.Union):
+class kvm_dirty_log_u(_Union):
     """anonymous union in kvm_dirty_log (linux/kvm.h:565), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     dirty_bitmap: int | None
     padding2: int
 
 
-class kvm_clear_dirty_log(ctypes.Structure):
+class kvm_clear_dirty_log(_Structure):
     """struct kvm_clear_dirty_log (linux/kvm.h:572), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     slot: int
     num_pages: int
@@ -1938,9 +2033,10 @@ class kvm_clear_dirty_log(ctypes.Structure):
     padding2: int
 
 
-class kvm_clear_dirty_log_u(ctypes.Union):
+class kvm_clear_dirty_log_u(_Union):
     """anonymous union in kvm_clear_dirty_log (linux/kvm.h:576), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     dirty_bitmap: int | None
     padding2: int
 
@@ -1948,6 +2044,7 @@ class kvm_clear_dirty_log_u(ctypes.Union):
 class kvm_signal_mask(_FlexibleStructure[ctypes.c_uint8]):
     """struct kvm_signal_mask (linux/kvm.h:583), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "sigset"
     _flex_count_ = "len"
@@ -1957,50 +2054,57 @@ class kvm_signal_mask(_FlexibleStructure[ctypes.c_uint8]):
         __empty_sigset: kvm_signal_mask___empty_sigset
 
 
-class kvm_signal_mask_s(ctypes.Structure):
+class kvm_signal_mask_s(_Structure):
     """anonymous struct in kvm_signal_mask (linux/kvm.h:585), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     sigset: ctypes.Array[ctypes.c_uint8]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_signal_mask_s__x
         __empty_sigset: kvm_signal_mask___empty_sigset
 
 
-class kvm_signal_mask___empty_sigset(ctypes.Structure):
+class kvm_signal_mask___empty_sigset(_Structure):
     """anonymous struct in kvm_signal_mask (linux/kvm.h:585), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_tpr_access_ctl(ctypes.Structure):
+class kvm_tpr_access_ctl(_Structure):
     """struct kvm_tpr_access_ctl (linux/kvm.h:589), 40 bytes."""
 
+    __slots__ = ()   # see _Structure
     enabled: int
     flags: int
     reserved: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_vapic_addr(ctypes.Structure):
+class kvm_vapic_addr(_Structure):
     """struct kvm_vapic_addr (linux/kvm.h:596), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     vapic_addr: int
 
 
-class kvm_mp_state(ctypes.Structure):
+class kvm_mp_state(_Structure):
     """struct kvm_mp_state (linux/kvm.h:615), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     mp_state: int
 
 
-class kvm_guest_debug(ctypes.Structure):
+class kvm_guest_debug(_Structure):
     """struct kvm_guest_debug (linux/kvm.h:624), 520 bytes."""
 
+    __slots__ = ()   # see _Structure
     control: int
     pad: int
     arch: kvm_guest_debug_arch
 
 
-class kvm_ioeventfd(ctypes.Structure):
+class kvm_ioeventfd(_Structure):
     """struct kvm_ioeventfd (linux/kvm.h:647), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     datamatch: int
     addr: int
     len: int
@@ -2009,25 +2113,28 @@ class kvm_ioeventfd(ctypes.Structure):
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_enable_cap(ctypes.Structure):
+class kvm_enable_cap(_Structure):
     """struct kvm_enable_cap (linux/kvm.h:663), 104 bytes."""
 
+    __slots__ = ()   # see _Structure
     cap: int
     flags: int
     args: ctypes.Array[ctypes.c_uint64]
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_irq_routing_irqchip(ctypes.Structure):
+class kvm_irq_routing_irqchip(_Structure):
     """struct kvm_irq_routing_irqchip (linux/kvm.h:990), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     irqchip: int
     pin: int
 
 
-class kvm_irq_routing_msi(ctypes.Structure):
+class kvm_irq_routing_msi(_Structure):
     """struct kvm_irq_routing_msi (linux/kvm.h:995), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     address_lo: int
     address_hi: int
@@ -2036,16 +2143,18 @@ class kvm_irq_routing_msi(ctypes.Structure):
     devid: int
 
 
-class kvm_irq_routing_msi_u(ctypes.Union):
+class kvm_irq_routing_msi_u(_Union):
     """anonymous union in kvm_irq_routing_msi (linux/kvm.h:999), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     pad: int
     devid: int
 
 
-class kvm_irq_routing_s390_adapter(ctypes.Structure):
+class kvm_irq_routing_s390_adapter(_Structure):
     """struct kvm_irq_routing_s390_adapter (linux/kvm.h:1005), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     ind_addr: int
     summary_addr: int
     ind_offset: int
@@ -2053,24 +2162,27 @@ class kvm_irq_routing_s390_adapter(ctypes.Structure):
     adapter_id: int
 
 
-class kvm_irq_routing_hv_sint(ctypes.Structure):
+class kvm_irq_routing_hv_sint(_Structure):
     """struct kvm_irq_routing_hv_sint (linux/kvm.h:1013), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     vcpu: int
     sint: int
 
 
-class kvm_irq_routing_xen_evtchn(ctypes.Structure):
+class kvm_irq_routing_xen_evtchn(_Structure):
     """struct kvm_irq_routing_xen_evtchn (linux/kvm.h:1018), 12 bytes."""
 
+    __slots__ = ()   # see _Structure
     port: int
     vcpu: int
     priority: int
 
 
-class kvm_irq_routing_entry(ctypes.Structure):
+class kvm_irq_routing_entry(_Structure):
     """struct kvm_irq_routing_entry (linux/kvm.h:1033), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     gsi: int
     type: int
     flags: int
@@ -2078,9 +2190,10 @@ class kvm_irq_routing_entry(ctypes.Structure):
     u: kvm_irq_routing_entry_u
 
 
-class kvm_irq_routing_entry_u(ctypes.Union):
+class kvm_irq_routing_entry_u(_Union):
     """anonymous union in kvm_irq_routing_entry (linux/kvm.h:1038), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     irqchip: kvm_irq_routing_irqchip
     msi: kvm_irq_routing_msi
     adapter: kvm_irq_routing_s390_adapter
@@ -2092,6 +2205,7 @@ class kvm_irq_routing_entry_u(ctypes.Union):
 class kvm_irq_routing(_FlexibleStructure["kvm_irq_routing_entry"]):
     """struct kvm_irq_routing (linux/kvm.h:1048), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "entries"
     _flex_count_ = "nr"
@@ -2102,22 +2216,25 @@ class kvm_irq_routing(_FlexibleStructure["kvm_irq_routing_entry"]):
         __empty_entries: kvm_irq_routing___empty_entries
 
 
-class kvm_irq_routing_s(ctypes.Structure):
+class kvm_irq_routing_s(_Structure):
     """anonymous struct in kvm_irq_routing (linux/kvm.h:1051), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     entries: ctypes.Array[kvm_irq_routing_entry]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_irq_routing_s__x
         __empty_entries: kvm_irq_routing___empty_entries
 
 
-class kvm_irq_routing___empty_entries(ctypes.Structure):
+class kvm_irq_routing___empty_entries(_Structure):
     """anonymous struct in kvm_irq_routing (linux/kvm.h:1051), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_irqfd(ctypes.Structure):
+class kvm_irqfd(_Structure):
     """struct kvm_irqfd (linux/kvm.h:1064), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     fd: int
     gsi: int
     flags: int
@@ -2125,9 +2242,10 @@ class kvm_irqfd(ctypes.Structure):
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_clock_data(ctypes.Structure):
+class kvm_clock_data(_Structure):
     """struct kvm_clock_data (linux/kvm.h:1079), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     clock: int
     flags: int
     pad0: int
@@ -2136,18 +2254,20 @@ class kvm_clock_data(ctypes.Structure):
     pad: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_config_tlb(ctypes.Structure):
+class kvm_config_tlb(_Structure):
     """struct kvm_config_tlb (linux/kvm.h:1093), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     params: int
     array: int
     mmu_type: int
     array_len: int
 
 
-class kvm_dirty_tlb(ctypes.Structure):
+class kvm_dirty_tlb(_Structure):
     """struct kvm_dirty_tlb (linux/kvm.h:1100), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     bitmap: int
     num_dirty: int
 
@@ -2155,6 +2275,7 @@ class kvm_dirty_tlb(ctypes.Structure):
 class kvm_reg_list(_FlexibleStructure[ctypes.c_uint64]):
     """struct kvm_reg_list (linux/kvm.h:1140), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "reg"
     _flex_count_ = "n"
@@ -2164,29 +2285,33 @@ class kvm_reg_list(_FlexibleStructure[ctypes.c_uint64]):
         __empty_reg: kvm_reg_list___empty_reg
 
 
-class kvm_reg_list_s(ctypes.Structure):
+class kvm_reg_list_s(_Structure):
     """anonymous struct in kvm_reg_list (linux/kvm.h:1142), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     reg: ctypes.Array[ctypes.c_uint64]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_reg_list_s__x
         __empty_reg: kvm_reg_list___empty_reg
 
 
-class kvm_reg_list___empty_reg(ctypes.Structure):
+class kvm_reg_list___empty_reg(_Structure):
     """anonymous struct in kvm_reg_list (linux/kvm.h:1142), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_one_reg(ctypes.Structure):
+class kvm_one_reg(_Structure):
     """struct kvm_one_reg (linux/kvm.h:1145), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     id: int
     addr: int
 
 
-class kvm_msi(ctypes.Structure):
+class kvm_msi(_Structure):
     """struct kvm_msi (linux/kvm.h:1151), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     address_lo: int
     address_hi: int
     data: int
@@ -2195,64 +2320,72 @@ class kvm_msi(ctypes.Structure):
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_arm_device_addr(ctypes.Structure):
+class kvm_arm_device_addr(_Structure):
     """struct kvm_arm_device_addr (linux/kvm.h:1160), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     id: int
     addr: int
 
 
-class kvm_create_device(ctypes.Structure):
+class kvm_create_device(_Structure):
     """struct kvm_create_device (linux/kvm.h:1170), 12 bytes."""
 
+    __slots__ = ()   # see _Structure
     type: int
     fd: int
     flags: int
 
 
-class kvm_device_attr(ctypes.Structure):
+class kvm_device_attr(_Structure):
     """struct kvm_device_attr (linux/kvm.h:1176), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     group: int
     attr: int
     addr: int
 
 
-class kvm_vfio_spapr_tce(ctypes.Structure):
+class kvm_vfio_spapr_tce(_Structure):
     """struct kvm_vfio_spapr_tce (linux/kvm.h:1233), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     groupfd: int
     tablefd: int
 
 
-class kvm_s390_keyop(ctypes.Structure):
+class kvm_s390_keyop(_Structure):
     """struct kvm_s390_keyop (linux/kvm.h:1241), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     guest_addr: int
     key: int
     operation: int
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_enc_region(ctypes.Structure):
+class kvm_enc_region(_Structure):
     """struct kvm_enc_region (linux/kvm.h:1431), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     addr: int
     size: int
 
 
-class kvm_dirty_gfn(ctypes.Structure):
+class kvm_dirty_gfn(_Structure):
     """struct kvm_dirty_gfn (linux/kvm.h:1527), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     slot: int
     offset: int
 
 
-class kvm_stats_header(ctypes.Structure):
+class kvm_stats_header(_Structure):
     """struct kvm_stats_header (linux/kvm.h:1557), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     name_size: int
     num_desc: int
@@ -2264,6 +2397,7 @@ class kvm_stats_header(ctypes.Structure):
 class kvm_stats_desc(_FlexibleStructure[ctypes.c_char]):
     """struct kvm_stats_desc (linux/kvm.h:1603), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "name"
     flags: int
@@ -2276,39 +2410,44 @@ class kvm_stats_desc(_FlexibleStructure[ctypes.c_char]):
         __empty_name: kvm_stats_desc___empty_name
 
 
-class kvm_stats_desc_s(ctypes.Structure):
+class kvm_stats_desc_s(_Structure):
     """anonymous struct in kvm_stats_desc (linux/kvm.h:1609), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     name: bytes
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_stats_desc_s__x
         __empty_name: kvm_stats_desc___empty_name
 
 
-class kvm_stats_desc___empty_name(ctypes.Structure):
+class kvm_stats_desc___empty_name(_Structure):
     """anonymous struct in kvm_stats_desc (linux/kvm.h:1609), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_memory_attributes(ctypes.Structure):
+class kvm_memory_attributes(_Structure):
     """struct kvm_memory_attributes (linux/kvm.h:1630), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     address: int
     size: int
     attributes: int
     flags: int
 
 
-class kvm_create_guest_memfd(ctypes.Structure):
+class kvm_create_guest_memfd(_Structure):
     """struct kvm_create_guest_memfd (linux/kvm.h:1643), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     size: int
     flags: int
     reserved: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_pre_fault_memory(ctypes.Structure):
+class kvm_pre_fault_memory(_Structure):
     """struct kvm_pre_fault_memory (linux/kvm.h:1651), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     gpa: int
     size: int
     flags: int

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ctypes
 
-from ._support import Ioctl, _Bitfield, _FlexibleStructure
+from ._support import Ioctl, _Bitfield, _FlexibleStructure, _Structure, _Union
 
 KERNEL_VERSION = "7.2.0"
 ARCH = "x86_64"
@@ -863,21 +863,24 @@ else:
 # ---- structs and unions: declared here, laid out below ----
 
 
-class __kernel_fd_set(ctypes.Structure):
+class __kernel_fd_set(_Structure):
     """__kernel_fd_set (linux/posix_types.h:25), 128 bytes."""
 
+    __slots__ = ()   # see _Structure
     fds_bits: ctypes.Array[ctypes.c_uint64]
 
 
-class __kernel_fsid_t(ctypes.Structure):
+class __kernel_fsid_t(_Structure):
     """__kernel_fsid_t (asm-generic/posix_types.h:79), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     val: ctypes.Array[ctypes.c_int32]
 
 
-class kvm_pic_state(ctypes.Structure):
+class kvm_pic_state(_Structure):
     """struct kvm_pic_state (asm/kvm.h:63), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     last_irr: int
     irr: int
     imr: int
@@ -896,9 +899,10 @@ class kvm_pic_state(ctypes.Structure):
     elcr_mask: int
 
 
-class kvm_ioapic_state(ctypes.Structure):
+class kvm_ioapic_state(_Structure):
     """struct kvm_ioapic_state (asm/kvm.h:83), 216 bytes."""
 
+    __slots__ = ()   # see _Structure
     base_address: int
     ioregsel: int
     id: int
@@ -907,16 +911,18 @@ class kvm_ioapic_state(ctypes.Structure):
     redirtbl: ctypes.Array[kvm_ioapic_state_redirtbl]
 
 
-class kvm_ioapic_state_redirtbl(ctypes.Union):
+class kvm_ioapic_state_redirtbl(_Union):
     """anonymous union in kvm_ioapic_state (asm/kvm.h:89), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     bits: int
     fields: kvm_ioapic_state_fields
 
 
-class kvm_ioapic_state_fields(ctypes.Structure):
+class kvm_ioapic_state_fields(_Structure):
     """anonymous struct in kvm_ioapic_state (asm/kvm.h:91), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     vector: int
     delivery_mode: int
     dest_mode: int
@@ -930,9 +936,10 @@ class kvm_ioapic_state_fields(ctypes.Structure):
     dest_id: int
 
 
-class kvm_regs(ctypes.Structure):
+class kvm_regs(_Structure):
     """struct kvm_regs (asm/kvm.h:117), 144 bytes."""
 
+    __slots__ = ()   # see _Structure
     rax: int
     rbx: int
     rcx: int
@@ -953,15 +960,17 @@ class kvm_regs(ctypes.Structure):
     rflags: int
 
 
-class kvm_lapic_state(ctypes.Structure):
+class kvm_lapic_state(_Structure):
     """struct kvm_lapic_state (asm/kvm.h:128), 1024 bytes."""
 
+    __slots__ = ()   # see _Structure
     regs: bytes
 
 
-class kvm_segment(ctypes.Structure):
+class kvm_segment(_Structure):
     """struct kvm_segment (asm/kvm.h:132), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     base: int
     limit: int
     selector: int
@@ -977,17 +986,19 @@ class kvm_segment(ctypes.Structure):
     padding: int
 
 
-class kvm_dtable(ctypes.Structure):
+class kvm_dtable(_Structure):
     """struct kvm_dtable (asm/kvm.h:142), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     base: int
     limit: int
     padding: ctypes.Array[ctypes.c_uint16]
 
 
-class kvm_sregs(ctypes.Structure):
+class kvm_sregs(_Structure):
     """struct kvm_sregs (asm/kvm.h:150), 312 bytes."""
 
+    __slots__ = ()   # see _Structure
     cs: kvm_segment
     ds: kvm_segment
     es: kvm_segment
@@ -1008,9 +1019,10 @@ class kvm_sregs(ctypes.Structure):
     interrupt_bitmap: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_sregs2(ctypes.Structure):
+class kvm_sregs2(_Structure):
     """struct kvm_sregs2 (asm/kvm.h:161), 320 bytes."""
 
+    __slots__ = ()   # see _Structure
     cs: kvm_segment
     ds: kvm_segment
     es: kvm_segment
@@ -1032,9 +1044,10 @@ class kvm_sregs2(ctypes.Structure):
     pdptrs: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_fpu(ctypes.Structure):
+class kvm_fpu(_Structure):
     """struct kvm_fpu (asm/kvm.h:175), 416 bytes."""
 
+    __slots__ = ()   # see _Structure
     fpr: ctypes.Array[ctypes.Array[ctypes.c_uint8]]
     fcw: int
     fsw: int
@@ -1048,9 +1061,10 @@ class kvm_fpu(ctypes.Structure):
     pad2: int
 
 
-class kvm_msr_entry(ctypes.Structure):
+class kvm_msr_entry(_Structure):
     """struct kvm_msr_entry (asm/kvm.h:189), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     index: int
     reserved: int
     data: int
@@ -1059,6 +1073,7 @@ class kvm_msr_entry(ctypes.Structure):
 class kvm_msrs(_FlexibleStructure["kvm_msr_entry"]):
     """struct kvm_msrs (asm/kvm.h:196), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "entries"
     _flex_count_ = "nmsrs"
@@ -1069,22 +1084,25 @@ class kvm_msrs(_FlexibleStructure["kvm_msr_entry"]):
         __empty_entries: kvm_msrs___empty_entries
 
 
-class kvm_msrs_s(ctypes.Structure):
+class kvm_msrs_s(_Structure):
     """anonymous struct in kvm_msrs (asm/kvm.h:200), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     entries: ctypes.Array[kvm_msr_entry]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_msrs_s__x
         __empty_entries: kvm_msrs___empty_entries
 
 
-class kvm_msrs___empty_entries(ctypes.Structure):
+class kvm_msrs___empty_entries(_Structure):
     """anonymous struct in kvm_msrs (asm/kvm.h:200), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
 class kvm_msr_list(_FlexibleStructure[ctypes.c_uint32]):
     """struct kvm_msr_list (asm/kvm.h:204), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "indices"
     _flex_count_ = "nmsrs"
@@ -1094,38 +1112,43 @@ class kvm_msr_list(_FlexibleStructure[ctypes.c_uint32]):
         __empty_indices: kvm_msr_list___empty_indices
 
 
-class kvm_msr_list_s(ctypes.Structure):
+class kvm_msr_list_s(_Structure):
     """anonymous struct in kvm_msr_list (asm/kvm.h:206), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     indices: ctypes.Array[ctypes.c_uint32]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_msr_list_s__x
         __empty_indices: kvm_msr_list___empty_indices
 
 
-class kvm_msr_list___empty_indices(ctypes.Structure):
+class kvm_msr_list___empty_indices(_Structure):
     """anonymous struct in kvm_msr_list (asm/kvm.h:206), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_msr_filter_range(ctypes.Structure):
+class kvm_msr_filter_range(_Structure):
     """struct kvm_msr_filter_range (asm/kvm.h:213), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     nmsrs: int
     base: int
     bitmap: int | None
 
 
-class kvm_msr_filter(ctypes.Structure):
+class kvm_msr_filter(_Structure):
     """struct kvm_msr_filter (asm/kvm.h:225), 392 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     ranges: ctypes.Array[kvm_msr_filter_range]
 
 
-class kvm_cpuid_entry(ctypes.Structure):
+class kvm_cpuid_entry(_Structure):
     """struct kvm_cpuid_entry (asm/kvm.h:233), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     function: int
     eax: int
     ebx: int
@@ -1137,6 +1160,7 @@ class kvm_cpuid_entry(ctypes.Structure):
 class kvm_cpuid(_FlexibleStructure["kvm_cpuid_entry"]):
     """struct kvm_cpuid (asm/kvm.h:243), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "entries"
     _flex_count_ = "nent"
@@ -1147,22 +1171,25 @@ class kvm_cpuid(_FlexibleStructure["kvm_cpuid_entry"]):
         __empty_entries: kvm_cpuid___empty_entries
 
 
-class kvm_cpuid_s(ctypes.Structure):
+class kvm_cpuid_s(_Structure):
     """anonymous struct in kvm_cpuid (asm/kvm.h:246), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     entries: ctypes.Array[kvm_cpuid_entry]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_cpuid_s__x
         __empty_entries: kvm_cpuid___empty_entries
 
 
-class kvm_cpuid___empty_entries(ctypes.Structure):
+class kvm_cpuid___empty_entries(_Structure):
     """anonymous struct in kvm_cpuid (asm/kvm.h:246), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_cpuid_entry2(ctypes.Structure):
+class kvm_cpuid_entry2(_Structure):
     """struct kvm_cpuid_entry2 (asm/kvm.h:249), 40 bytes."""
 
+    __slots__ = ()   # see _Structure
     function: int
     index: int
     flags: int
@@ -1176,6 +1203,7 @@ class kvm_cpuid_entry2(ctypes.Structure):
 class kvm_cpuid2(_FlexibleStructure["kvm_cpuid_entry2"]):
     """struct kvm_cpuid2 (asm/kvm.h:265), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "entries"
     _flex_count_ = "nent"
@@ -1186,22 +1214,25 @@ class kvm_cpuid2(_FlexibleStructure["kvm_cpuid_entry2"]):
         __empty_entries: kvm_cpuid2___empty_entries
 
 
-class kvm_cpuid2_s(ctypes.Structure):
+class kvm_cpuid2_s(_Structure):
     """anonymous struct in kvm_cpuid2 (asm/kvm.h:268), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     entries: ctypes.Array[kvm_cpuid_entry2]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_cpuid2_s__x
         __empty_entries: kvm_cpuid2___empty_entries
 
 
-class kvm_cpuid2___empty_entries(ctypes.Structure):
+class kvm_cpuid2___empty_entries(_Structure):
     """anonymous struct in kvm_cpuid2 (asm/kvm.h:268), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_pit_channel_state(ctypes.Structure):
+class kvm_pit_channel_state(_Structure):
     """struct kvm_pit_channel_state (asm/kvm.h:272), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     count: int
     latched_count: int
     count_latched: int
@@ -1217,9 +1248,10 @@ class kvm_pit_channel_state(ctypes.Structure):
     count_load_time: int
 
 
-class kvm_debug_exit_arch(ctypes.Structure):
+class kvm_debug_exit_arch(_Structure):
     """struct kvm_debug_exit_arch (asm/kvm.h:288), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     exception: int
     pad: int
     pc: int
@@ -1227,36 +1259,41 @@ class kvm_debug_exit_arch(ctypes.Structure):
     dr7: int
 
 
-class kvm_guest_debug_arch(ctypes.Structure):
+class kvm_guest_debug_arch(_Structure):
     """struct kvm_guest_debug_arch (asm/kvm.h:303), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     debugreg: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_pit_state(ctypes.Structure):
+class kvm_pit_state(_Structure):
     """struct kvm_pit_state (asm/kvm.h:307), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     channels: ctypes.Array[kvm_pit_channel_state]
 
 
-class kvm_pit_state2(ctypes.Structure):
+class kvm_pit_state2(_Structure):
     """struct kvm_pit_state2 (asm/kvm.h:314), 112 bytes."""
 
+    __slots__ = ()   # see _Structure
     channels: ctypes.Array[kvm_pit_channel_state]
     flags: int
     reserved: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_reinject_control(ctypes.Structure):
+class kvm_reinject_control(_Structure):
     """struct kvm_reinject_control (asm/kvm.h:320), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     pit_reinject: int
     reserved: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_vcpu_events(ctypes.Structure):
+class kvm_vcpu_events(_Structure):
     """struct kvm_vcpu_events (asm/kvm.h:338), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     exception: kvm_vcpu_events_exception
     interrupt: kvm_vcpu_events_interrupt
     nmi: kvm_vcpu_events_nmi
@@ -1269,9 +1306,10 @@ class kvm_vcpu_events(ctypes.Structure):
     exception_payload: int
 
 
-class kvm_vcpu_events_exception(ctypes.Structure):
+class kvm_vcpu_events_exception(_Structure):
     """anonymous struct in kvm_vcpu_events (asm/kvm.h:339), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     injected: int
     nr: int
     has_error_code: int
@@ -1279,42 +1317,47 @@ class kvm_vcpu_events_exception(ctypes.Structure):
     error_code: int
 
 
-class kvm_vcpu_events_interrupt(ctypes.Structure):
+class kvm_vcpu_events_interrupt(_Structure):
     """anonymous struct in kvm_vcpu_events (asm/kvm.h:346), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     injected: int
     nr: int
     soft: int
     shadow: int
 
 
-class kvm_vcpu_events_nmi(ctypes.Structure):
+class kvm_vcpu_events_nmi(_Structure):
     """anonymous struct in kvm_vcpu_events (asm/kvm.h:352), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     injected: int
     pending: int
     masked: int
     pad: int
 
 
-class kvm_vcpu_events_smi(ctypes.Structure):
+class kvm_vcpu_events_smi(_Structure):
     """anonymous struct in kvm_vcpu_events (asm/kvm.h:360), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     smm: int
     pending: int
     smm_inside_nmi: int
     latched_init: int
 
 
-class kvm_vcpu_events_triple_fault(ctypes.Structure):
+class kvm_vcpu_events_triple_fault(_Structure):
     """anonymous struct in kvm_vcpu_events (asm/kvm.h:366), 1 bytes."""
 
+    __slots__ = ()   # see _Structure
     pending: int
 
 
-class kvm_debugregs(ctypes.Structure):
+class kvm_debugregs(_Structure):
     """struct kvm_debugregs (asm/kvm.h:375), 128 bytes."""
 
+    __slots__ = ()   # see _Structure
     db: ctypes.Array[ctypes.c_uint64]
     dr6: int
     dr7: int
@@ -1325,6 +1368,7 @@ class kvm_debugregs(ctypes.Structure):
 class kvm_xsave(_FlexibleStructure[ctypes.c_uint32]):
     """struct kvm_xsave (asm/kvm.h:384), 4096 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "extra"
     region: ctypes.Array[ctypes.c_uint32]
@@ -1333,54 +1377,61 @@ class kvm_xsave(_FlexibleStructure[ctypes.c_uint32]):
         __empty_extra: kvm_xsave___empty_extra
 
 
-class kvm_xsave_s(ctypes.Structure):
+class kvm_xsave_s(_Structure):
     """anonymous struct in kvm_xsave (asm/kvm.h:399), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     extra: ctypes.Array[ctypes.c_uint32]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_xsave_s__x
         __empty_extra: kvm_xsave___empty_extra
 
 
-class kvm_xsave___empty_extra(ctypes.Structure):
+class kvm_xsave___empty_extra(_Structure):
     """anonymous struct in kvm_xsave (asm/kvm.h:399), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_xcr(ctypes.Structure):
+class kvm_xcr(_Structure):
     """struct kvm_xcr (asm/kvm.h:404), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     xcr: int
     reserved: int
     value: int
 
 
-class kvm_xcrs(ctypes.Structure):
+class kvm_xcrs(_Structure):
     """struct kvm_xcrs (asm/kvm.h:410), 392 bytes."""
 
+    __slots__ = ()   # see _Structure
     nr_xcrs: int
     flags: int
     xcrs: ctypes.Array[kvm_xcr]
     padding: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_sync_regs(ctypes.Structure):
+class kvm_sync_regs(_Structure):
     """struct kvm_sync_regs (asm/kvm.h:456), 520 bytes."""
 
+    __slots__ = ()   # see _Structure
     regs: kvm_regs
     sregs: kvm_sregs
     events: kvm_vcpu_events
 
 
-class kvm_vmx_nested_state_data(ctypes.Structure):
+class kvm_vmx_nested_state_data(_Structure):
     """struct kvm_vmx_nested_state_data (asm/kvm.h:508), 8192 bytes."""
 
+    __slots__ = ()   # see _Structure
     vmcs12: ctypes.Array[ctypes.c_uint8]
     shadow_vmcs12: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_vmx_nested_state_hdr(ctypes.Structure):
+class kvm_vmx_nested_state_hdr(_Structure):
     """struct kvm_vmx_nested_state_hdr (asm/kvm.h:513), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     vmxon_pa: int
     vmcs12_pa: int
     smm: kvm_vmx_nested_state_hdr_smm
@@ -1389,28 +1440,32 @@ class kvm_vmx_nested_state_hdr(ctypes.Structure):
     preemption_timer_deadline: int
 
 
-class kvm_vmx_nested_state_hdr_smm(ctypes.Structure):
+class kvm_vmx_nested_state_hdr_smm(_Structure):
     """anonymous struct in kvm_vmx_nested_state_hdr (asm/kvm.h:517), 2 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
 
 
-class kvm_svm_nested_state_data(ctypes.Structure):
+class kvm_svm_nested_state_data(_Structure):
     """struct kvm_svm_nested_state_data (asm/kvm.h:527), 4096 bytes."""
 
+    __slots__ = ()   # see _Structure
     vmcb12: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_svm_nested_state_hdr(ctypes.Structure):
+class kvm_svm_nested_state_hdr(_Structure):
     """struct kvm_svm_nested_state_hdr (asm/kvm.h:532), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     vmcb_pa: int
     gpat: int
 
 
-class kvm_nested_state(ctypes.Structure):
+class kvm_nested_state(_Structure):
     """struct kvm_nested_state (asm/kvm.h:538), 128 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     format: int
     size: int
@@ -1418,17 +1473,19 @@ class kvm_nested_state(ctypes.Structure):
     data: kvm_nested_state_data
 
 
-class kvm_nested_state_hdr(ctypes.Union):
+class kvm_nested_state_hdr(_Union):
     """anonymous union in kvm_nested_state (asm/kvm.h:543), 120 bytes."""
 
+    __slots__ = ()   # see _Structure
     vmx: kvm_vmx_nested_state_hdr
     svm: kvm_svm_nested_state_hdr
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_nested_state_data(ctypes.Union):
+class kvm_nested_state_data(_Union):
     """anonymous union in kvm_nested_state (asm/kvm.h:556), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", "_anon1", )
     vmx: ctypes.Array[kvm_vmx_nested_state_data]
     svm: ctypes.Array[kvm_svm_nested_state_data]
@@ -1437,35 +1494,40 @@ class kvm_nested_state_data(ctypes.Union):
         __empty_svm: kvm_nested_state___empty_svm
 
 
-class kvm_nested_state_s(ctypes.Structure):
+class kvm_nested_state_s(_Structure):
     """anonymous struct in kvm_nested_state (asm/kvm.h:557), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     vmx: ctypes.Array[kvm_vmx_nested_state_data]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_nested_state_s__x
         __empty_vmx: kvm_nested_state___empty_vmx
 
 
-class kvm_nested_state___empty_vmx(ctypes.Structure):
+class kvm_nested_state___empty_vmx(_Structure):
     """anonymous struct in kvm_nested_state (asm/kvm.h:557), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_nested_state_s2(ctypes.Structure):
+class kvm_nested_state_s2(_Structure):
     """anonymous struct in kvm_nested_state (asm/kvm.h:558), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     svm: ctypes.Array[kvm_svm_nested_state_data]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_nested_state_s2__x
         __empty_svm: kvm_nested_state___empty_svm
 
 
-class kvm_nested_state___empty_svm(ctypes.Structure):
+class kvm_nested_state___empty_svm(_Structure):
     """anonymous struct in kvm_nested_state (asm/kvm.h:558), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
 class kvm_pmu_event_filter(_FlexibleStructure[ctypes.c_uint64]):
     """struct kvm_pmu_event_filter (asm/kvm.h:563), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "events"
     _flex_count_ = "nevents"
@@ -1479,22 +1541,25 @@ class kvm_pmu_event_filter(_FlexibleStructure[ctypes.c_uint64]):
         __empty_events: kvm_pmu_event_filter___empty_events
 
 
-class kvm_pmu_event_filter_s(ctypes.Structure):
+class kvm_pmu_event_filter_s(_Structure):
     """anonymous struct in kvm_pmu_event_filter (asm/kvm.h:569), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     events: ctypes.Array[ctypes.c_uint64]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_pmu_event_filter_s__x
         __empty_events: kvm_pmu_event_filter___empty_events
 
 
-class kvm_pmu_event_filter___empty_events(ctypes.Structure):
+class kvm_pmu_event_filter___empty_events(_Structure):
     """anonymous struct in kvm_pmu_event_filter (asm/kvm.h:569), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_x86_mce(ctypes.Structure):
+class kvm_x86_mce(_Structure):
     """struct kvm_x86_mce (asm/kvm.h:579), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     status: int
     addr: int
     misc: int
@@ -1504,9 +1569,10 @@ class kvm_x86_mce(ctypes.Structure):
     pad2: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_xen_hvm_config(ctypes.Structure):
+class kvm_xen_hvm_config(_Structure):
     """struct kvm_xen_hvm_config (asm/kvm.h:603), 56 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     msr: int
     blob_addr_32: int
@@ -1516,17 +1582,19 @@ class kvm_xen_hvm_config(ctypes.Structure):
     pad2: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_xen_hvm_attr(ctypes.Structure):
+class kvm_xen_hvm_attr(_Structure):
     """struct kvm_xen_hvm_attr (asm/kvm.h:613), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     type: int
     pad: ctypes.Array[ctypes.c_uint16]
     u: kvm_xen_hvm_attr_u
 
 
-class kvm_xen_hvm_attr_u(ctypes.Union):
+class kvm_xen_hvm_attr_u(_Union):
     """anonymous union in kvm_xen_hvm_attr (asm/kvm.h:616), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     long_mode: int
     vector: int
     runstate_update_flag: int
@@ -1536,56 +1604,63 @@ class kvm_xen_hvm_attr_u(ctypes.Union):
     pad: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_xen_hvm_attr_shared_info(ctypes.Union):
+class kvm_xen_hvm_attr_shared_info(_Union):
     """anonymous union in kvm_xen_hvm_attr (asm/kvm.h:620), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     gfn: int
     hva: int
 
 
-class kvm_xen_hvm_attr_evtchn(ctypes.Structure):
+class kvm_xen_hvm_attr_evtchn(_Structure):
     """anonymous struct in kvm_xen_hvm_attr (asm/kvm.h:625), 28 bytes."""
 
+    __slots__ = ()   # see _Structure
     send_port: int
     type: int
     flags: int
     deliver: kvm_xen_hvm_attr_deliver
 
 
-class kvm_xen_hvm_attr_deliver(ctypes.Union):
+class kvm_xen_hvm_attr_deliver(_Union):
     """anonymous union in kvm_xen_hvm_attr (asm/kvm.h:637), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     port: kvm_xen_hvm_attr_port
     eventfd: kvm_xen_hvm_attr_eventfd
     padding: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_xen_hvm_attr_port(ctypes.Structure):
+class kvm_xen_hvm_attr_port(_Structure):
     """anonymous struct in kvm_xen_hvm_attr (asm/kvm.h:638), 12 bytes."""
 
+    __slots__ = ()   # see _Structure
     port: int
     vcpu: int
     priority: int
 
 
-class kvm_xen_hvm_attr_eventfd(ctypes.Structure):
+class kvm_xen_hvm_attr_eventfd(_Structure):
     """anonymous struct in kvm_xen_hvm_attr (asm/kvm.h:643), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     port: int
     fd: int
 
 
-class kvm_xen_vcpu_attr(ctypes.Structure):
+class kvm_xen_vcpu_attr(_Structure):
     """struct kvm_xen_vcpu_attr (asm/kvm.h:668), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     type: int
     pad: ctypes.Array[ctypes.c_uint16]
     u: kvm_xen_vcpu_attr_u
 
 
-class kvm_xen_vcpu_attr_u(ctypes.Union):
+class kvm_xen_vcpu_attr_u(_Union):
     """anonymous union in kvm_xen_vcpu_attr (asm/kvm.h:671), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     gpa: int
     hva: int
     pad: ctypes.Array[ctypes.c_uint64]
@@ -1595,9 +1670,10 @@ class kvm_xen_vcpu_attr_u(ctypes.Union):
     vector: int
 
 
-class kvm_xen_vcpu_attr_runstate(ctypes.Structure):
+class kvm_xen_vcpu_attr_runstate(_Structure):
     """anonymous struct in kvm_xen_vcpu_attr (asm/kvm.h:676), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     state: int
     state_entry_time: int
     time_running: int
@@ -1606,17 +1682,19 @@ class kvm_xen_vcpu_attr_runstate(ctypes.Structure):
     time_offline: int
 
 
-class kvm_xen_vcpu_attr_timer(ctypes.Structure):
+class kvm_xen_vcpu_attr_timer(_Structure):
     """anonymous struct in kvm_xen_vcpu_attr (asm/kvm.h:685), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     port: int
     priority: int
     expires_ns: int
 
 
-class kvm_sev_cmd(ctypes.Structure):
+class kvm_sev_cmd(_Structure):
     """struct kvm_sev_cmd (asm/kvm.h:753), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     id: int
     pad0: int
     data: int
@@ -1624,9 +1702,10 @@ class kvm_sev_cmd(ctypes.Structure):
     sev_fd: int
 
 
-class kvm_sev_init(ctypes.Structure):
+class kvm_sev_init(_Structure):
     """struct kvm_sev_init (asm/kvm.h:761), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     vmsa_features: int
     flags: int
     ghcb_version: int
@@ -1634,9 +1713,10 @@ class kvm_sev_init(ctypes.Structure):
     pad2: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_sev_launch_start(ctypes.Structure):
+class kvm_sev_launch_start(_Structure):
     """struct kvm_sev_launch_start (asm/kvm.h:769), 40 bytes."""
 
+    __slots__ = ()   # see _Structure
     handle: int
     policy: int
     dh_uaddr: int
@@ -1647,17 +1727,19 @@ class kvm_sev_launch_start(ctypes.Structure):
     pad1: int
 
 
-class kvm_sev_launch_update_data(ctypes.Structure):
+class kvm_sev_launch_update_data(_Structure):
     """struct kvm_sev_launch_update_data (asm/kvm.h:780), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     uaddr: int
     len: int
     pad0: int
 
 
-class kvm_sev_launch_secret(ctypes.Structure):
+class kvm_sev_launch_secret(_Structure):
     """struct kvm_sev_launch_secret (asm/kvm.h:787), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     hdr_uaddr: int
     hdr_len: int
     pad0: int
@@ -1669,43 +1751,48 @@ class kvm_sev_launch_secret(ctypes.Structure):
     pad2: int
 
 
-class kvm_sev_launch_measure(ctypes.Structure):
+class kvm_sev_launch_measure(_Structure):
     """struct kvm_sev_launch_measure (asm/kvm.h:799), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     uaddr: int
     len: int
     pad0: int
 
 
-class kvm_sev_guest_status(ctypes.Structure):
+class kvm_sev_guest_status(_Structure):
     """struct kvm_sev_guest_status (asm/kvm.h:805), 12 bytes."""
 
+    __slots__ = ()   # see _Structure
     handle: int
     policy: int
     state: int
 
 
-class kvm_sev_dbg(ctypes.Structure):
+class kvm_sev_dbg(_Structure):
     """struct kvm_sev_dbg (asm/kvm.h:811), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     src_uaddr: int
     dst_uaddr: int
     len: int
     pad0: int
 
 
-class kvm_sev_attestation_report(ctypes.Structure):
+class kvm_sev_attestation_report(_Structure):
     """struct kvm_sev_attestation_report (asm/kvm.h:818), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     mnonce: ctypes.Array[ctypes.c_uint8]
     uaddr: int
     len: int
     pad0: int
 
 
-class kvm_sev_send_start(ctypes.Structure):
+class kvm_sev_send_start(_Structure):
     """struct kvm_sev_send_start (asm/kvm.h:825), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     policy: int
     pad0: int
     pdh_cert_uaddr: int
@@ -1722,9 +1809,10 @@ class kvm_sev_send_start(ctypes.Structure):
     pad4: int
 
 
-class kvm_sev_send_update_data(ctypes.Structure):
+class kvm_sev_send_update_data(_Structure):
     """struct kvm_sev_send_update_data (asm/kvm.h:842), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     hdr_uaddr: int
     hdr_len: int
     pad0: int
@@ -1736,9 +1824,10 @@ class kvm_sev_send_update_data(ctypes.Structure):
     pad2: int
 
 
-class kvm_sev_receive_start(ctypes.Structure):
+class kvm_sev_receive_start(_Structure):
     """struct kvm_sev_receive_start (asm/kvm.h:854), 40 bytes."""
 
+    __slots__ = ()   # see _Structure
     handle: int
     policy: int
     pdh_uaddr: int
@@ -1749,9 +1838,10 @@ class kvm_sev_receive_start(ctypes.Structure):
     pad1: int
 
 
-class kvm_sev_receive_update_data(ctypes.Structure):
+class kvm_sev_receive_update_data(_Structure):
     """struct kvm_sev_receive_update_data (asm/kvm.h:865), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     hdr_uaddr: int
     hdr_len: int
     pad0: int
@@ -1763,9 +1853,10 @@ class kvm_sev_receive_update_data(ctypes.Structure):
     pad2: int
 
 
-class kvm_sev_snp_launch_start(ctypes.Structure):
+class kvm_sev_snp_launch_start(_Structure):
     """struct kvm_sev_snp_launch_start (asm/kvm.h:877), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     policy: int
     gosvw: ctypes.Array[ctypes.c_uint8]
     flags: int
@@ -1773,9 +1864,10 @@ class kvm_sev_snp_launch_start(ctypes.Structure):
     pad1: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_sev_snp_launch_update(ctypes.Structure):
+class kvm_sev_snp_launch_update(_Structure):
     """struct kvm_sev_snp_launch_update (asm/kvm.h:893), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     gfn_start: int
     uaddr: int
     len: int
@@ -1786,9 +1878,10 @@ class kvm_sev_snp_launch_update(ctypes.Structure):
     pad2: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_sev_snp_launch_finish(ctypes.Structure):
+class kvm_sev_snp_launch_finish(_Structure):
     """struct kvm_sev_snp_launch_finish (asm/kvm.h:908), 88 bytes."""
 
+    __slots__ = ()   # see _Structure
     id_block_uaddr: int
     id_auth_uaddr: int
     id_block_en: int
@@ -1800,27 +1893,30 @@ class kvm_sev_snp_launch_finish(ctypes.Structure):
     pad1: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_hyperv_eventfd(ctypes.Structure):
+class kvm_hyperv_eventfd(_Structure):
     """struct kvm_hyperv_eventfd (asm/kvm.h:925), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     conn_id: int
     fd: int
     flags: int
     padding: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_tdx_cmd(ctypes.Structure):
+class kvm_tdx_cmd(_Structure):
     """struct kvm_tdx_cmd (asm/kvm.h:987), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     id: int
     flags: int
     data: int
     hw_error: int
 
 
-class kvm_tdx_capabilities(ctypes.Structure):
+class kvm_tdx_capabilities(_Structure):
     """struct kvm_tdx_capabilities (asm/kvm.h:1005), 2056 bytes."""
 
+    __slots__ = ()   # see _Structure
     supported_attrs: int
     supported_xfam: int
     kernel_tdvmcallinfo_1_r11: int
@@ -1831,9 +1927,10 @@ class kvm_tdx_capabilities(ctypes.Structure):
     cpuid: kvm_cpuid2
 
 
-class kvm_tdx_init_vm(ctypes.Structure):
+class kvm_tdx_init_vm(_Structure):
     """struct kvm_tdx_init_vm (asm/kvm.h:1020), 264 bytes."""
 
+    __slots__ = ()   # see _Structure
     attributes: int
     xfam: int
     mrconfigid: ctypes.Array[ctypes.c_uint64]
@@ -1843,17 +1940,19 @@ class kvm_tdx_init_vm(ctypes.Structure):
     cpuid: kvm_cpuid2
 
 
-class kvm_tdx_init_mem_region(ctypes.Structure):
+class kvm_tdx_init_mem_region(_Structure):
     """struct kvm_tdx_init_mem_region (asm/kvm.h:1045), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     source_addr: int
     gpa: int
     nr_pages: int
 
 
-class kvm_userspace_memory_region(ctypes.Structure):
+class kvm_userspace_memory_region(_Structure):
     """struct kvm_userspace_memory_region (linux/kvm.h:27), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     slot: int
     flags: int
     guest_phys_addr: int
@@ -1861,9 +1960,10 @@ class kvm_userspace_memory_region(ctypes.Structure):
     userspace_addr: int
 
 
-class kvm_userspace_memory_region2(ctypes.Structure):
+class kvm_userspace_memory_region2(_Structure):
     """struct kvm_userspace_memory_region2 (linux/kvm.h:36), 160 bytes."""
 
+    __slots__ = ()   # see _Structure
     slot: int
     flags: int
     guest_phys_addr: int
@@ -1875,64 +1975,72 @@ class kvm_userspace_memory_region2(ctypes.Structure):
     pad2: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_irq_level(ctypes.Structure):
+class kvm_irq_level(_Structure):
     """struct kvm_irq_level (linux/kvm.h:58), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     irq: int
     status: int
     level: int
 
 
-class kvm_irq_level_u(ctypes.Union):
+class kvm_irq_level_u(_Union):
     """anonymous union in kvm_irq_level (linux/kvm.h:65), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     irq: int
     status: int
 
 
-class kvm_irqchip(ctypes.Structure):
+class kvm_irqchip(_Structure):
     """struct kvm_irqchip (linux/kvm.h:73), 520 bytes."""
 
+    __slots__ = ()   # see _Structure
     chip_id: int
     pad: int
     chip: kvm_irqchip_chip
 
 
-class kvm_irqchip_chip(ctypes.Union):
+class kvm_irqchip_chip(_Union):
     """anonymous union in kvm_irqchip (linux/kvm.h:76), 512 bytes."""
 
+    __slots__ = ()   # see _Structure
     dummy: bytes
     pic: kvm_pic_state
     ioapic: kvm_ioapic_state
 
 
-class kvm_pit_config(ctypes.Structure):
+class kvm_pit_config(_Structure):
     """struct kvm_pit_config (linux/kvm.h:88), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     pad: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_hyperv_exit(ctypes.Structure):
+class kvm_hyperv_exit(_Structure):
     """struct kvm_hyperv_exit (linux/kvm.h:95), 56 bytes."""
 
+    __slots__ = ()   # see _Structure
     type: int
     pad1: int
     u: kvm_hyperv_exit_u
 
 
-class kvm_hyperv_exit_u(ctypes.Union):
+class kvm_hyperv_exit_u(_Union):
     """anonymous union in kvm_hyperv_exit (linux/kvm.h:101), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     synic: kvm_hyperv_exit_synic
     hcall: kvm_hyperv_exit_hcall
     syndbg: kvm_hyperv_exit_syndbg
 
 
-class kvm_hyperv_exit_synic(ctypes.Structure):
+class kvm_hyperv_exit_synic(_Structure):
     """anonymous struct in kvm_hyperv_exit (linux/kvm.h:102), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     msr: int
     pad2: int
     control: int
@@ -1940,17 +2048,19 @@ class kvm_hyperv_exit_synic(ctypes.Structure):
     msg_page: int
 
 
-class kvm_hyperv_exit_hcall(ctypes.Structure):
+class kvm_hyperv_exit_hcall(_Structure):
     """anonymous struct in kvm_hyperv_exit (linux/kvm.h:109), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     input: int
     result: int
     params: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_hyperv_exit_syndbg(ctypes.Structure):
+class kvm_hyperv_exit_syndbg(_Structure):
     """anonymous struct in kvm_hyperv_exit (linux/kvm.h:114), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     msr: int
     pad2: int
     control: int
@@ -1960,22 +2070,25 @@ class kvm_hyperv_exit_syndbg(ctypes.Structure):
     pending_page: int
 
 
-class kvm_xen_exit(ctypes.Structure):
+class kvm_xen_exit(_Structure):
     """struct kvm_xen_exit (linux/kvm.h:126), 80 bytes."""
 
+    __slots__ = ()   # see _Structure
     type: int
     u: kvm_xen_exit_u
 
 
-class kvm_xen_exit_u(ctypes.Union):
+class kvm_xen_exit_u(_Union):
     """anonymous union in kvm_xen_exit (linux/kvm.h:129), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     hcall: kvm_xen_exit_hcall
 
 
-class kvm_xen_exit_hcall(ctypes.Structure):
+class kvm_xen_exit_hcall(_Structure):
     """anonymous struct in kvm_xen_exit (linux/kvm.h:130), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     longmode: int
     cpl: int
     input: int
@@ -1983,17 +2096,19 @@ class kvm_xen_exit_hcall(ctypes.Structure):
     params: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_exit_snp_req_certs(ctypes.Structure):
+class kvm_exit_snp_req_certs(_Structure):
     """struct kvm_exit_snp_req_certs (linux/kvm.h:140), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     gpa: int
     npages: int
     ret: int
 
 
-class kvm_run(ctypes.Structure):
+class kvm_run(_Structure):
     """struct kvm_run (linux/kvm.h:217), 2352 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     request_interrupt_window: int
     immediate_exit: int
@@ -2043,9 +2158,10 @@ class kvm_run(ctypes.Structure):
     s: kvm_run_s2
 
 
-class kvm_run_u(ctypes.Union):
+class kvm_run_u(_Union):
     """anonymous union in kvm_run (linux/kvm.h:238), 256 bytes."""
 
+    __slots__ = ()   # see _Structure
     hw: kvm_run_hw
     fail_entry: kvm_run_fail_entry
     ex: kvm_run_ex
@@ -2082,29 +2198,33 @@ class kvm_run_u(ctypes.Union):
     padding: bytes
 
 
-class kvm_run_hw(ctypes.Structure):
+class kvm_run_hw(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:240), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     hardware_exit_reason: int
 
 
-class kvm_run_fail_entry(ctypes.Structure):
+class kvm_run_fail_entry(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:244), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     hardware_entry_failure_reason: int
     cpu: int
 
 
-class kvm_run_ex(ctypes.Structure):
+class kvm_run_ex(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:249), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     exception: int
     error_code: int
 
 
-class kvm_run_io(ctypes.Structure):
+class kvm_run_io(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:254), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     direction: int
     size: int
     port: int
@@ -2112,33 +2232,37 @@ class kvm_run_io(ctypes.Structure):
     data_offset: int
 
 
-class kvm_run_debug(ctypes.Structure):
+class kvm_run_debug(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:264), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     arch: kvm_debug_exit_arch
 
 
-class kvm_run_mmio(ctypes.Structure):
+class kvm_run_mmio(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:268), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     phys_addr: int
     data: ctypes.Array[ctypes.c_uint8]
     len: int
     is_write: int
 
 
-class kvm_run_iocsr_io(ctypes.Structure):
+class kvm_run_iocsr_io(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:275), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     phys_addr: int
     data: ctypes.Array[ctypes.c_uint8]
     len: int
     is_write: int
 
 
-class kvm_run_hypercall(ctypes.Structure):
+class kvm_run_hypercall(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:282), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     nr: int
     args: ctypes.Array[ctypes.c_uint64]
@@ -2147,55 +2271,62 @@ class kvm_run_hypercall(ctypes.Structure):
     flags: int
 
 
-class kvm_run_u2(ctypes.Union):
+class kvm_run_u2(_Union):
     """anonymous union in kvm_run (linux/kvm.h:287), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     longmode: int
     flags: int
 
 
-class kvm_run_tpr_access(ctypes.Structure):
+class kvm_run_tpr_access(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:293), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     rip: int
     is_write: int
     pad: int
 
 
-class kvm_run_s390_sieic(ctypes.Structure):
+class kvm_run_s390_sieic(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:299), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     icptcode: int
     ipa: int
     ipb: int
 
 
-class kvm_run_s390_ucontrol(ctypes.Structure):
+class kvm_run_s390_ucontrol(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:307), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     trans_exc_code: int
     pgm_code: int
 
 
-class kvm_run_dcr(ctypes.Structure):
+class kvm_run_dcr(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:312), 12 bytes."""
 
+    __slots__ = ()   # see _Structure
     dcrn: int
     data: int
     is_write: int
 
 
-class kvm_run_internal(ctypes.Structure):
+class kvm_run_internal(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:318), 136 bytes."""
 
+    __slots__ = ()   # see _Structure
     suberror: int
     ndata: int
     data: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_emulation_failure(ctypes.Structure):
+class kvm_run_emulation_failure(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:341), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     suberror: int
     ndata: int
@@ -2204,38 +2335,43 @@ class kvm_run_emulation_failure(ctypes.Structure):
     insn_bytes: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_run_u3(ctypes.Union):
+class kvm_run_u3(_Union):
     """anonymous union in kvm_run (linux/kvm.h:345), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     insn_size: int
     insn_bytes: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_run_s(ctypes.Structure):
+class kvm_run_s(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:346), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     insn_size: int
     insn_bytes: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_run_osi(ctypes.Structure):
+class kvm_run_osi(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:354), 256 bytes."""
 
+    __slots__ = ()   # see _Structure
     gprs: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_papr_hcall(ctypes.Structure):
+class kvm_run_papr_hcall(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:358), 88 bytes."""
 
+    __slots__ = ()   # see _Structure
     nr: int
     ret: int
     args: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_s390_tsch(ctypes.Structure):
+class kvm_run_s390_tsch(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:364), 20 bytes."""
 
+    __slots__ = ()   # see _Structure
     subchannel_id: int
     subchannel_nr: int
     io_int_parm: int
@@ -2244,15 +2380,17 @@ class kvm_run_s390_tsch(ctypes.Structure):
     dequeued: int
 
 
-class kvm_run_epr(ctypes.Structure):
+class kvm_run_epr(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:373), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     epr: int
 
 
-class kvm_run_system_event(ctypes.Structure):
+class kvm_run_system_event(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:377), 136 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     type: int
     ndata: int
@@ -2260,16 +2398,18 @@ class kvm_run_system_event(ctypes.Structure):
     data: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_u4(ctypes.Union):
+class kvm_run_u4(_Union):
     """anonymous union in kvm_run (linux/kvm.h:387), 128 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     data: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_s390_stsi(ctypes.Structure):
+class kvm_run_s390_stsi(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:393), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     addr: int
     ar: int
     reserved: int
@@ -2278,22 +2418,25 @@ class kvm_run_s390_stsi(ctypes.Structure):
     sel2: int
 
 
-class kvm_run_eoi(ctypes.Structure):
+class kvm_run_eoi(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:402), 1 bytes."""
 
+    __slots__ = ()   # see _Structure
     vector: int
 
 
-class kvm_run_arm_nisv(ctypes.Structure):
+class kvm_run_arm_nisv(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:408), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     esr_iss: int
     fault_ipa: int
 
 
-class kvm_run_msr(ctypes.Structure):
+class kvm_run_msr(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:413), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     error: int
     pad: ctypes.Array[ctypes.c_uint8]
     reason: int
@@ -2301,41 +2444,46 @@ class kvm_run_msr(ctypes.Structure):
     data: int
 
 
-class kvm_run_riscv_sbi(ctypes.Structure):
+class kvm_run_riscv_sbi(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:429), 80 bytes."""
 
+    __slots__ = ()   # see _Structure
     extension_id: int
     function_id: int
     args: ctypes.Array[ctypes.c_uint64]
     ret: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_riscv_csr(ctypes.Structure):
+class kvm_run_riscv_csr(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:436), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     csr_num: int
     new_value: int
     write_mask: int
     ret_value: int
 
 
-class kvm_run_notify(ctypes.Structure):
+class kvm_run_notify(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:443), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
 
 
-class kvm_run_memory_fault(ctypes.Structure):
+class kvm_run_memory_fault(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:448), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     gpa: int
     size: int
 
 
-class kvm_run_tdx(ctypes.Structure):
+class kvm_run_tdx(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:455), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     flags: int
     nr: int
@@ -2345,33 +2493,37 @@ class kvm_run_tdx(ctypes.Structure):
     setup_event_notify: kvm_run_setup_event_notify
 
 
-class kvm_run_u5(ctypes.Union):
+class kvm_run_u5(_Union):
     """anonymous union in kvm_run (linux/kvm.h:458), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     unknown: kvm_run_unknown
     get_quote: kvm_run_get_quote
     get_tdvmcall_info: kvm_run_get_tdvmcall_info
     setup_event_notify: kvm_run_setup_event_notify
 
 
-class kvm_run_unknown(ctypes.Structure):
+class kvm_run_unknown(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:459), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     ret: int
     data: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_run_get_quote(ctypes.Structure):
+class kvm_run_get_quote(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:463), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     ret: int
     gpa: int
     size: int
 
 
-class kvm_run_get_tdvmcall_info(ctypes.Structure):
+class kvm_run_get_tdvmcall_info(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:468), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     ret: int
     leaf: int
     r11: int
@@ -2380,32 +2532,36 @@ class kvm_run_get_tdvmcall_info(ctypes.Structure):
     r14: int
 
 
-class kvm_run_setup_event_notify(ctypes.Structure):
+class kvm_run_setup_event_notify(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:473), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     ret: int
     vector: int
 
 
-class kvm_run_arm_sea(ctypes.Structure):
+class kvm_run_arm_sea(_Structure):
     """anonymous struct in kvm_run (linux/kvm.h:480), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     esr: int
     gva: int
     gpa: int
 
 
-class kvm_run_s2(ctypes.Union):
+class kvm_run_s2(_Union):
     """anonymous union in kvm_run (linux/kvm.h:506), 2048 bytes."""
 
+    __slots__ = ()   # see _Structure
     regs: kvm_sync_regs
     padding: bytes
 
 
-class kvm_coalesced_mmio_zone(ctypes.Structure):
+class kvm_coalesced_mmio_zone(_Structure):
     """struct kvm_coalesced_mmio_zone (linux/kvm.h:514), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     addr: int
     size: int
@@ -2413,16 +2569,18 @@ class kvm_coalesced_mmio_zone(ctypes.Structure):
     pio: int
 
 
-class kvm_coalesced_mmio_zone_u(ctypes.Union):
+class kvm_coalesced_mmio_zone_u(_Union):
     """anonymous union in kvm_coalesced_mmio_zone (linux/kvm.h:517), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     pad: int
     pio: int
 
 
-class kvm_coalesced_mmio(ctypes.Structure):
+class kvm_coalesced_mmio(_Structure):
     """struct kvm_coalesced_mmio (linux/kvm.h:523), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     phys_addr: int
     len: int
@@ -2431,9 +2589,10 @@ class kvm_coalesced_mmio(ctypes.Structure):
     data: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_coalesced_mmio_u(ctypes.Union):
+class kvm_coalesced_mmio_u(_Union):
     """anonymous union in kvm_coalesced_mmio (linux/kvm.h:526), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     pad: int
     pio: int
 
@@ -2441,6 +2600,7 @@ class kvm_coalesced_mmio_u(ctypes.Union):
 class kvm_coalesced_mmio_ring(_FlexibleStructure["kvm_coalesced_mmio"]):
     """struct kvm_coalesced_mmio_ring (linux/kvm.h:533), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "coalesced_mmio"
     first: int
@@ -2450,22 +2610,25 @@ class kvm_coalesced_mmio_ring(_FlexibleStructure["kvm_coalesced_mmio"]):
         __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
 
 
-class kvm_coalesced_mmio_ring_s(ctypes.Structure):
+class kvm_coalesced_mmio_ring_s(_Structure):
     """anonymous struct in kvm_coalesced_mmio_ring (linux/kvm.h:535), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     coalesced_mmio: ctypes.Array[kvm_coalesced_mmio]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_coalesced_mmio_ring_s__x
         __empty_coalesced_mmio: kvm_coalesced_mmio_ring___empty_coalesced_mmio
 
 
-class kvm_coalesced_mmio_ring___empty_coalesced_mmio(ctypes.Structure):
+class kvm_coalesced_mmio_ring___empty_coalesced_mmio(_Structure):
     """anonymous struct in kvm_coalesced_mmio_ring (linux/kvm.h:535), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_translation(ctypes.Structure):
+class kvm_translation(_Structure):
     """struct kvm_translation (linux/kvm.h:543), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     linear_address: int
     physical_address: int
     valid: int
@@ -2474,15 +2637,17 @@ class kvm_translation(ctypes.Structure):
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_interrupt(ctypes.Structure):
+class kvm_interrupt(_Structure):
     """struct kvm_interrupt (linux/kvm.h:556), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     irq: int
 
 
-class kvm_dirty_log(ctypes.Structure):
+class kvm_dirty_log(_Structure):
     """struct kvm_dirty_log (linux/kvm.h:562), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     slot: int
     padding1: int
@@ -2490,16 +2655,18 @@ class kvm_dirty_log(ctypes.Structure):
     padding2: int
 
 
-class kvm_dirty_log_u(ctypes.Union):
+class kvm_dirty_log_u(_Union):
     """anonymous union in kvm_dirty_log (linux/kvm.h:565), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     dirty_bitmap: int | None
     padding2: int
 
 
-class kvm_clear_dirty_log(ctypes.Structure):
+class kvm_clear_dirty_log(_Structure):
     """struct kvm_clear_dirty_log (linux/kvm.h:572), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     slot: int
     num_pages: int
@@ -2508,9 +2675,10 @@ class kvm_clear_dirty_log(ctypes.Structure):
     padding2: int
 
 
-class kvm_clear_dirty_log_u(ctypes.Union):
+class kvm_clear_dirty_log_u(_Union):
     """anonymous union in kvm_clear_dirty_log (linux/kvm.h:576), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     dirty_bitmap: int | None
     padding2: int
 
@@ -2518,6 +2686,7 @@ class kvm_clear_dirty_log_u(ctypes.Union):
 class kvm_signal_mask(_FlexibleStructure[ctypes.c_uint8]):
     """struct kvm_signal_mask (linux/kvm.h:583), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "sigset"
     _flex_count_ = "len"
@@ -2527,50 +2696,57 @@ class kvm_signal_mask(_FlexibleStructure[ctypes.c_uint8]):
         __empty_sigset: kvm_signal_mask___empty_sigset
 
 
-class kvm_signal_mask_s(ctypes.Structure):
+class kvm_signal_mask_s(_Structure):
     """anonymous struct in kvm_signal_mask (linux/kvm.h:585), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     sigset: ctypes.Array[ctypes.c_uint8]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_signal_mask_s__x
         __empty_sigset: kvm_signal_mask___empty_sigset
 
 
-class kvm_signal_mask___empty_sigset(ctypes.Structure):
+class kvm_signal_mask___empty_sigset(_Structure):
     """anonymous struct in kvm_signal_mask (linux/kvm.h:585), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_tpr_access_ctl(ctypes.Structure):
+class kvm_tpr_access_ctl(_Structure):
     """struct kvm_tpr_access_ctl (linux/kvm.h:589), 40 bytes."""
 
+    __slots__ = ()   # see _Structure
     enabled: int
     flags: int
     reserved: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_vapic_addr(ctypes.Structure):
+class kvm_vapic_addr(_Structure):
     """struct kvm_vapic_addr (linux/kvm.h:596), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     vapic_addr: int
 
 
-class kvm_mp_state(ctypes.Structure):
+class kvm_mp_state(_Structure):
     """struct kvm_mp_state (linux/kvm.h:615), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     mp_state: int
 
 
-class kvm_guest_debug(ctypes.Structure):
+class kvm_guest_debug(_Structure):
     """struct kvm_guest_debug (linux/kvm.h:624), 72 bytes."""
 
+    __slots__ = ()   # see _Structure
     control: int
     pad: int
     arch: kvm_guest_debug_arch
 
 
-class kvm_ioeventfd(ctypes.Structure):
+class kvm_ioeventfd(_Structure):
     """struct kvm_ioeventfd (linux/kvm.h:647), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     datamatch: int
     addr: int
     len: int
@@ -2579,25 +2755,28 @@ class kvm_ioeventfd(ctypes.Structure):
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_enable_cap(ctypes.Structure):
+class kvm_enable_cap(_Structure):
     """struct kvm_enable_cap (linux/kvm.h:663), 104 bytes."""
 
+    __slots__ = ()   # see _Structure
     cap: int
     flags: int
     args: ctypes.Array[ctypes.c_uint64]
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_irq_routing_irqchip(ctypes.Structure):
+class kvm_irq_routing_irqchip(_Structure):
     """struct kvm_irq_routing_irqchip (linux/kvm.h:990), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     irqchip: int
     pin: int
 
 
-class kvm_irq_routing_msi(ctypes.Structure):
+class kvm_irq_routing_msi(_Structure):
     """struct kvm_irq_routing_msi (linux/kvm.h:995), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     address_lo: int
     address_hi: int
@@ -2606,16 +2785,18 @@ class kvm_irq_routing_msi(ctypes.Structure):
     devid: int
 
 
-class kvm_irq_routing_msi_u(ctypes.Union):
+class kvm_irq_routing_msi_u(_Union):
     """anonymous union in kvm_irq_routing_msi (linux/kvm.h:999), 4 bytes."""
 
+    __slots__ = ()   # see _Structure
     pad: int
     devid: int
 
 
-class kvm_irq_routing_s390_adapter(ctypes.Structure):
+class kvm_irq_routing_s390_adapter(_Structure):
     """struct kvm_irq_routing_s390_adapter (linux/kvm.h:1005), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     ind_addr: int
     summary_addr: int
     ind_offset: int
@@ -2623,24 +2804,27 @@ class kvm_irq_routing_s390_adapter(ctypes.Structure):
     adapter_id: int
 
 
-class kvm_irq_routing_hv_sint(ctypes.Structure):
+class kvm_irq_routing_hv_sint(_Structure):
     """struct kvm_irq_routing_hv_sint (linux/kvm.h:1013), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     vcpu: int
     sint: int
 
 
-class kvm_irq_routing_xen_evtchn(ctypes.Structure):
+class kvm_irq_routing_xen_evtchn(_Structure):
     """struct kvm_irq_routing_xen_evtchn (linux/kvm.h:1018), 12 bytes."""
 
+    __slots__ = ()   # see _Structure
     port: int
     vcpu: int
     priority: int
 
 
-class kvm_irq_routing_entry(ctypes.Structure):
+class kvm_irq_routing_entry(_Structure):
     """struct kvm_irq_routing_entry (linux/kvm.h:1033), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     gsi: int
     type: int
     flags: int
@@ -2648,9 +2832,10 @@ class kvm_irq_routing_entry(ctypes.Structure):
     u: kvm_irq_routing_entry_u
 
 
-class kvm_irq_routing_entry_u(ctypes.Union):
+class kvm_irq_routing_entry_u(_Union):
     """anonymous union in kvm_irq_routing_entry (linux/kvm.h:1038), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     irqchip: kvm_irq_routing_irqchip
     msi: kvm_irq_routing_msi
     adapter: kvm_irq_routing_s390_adapter
@@ -2662,6 +2847,7 @@ class kvm_irq_routing_entry_u(ctypes.Union):
 class kvm_irq_routing(_FlexibleStructure["kvm_irq_routing_entry"]):
     """struct kvm_irq_routing (linux/kvm.h:1048), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "entries"
     _flex_count_ = "nr"
@@ -2672,22 +2858,25 @@ class kvm_irq_routing(_FlexibleStructure["kvm_irq_routing_entry"]):
         __empty_entries: kvm_irq_routing___empty_entries
 
 
-class kvm_irq_routing_s(ctypes.Structure):
+class kvm_irq_routing_s(_Structure):
     """anonymous struct in kvm_irq_routing (linux/kvm.h:1051), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     entries: ctypes.Array[kvm_irq_routing_entry]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_irq_routing_s__x
         __empty_entries: kvm_irq_routing___empty_entries
 
 
-class kvm_irq_routing___empty_entries(ctypes.Structure):
+class kvm_irq_routing___empty_entries(_Structure):
     """anonymous struct in kvm_irq_routing (linux/kvm.h:1051), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_irqfd(ctypes.Structure):
+class kvm_irqfd(_Structure):
     """struct kvm_irqfd (linux/kvm.h:1064), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     fd: int
     gsi: int
     flags: int
@@ -2695,9 +2884,10 @@ class kvm_irqfd(ctypes.Structure):
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_clock_data(ctypes.Structure):
+class kvm_clock_data(_Structure):
     """struct kvm_clock_data (linux/kvm.h:1079), 48 bytes."""
 
+    __slots__ = ()   # see _Structure
     clock: int
     flags: int
     pad0: int
@@ -2706,18 +2896,20 @@ class kvm_clock_data(ctypes.Structure):
     pad: ctypes.Array[ctypes.c_uint32]
 
 
-class kvm_config_tlb(ctypes.Structure):
+class kvm_config_tlb(_Structure):
     """struct kvm_config_tlb (linux/kvm.h:1093), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     params: int
     array: int
     mmu_type: int
     array_len: int
 
 
-class kvm_dirty_tlb(ctypes.Structure):
+class kvm_dirty_tlb(_Structure):
     """struct kvm_dirty_tlb (linux/kvm.h:1100), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     bitmap: int
     num_dirty: int
 
@@ -2725,6 +2917,7 @@ class kvm_dirty_tlb(ctypes.Structure):
 class kvm_reg_list(_FlexibleStructure[ctypes.c_uint64]):
     """struct kvm_reg_list (linux/kvm.h:1140), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "reg"
     _flex_count_ = "n"
@@ -2734,29 +2927,33 @@ class kvm_reg_list(_FlexibleStructure[ctypes.c_uint64]):
         __empty_reg: kvm_reg_list___empty_reg
 
 
-class kvm_reg_list_s(ctypes.Structure):
+class kvm_reg_list_s(_Structure):
     """anonymous struct in kvm_reg_list (linux/kvm.h:1142), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     reg: ctypes.Array[ctypes.c_uint64]
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_reg_list_s__x
         __empty_reg: kvm_reg_list___empty_reg
 
 
-class kvm_reg_list___empty_reg(ctypes.Structure):
+class kvm_reg_list___empty_reg(_Structure):
     """anonymous struct in kvm_reg_list (linux/kvm.h:1142), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_one_reg(ctypes.Structure):
+class kvm_one_reg(_Structure):
     """struct kvm_one_reg (linux/kvm.h:1145), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     id: int
     addr: int
 
 
-class kvm_msi(ctypes.Structure):
+class kvm_msi(_Structure):
     """struct kvm_msi (linux/kvm.h:1151), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     address_lo: int
     address_hi: int
     data: int
@@ -2765,64 +2962,72 @@ class kvm_msi(ctypes.Structure):
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_arm_device_addr(ctypes.Structure):
+class kvm_arm_device_addr(_Structure):
     """struct kvm_arm_device_addr (linux/kvm.h:1160), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     id: int
     addr: int
 
 
-class kvm_create_device(ctypes.Structure):
+class kvm_create_device(_Structure):
     """struct kvm_create_device (linux/kvm.h:1170), 12 bytes."""
 
+    __slots__ = ()   # see _Structure
     type: int
     fd: int
     flags: int
 
 
-class kvm_device_attr(ctypes.Structure):
+class kvm_device_attr(_Structure):
     """struct kvm_device_attr (linux/kvm.h:1176), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     group: int
     attr: int
     addr: int
 
 
-class kvm_vfio_spapr_tce(ctypes.Structure):
+class kvm_vfio_spapr_tce(_Structure):
     """struct kvm_vfio_spapr_tce (linux/kvm.h:1233), 8 bytes."""
 
+    __slots__ = ()   # see _Structure
     groupfd: int
     tablefd: int
 
 
-class kvm_s390_keyop(ctypes.Structure):
+class kvm_s390_keyop(_Structure):
     """struct kvm_s390_keyop (linux/kvm.h:1241), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     guest_addr: int
     key: int
     operation: int
     pad: ctypes.Array[ctypes.c_uint8]
 
 
-class kvm_enc_region(ctypes.Structure):
+class kvm_enc_region(_Structure):
     """struct kvm_enc_region (linux/kvm.h:1431), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     addr: int
     size: int
 
 
-class kvm_dirty_gfn(ctypes.Structure):
+class kvm_dirty_gfn(_Structure):
     """struct kvm_dirty_gfn (linux/kvm.h:1527), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     slot: int
     offset: int
 
 
-class kvm_stats_header(ctypes.Structure):
+class kvm_stats_header(_Structure):
     """struct kvm_stats_header (linux/kvm.h:1557), 24 bytes."""
 
+    __slots__ = ()   # see _Structure
     flags: int
     name_size: int
     num_desc: int
@@ -2834,6 +3039,7 @@ class kvm_stats_header(ctypes.Structure):
 class kvm_stats_desc(_FlexibleStructure[ctypes.c_char]):
     """struct kvm_stats_desc (linux/kvm.h:1603), 16 bytes."""
 
+    __slots__ = ()   # see _Structure
     _anonymous_ = ("_anon0", )
     _flex_field_ = "name"
     flags: int
@@ -2846,39 +3052,44 @@ class kvm_stats_desc(_FlexibleStructure[ctypes.c_char]):
         __empty_name: kvm_stats_desc___empty_name
 
 
-class kvm_stats_desc_s(ctypes.Structure):
+class kvm_stats_desc_s(_Structure):
     """anonymous struct in kvm_stats_desc (linux/kvm.h:1609), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
     name: bytes
     if TYPE_CHECKING:   # in a class body Python would mangle __x to _kvm_stats_desc_s__x
         __empty_name: kvm_stats_desc___empty_name
 
 
-class kvm_stats_desc___empty_name(ctypes.Structure):
+class kvm_stats_desc___empty_name(_Structure):
     """anonymous struct in kvm_stats_desc (linux/kvm.h:1609), 0 bytes."""
 
+    __slots__ = ()   # see _Structure
 
 
-class kvm_memory_attributes(ctypes.Structure):
+class kvm_memory_attributes(_Structure):
     """struct kvm_memory_attributes (linux/kvm.h:1630), 32 bytes."""
 
+    __slots__ = ()   # see _Structure
     address: int
     size: int
     attributes: int
     flags: int
 
 
-class kvm_create_guest_memfd(ctypes.Structure):
+class kvm_create_guest_memfd(_Structure):
     """struct kvm_create_guest_memfd (linux/kvm.h:1643), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     size: int
     flags: int
     reserved: ctypes.Array[ctypes.c_uint64]
 
 
-class kvm_pre_fault_memory(ctypes.Structure):
+class kvm_pre_fault_memory(_Structure):
     """struct kvm_pre_fault_memory (linux/kvm.h:1651), 64 bytes."""
 
+    __slots__ = ()   # see _Structure
     gpa: int
     size: int
     flags: int
