@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _requests, abi
@@ -332,6 +332,24 @@ class Vcpu(DeviceAttributes):
         regs = abi.kvm_reg_list.alloc(probe.n)
         self.ioctl(abi.KVM_GET_REG_LIST, regs)
         return [int(r) for r in regs.flex_array()]
+
+    def get_registers(self) -> dict[int, int]:
+        """Every register KVM_GET_REG_LIST names -> {ONE_REG id: value}, each read with
+        KVM_GET_ONE_REG at the size its id encodes: the vCPU's state as ONE_REG sees it
+        (on arm64 after vcpu_init(), and finalize() for SVE)."""
+        return {reg: self.get_one_reg(reg) for reg in self.get_reg_list()}
+
+    def set_registers(self, values: Mapping[int, int]) -> None:
+        """KVM_SET_ONE_REG for each {ONE_REG id: value}, in order (what get_registers()
+        returned restores the state); a refusal names the register."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"set_registers() takes a mapping of register id to value, not "
+                            f"{type(values).__name__}")
+        for reg, value in values.items():
+            try:
+                self.set_one_reg(reg, value)
+            except KvmError as e:
+                raise KvmError("KVM_SET_ONE_REG", e.errno or 0, f"register {reg:#x}") from None
 
     def set_signal_mask(self, signals: Iterable[int] | None) -> None:
         """KVM_SET_SIGNAL_MASK: signals blocked while the guest runs (None: use the thread's).

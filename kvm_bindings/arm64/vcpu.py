@@ -9,12 +9,11 @@ this module is imported.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .._layout import check_field, check_int, expect, fill
 from ..abi import arm64 as abi
-from ..errors import KvmError
 from ..vcpu import Vcpu
 from .regs import core_reg
 
@@ -65,22 +64,6 @@ class Arm64Vcpu(Vcpu):
         """Set a core register by name ("pc", "x0", ...; see arm64.core_reg)."""
         self.set_one_reg(core_reg(name), value)
 
-    def get_registers(self) -> dict[int, int]:
-        """Every register KVM_GET_REG_LIST names -> {ONE_REG id: value}, each read with
-        KVM_GET_ONE_REG at the size its id encodes (after vcpu_init(), and finalize() for SVE)."""
-        return {reg: self.get_one_reg(reg) for reg in self.get_reg_list()}
-
-    def set_registers(self, values: Mapping[int, int]) -> None:
-        """KVM_SET_ONE_REG for each {ONE_REG id: value}, in order (what get_registers()
-        returned restores the state); a refusal names the register."""
-        if not isinstance(values, Mapping):
-            raise TypeError(f"set_registers() takes a mapping of register id to value, not "
-                            f"{type(values).__name__}")
-        for reg, value in values.items():
-            try:
-                self.set_one_reg(reg, value)
-            except KvmError as e:
-                raise KvmError("KVM_SET_ONE_REG", e.errno or 0, f"register {reg:#x}") from None
 
     # -- events and debug
     def get_vcpu_events(self) -> abi.kvm_vcpu_events:
