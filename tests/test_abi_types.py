@@ -507,3 +507,24 @@ def test_pyright_told_nothing_reads_x86_64s_types(tmp_path):
     # riscv64 has gets through; a name every arch has is x86_64's, the default's (the
     # docstring tells pyright users to give every constant)
     check_pyright_picks(*_pyright(tmp_path, None), "x86_64", exclusive=False)
+
+
+def test_a_pickle_whose_bytes_outgrow_the_room_it_asks_for_is_refused():
+    # Copying them would run past the buffer alloc() made (found by an adversarial pass:
+    # a tampered pickle crashed the interpreter).
+    from kvm_bindings.abi import _support
+    with pytest.raises(ValueError, match="do not fit"):
+        _support._rebuild(x86_64.kvm_msrs, b"A" * (1 << 20), 0)
+    good = x86_64.kvm_msrs.alloc(3)
+    assert bytes(_support._rebuild(x86_64.kvm_msrs, bytes(good) + bytes(48), 3)) == bytes(good)
+
+
+class _MyRegs(x86_64.kvm_regs):
+    """A user's subclass: it has a __dict__ again, which a pickle must keep."""
+
+
+def test_a_users_subclass_pickles_with_its_own_attributes():
+    regs = _MyRegs()
+    regs.rip, regs.note = 0x1234, "mine"
+    for clone in (pickle.loads(pickle.dumps(regs)), copy.deepcopy(regs), copy.copy(regs)):
+        assert type(clone) is _MyRegs and clone.rip == 0x1234 and clone.note == "mine"

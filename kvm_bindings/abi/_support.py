@@ -33,21 +33,36 @@ def _has_pointers(ctype: type) -> bool:
 
 
 def _reduce(obj: ctypes.Structure | ctypes.Union, data: bytes,
-            *extra: object) -> tuple[Any, tuple[Any, ...]]:
+            *extra: int) -> tuple[Any, ...]:
     # ctypes' own __reduce__ pickles the instance __dict__, which these classes do not have
     # (their __slots__ turn a misspelt field into an AttributeError); its refusal of
-    # addresses, which mean nothing in another process, is kept.
+    # addresses, which mean nothing in another process, is kept. A user's subclass may have
+    # a __dict__ again: it goes along as the pickle's state.
     if _has_pointers(type(obj)):
         raise ValueError("ctypes objects containing pointers cannot be pickled")
+    state = getattr(obj, "__dict__", None)
+    if state:
+        return _rebuild, (type(obj), data, extra[0] if extra else None, dict(state))
     return _rebuild, (type(obj), data, *extra)
 
 
 def _rebuild(cls: type[ctypes.Structure | ctypes.Union], data: bytes,
-             capacity: int | None = None) -> ctypes.Structure | ctypes.Union:
-    """What unpickling and copy.copy() call: a new instance holding these bytes."""
+             capacity: int | None = None,
+             state: dict[str, Any] | None = None) -> ctypes.Structure | ctypes.Union:
+    """What unpickling and copy.copy() call: a new instance holding these bytes (and the
+    attributes of a user's subclass)."""
+    if state is not None:
+        made = _rebuild(cls, data, capacity)
+        made.__dict__.update(state)
+        return made
     if capacity is None:
         return cls.from_buffer_copy(data)
     obj = cast("type[_FlexibleStructure[_CData]]", cls).alloc(capacity)
+    if len(data) > obj.flex_nbytes:
+        # A pickle whose bytes outgrow the room it asks for (tampered with, or written with
+        # other headers): copying them would run past the buffer.
+        raise ValueError(f"{len(data)} bytes do not fit a {cls.__name__} with room for "
+                         f"{capacity} entries ({obj.flex_nbytes} bytes)")
     ctypes.memmove(ctypes.addressof(obj), data, len(data))
     return obj
 
@@ -59,7 +74,7 @@ class _Structure(ctypes.Structure):
 
     __slots__ = ()
 
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+    def __reduce__(self) -> tuple[Any, ...]:
         return _reduce(self, bytes(self))
 
 
@@ -68,7 +83,7 @@ class _Union(ctypes.Union):
 
     __slots__ = ()
 
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+    def __reduce__(self) -> tuple[Any, ...]:
         return _reduce(self, bytes(self))
 
 
@@ -105,7 +120,7 @@ class _FlexibleStructure(_Structure, Generic[_Entry]):
         except AttributeError:
             return 0
 
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+    def __reduce__(self) -> tuple[Any, ...]:
         # the entries too, and room for them
         return _reduce(self, ctypes.string_at(ctypes.addressof(self), self.flex_nbytes),
                        self.flex_capacity)
