@@ -29,6 +29,7 @@ import pytest
 
 from codegen import conformance, headers, pipeline
 from codegen.arches import get_arch
+from kvm_bindings.abi import x86_64
 
 from .conftest import ROOT
 
