@@ -61,6 +61,19 @@ class Unshareable:
                         f"its fd and mappings mean nothing in another process")
 
 
+def close_unclosed(obj: Any) -> None:
+    """What __del__ does with an object nobody closed: warn, and close it whatever the
+    warning filters do. Under an "error" filter the warning is an exception, and skipping
+    the close then would leave a slot pointing at memory the collector unmaps next."""
+    try:
+        warnings.warn(f"unclosed {obj!r}", ResourceWarning, stacklevel=3, source=obj)
+    finally:
+        try:
+            obj.close()
+        except Exception:
+            pass
+
+
 class FdObject(Unshareable):
     """Something that owns one fd: closes it exactly once, refuses use after close, warns if leaked.
 
@@ -203,11 +216,7 @@ class FdObject(Unshareable):
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
-            try:
-                self.close()
-            except Exception:
-                pass
+            close_unclosed(self)
 
     def __repr__(self) -> str:
         state = "closed" if getattr(self, "_closing", True) else f"fd={self._fd}"

@@ -11,10 +11,9 @@ import operator
 import os
 import stat
 import threading
-import warnings
 from typing import TYPE_CHECKING, Any
 
-from ._fd import Unshareable
+from ._fd import Unshareable, close_unclosed
 from .errors import StaleHandleError
 
 if TYPE_CHECKING:
@@ -411,11 +410,7 @@ class Backing(Unshareable):
 
     def __del__(self) -> None:
         if not getattr(self, "_closing", True):
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
-            try:
-                self.close()
-            except Exception:
-                pass
+            close_unclosed(self)
 
     def __repr__(self) -> str:
         if getattr(self, "_closing", True):

@@ -1069,3 +1069,37 @@ def test_a_second_close_waits_for_the_first(vm, monkeypatch):
         t.join(10)
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_an_unclosed_vm_is_closed_by_the_collector_even_when_warnings_are_errors(kvm):
+    # Under an "error" warning filter (pytest -W error) the ResourceWarning is an exception:
+    # the close must still run, or the slot outlives the mapping the collector then unmaps
+    # (an adversarial pass had a guest write into memory mapped there afterwards).
+    child = _in_subprocess("""
+        import gc, os, warnings
+        warnings.simplefilter("error")
+        from kvm_bindings import Backing, Kvm
+        kvm = Kvm()
+        vm = kvm.create_vm()
+        vcpu = vm.create_vcpu(0)
+        backing = Backing.memfd(0x10000)
+        vm.add_memory(0, backing=backing)
+        vm.add_memory(0x10000, 0x10000)
+        def kvm_fds():
+            links = []
+            for n in os.listdir("/proc/self/fd"):
+                try:
+                    links.append(os.readlink(f"/proc/self/fd/{n}"))
+                except FileNotFoundError:       # the fd listdir itself used
+                    pass
+            return sorted(link for link in links if "kvm-" in link)
+        print("before", kvm_fds())
+        del vm, vcpu, backing
+        gc.collect()
+        print("after", kvm_fds())
+    """)
+    assert child.returncode == 0, child.stderr
+    before, after = child.stdout.splitlines()
+    assert "kvm-vm" in before and "kvm-vcpu" in before
+    assert after == "after []", child.stdout      # the VM and vCPU fds closed: no slot is left
+    assert "ResourceWarning" in child.stderr        # and the user still heard about it
