@@ -7,6 +7,7 @@ import errno
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,6 +39,14 @@ def arg_pointer(arg: Any, name: str = "the ioctl") -> int | None:
     if isinstance(arg, int):
         return check_int(arg, ctypes.c_ulong, f"the argument of {name}")
     return ctypes.addressof(arg)
+
+
+# Which open object owns each fd number, so that from_fd() can refuse one that is taken.
+_OWNERS: dict[int, weakref.ref[FdObject]] = {}
+
+
+def _nobody() -> None:
+    return None
 
 
 class Unshareable:
@@ -86,6 +95,7 @@ class FdObject(Unshareable):
         # The first thing every subclass does: from here on this object owns fd, and
         # a failure later in a constructor closes it through close(), exactly once.
         self._fd = fd
+        _OWNERS[fd] = weakref.ref(self)
         self._closing = False
         self._closed = False
         self._users = 0
@@ -93,14 +103,15 @@ class FdObject(Unshareable):
         self._close_lock = threading.Lock()
         self._children: list[FdObject] = []
 
-    def _adopt(self, child: FdObject) -> None:
+    def _adopt(self, child: FdObject, refused: Callable[[], None] | None = None) -> None:
         """Make child (a device, stats fd...) close with this object. A child made while this
-        object was being closed in another thread is closed at once instead of escaping."""
+        object was being closed in another thread is closed at once instead of escaping (or,
+        with refused, handed to that: from_fd() gives the fd back to its caller)."""
         with self._lock:
             if not self._closing:
                 self._children.append(child)
                 return
-        child.close()
+        (refused or child.close)()
         raise self._stale()
 
     def _close_children(self, keep: Callable[[FdObject], bool] = lambda child: False) -> None:
@@ -162,7 +173,21 @@ class FdObject(Unshareable):
         with self._lock:       # the fd is closed inside: an interruption cannot skip it
             self._users -= 1
             if self._closed and self._users == 0:
-                os.close(self._fd)
+                self._close_fd()
+
+    def _close_fd(self) -> None:
+        """The one os.close() of this object's fd (called holding _lock, once)."""
+        if _OWNERS.get(self._fd, _nobody)() is self:
+            del _OWNERS[self._fd]
+        os.close(self._fd)
+
+    def _disown(self) -> None:
+        """Let go of the fd without closing it: an adoption refused after the object was made
+        leaves the fd with the caller who passed it in."""
+        with self._lock:
+            self._closing = self._closed = True
+            if _OWNERS.get(self._fd, _nobody)() is self:
+                del _OWNERS[self._fd]
 
     def _raw_ioctl(self, number: int, ptr: int | None, name: str) -> int:
         """The ioctl itself, retried on EINTR; callers make sure the fd is still open."""
@@ -203,7 +228,7 @@ class FdObject(Unshareable):
             with self._lock:              # the fd is closed inside: nothing can skip it
                 self._closed = True
                 if self._users == 0:
-                    os.close(self._fd)
+                    self._close_fd()
         if pending is not None:
             raise pending
 
@@ -221,6 +246,15 @@ class FdObject(Unshareable):
     def __repr__(self) -> str:
         state = "closed" if getattr(self, "_closing", True) else f"fd={self._fd}"
         return f"<{type(self).__name__} {state}>"
+
+
+def check_unowned(fd: int) -> None:
+    """Refuse to adopt an fd an open object of this package owns already: both would close
+    it, and the second close would hit whatever file got the number in between."""
+    owner = _OWNERS.get(fd, _nobody)()
+    if owner is not None and not owner._closed:
+        raise ValueError(f"fd {fd} is owned by {owner!r}, which closes it: adopt a copy "
+                         f"(os.dup({fd})), or use that object")
 
 
 def anon_inode_name(fd: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import io
 import mmap
 import operator
@@ -172,8 +173,9 @@ class Backing(Unshareable):
               page_size: int | None = None) -> Backing:
         """size bytes of a memfd (memfd_create, MAP_SHARED), which another process can map too.
 
-        fileno() is the fd to pass (to vhost-user, a debugger). hugepages: MFD_HUGETLB, of
-        page_size (default: the host's default hugepage size).
+        fileno() is the fd to pass (to vhost-user, a debugger); it is sealed against
+        shrinking (F_SEAL_SHRINK), so no holder can pull pages from under the guest.
+        hugepages: MFD_HUGETLB, of page_size (default: the host's default hugepage size).
         """
         size = _positive(size, "size")
         flags = os.MFD_CLOEXEC
@@ -183,9 +185,13 @@ class Backing(Unshareable):
             flags |= os.MFD_HUGETLB | (page_size.bit_length() - 1) << _HUGE_SHIFT
         elif page_size is not None:
             raise ValueError("page_size= is the hugepage size: pass hugepages=True too")
-        fd = os.memfd_create(name, flags)
+        fd = os.memfd_create(name, flags | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # Sealed against shrinking: whoever holds the fd (another process) could otherwise
+            # cut pages from under the mapping, and touching them is SIGBUS: a crash of this
+            # interpreter on a plain vm.memory.read(). Growing stays allowed.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
             try:
                 mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=_READ_WRITE)
             except OSError as e:
@@ -207,7 +213,9 @@ class Backing(Unshareable):
         shared: MAP_SHARED, guest writes reach the file (it must be open for writing);
         shared=False: a private copy-on-write mapping (MAP_PRIVATE), the file never changes.
         An fd is duplicated, so the caller keeps its own. The mapping may not run past the
-        end of the file: touching it there would be SIGBUS, so grow the file first.
+        end of the file: touching it there would be SIGBUS, so grow the file first. For the
+        same reason nobody may truncate the file while it is mapped (a file cannot be sealed
+        as a memfd is): a host read of a page cut off kills the process with SIGBUS.
         """
         if isinstance(path_or_fd, bool) or not isinstance(path_or_fd, (int, str, os.PathLike)):
             raise TypeError(f"Backing.file() takes a path or an fd, not {type(path_or_fd).__name__}")

@@ -8,7 +8,7 @@ import mmap
 from typing import TYPE_CHECKING
 
 from . import abi
-from ._fd import FdObject, anon_inode_name, check_same_process
+from ._fd import FdObject, anon_inode_name, check_same_process, check_unowned
 from ._layout import check_int, fill
 from .errors import KvmError
 
@@ -92,7 +92,8 @@ class Device(DeviceAttributes):
         if kind == name or kind.startswith(("vm", "vcpu")):
             raise ValueError(f"fd {fd} is {name}, not a KVM device fd (anon_inode:kvm-<device>)")
         check_same_process(fd, "device")
+        check_unowned(fd)
         vm.fd  # noqa: B018 - a closed VM refuses before fd is taken
         dev = cls(vm, fd, device_type)
-        vm._adopt(dev)      # closed with the VM; if the VM closed just now, closed at once
-        return dev
+        vm._adopt(dev, refused=dev._disown)   # closed with the VM; if it closed just now, the
+        return dev                            # fd goes back to the caller, unclosed

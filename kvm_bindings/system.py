@@ -9,7 +9,7 @@ import stat
 from typing import ClassVar, TypeVar
 
 from . import abi
-from ._fd import CapabilityOwner, _ioctl, anon_inode_name
+from ._fd import CapabilityOwner, _ioctl, anon_inode_name, check_unowned
 from ._layout import check_int
 from .errors import KvmError, KvmUnavailable
 from .vm import Vm
@@ -59,6 +59,7 @@ class Kvm(CapabilityOwner):
         fd = check_int(fd, ctypes.c_int, "fd")
         path = anon_inode_name(fd)
         api_version = _check_kvm_fd(fd, f"fd {fd} ({path})")
+        check_unowned(fd)
         kvm = cls.__new__(cls)
         kvm._own_fd(fd, path, api_version)
         return kvm

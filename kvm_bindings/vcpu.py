@@ -11,7 +11,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _requests, abi
 from ._fd import _ioctl
@@ -113,10 +113,9 @@ class Vcpu(DeviceAttributes):
         VM is closed or the mapping fails, it raises and fd stays yours, open. That fd
         belongs to vm is the caller's word: the kernel cannot be asked.
         """
-        vcpu = vm._adopt_vcpu_fd(fd, vcpu_id)
-        if not isinstance(vcpu, cls):
-            raise TypeError(f"{vm!r} makes {type(vcpu).__name__} vCPUs, not {cls.__name__}")
-        return vcpu
+        if not issubclass(vm._vcpu_class, cls):       # before fd is taken
+            raise TypeError(f"{vm!r} makes {vm._vcpu_class.__name__} vCPUs, not {cls.__name__}")
+        return cast(_C, vm._adopt_vcpu_fd(fd, vcpu_id))
 
     @property
     def kvm_run(self) -> abi.kvm_run:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from . import _requests, abi
 from . import vcpu as vcpu_module
-from ._fd import anon_inode_name, check_same_process
+from ._fd import anon_inode_name, check_same_process, check_unowned
 from ._layout import check_int, expect, fill
 from .device import Device, DeviceAttributes
 from .errors import KvmError, KvmUnsupported
@@ -82,6 +82,7 @@ class Vm(MemorySlots, DeviceAttributes):
         if name != "anon_inode:kvm-vm":
             raise ValueError(f"fd {fd} is {name}, not a KVM VM fd (anon_inode:kvm-vm)")
         check_same_process(fd, "VM")
+        check_unowned(fd)
         # What __init__ asks /dev/kvm, asked before fd is taken: a closed kvm refuses here.
         kvm.get_vcpu_mmap_size()
         kvm.check_extension(abi.Capability.CHECK_EXTENSION_VM)
@@ -175,18 +176,20 @@ class Vm(MemorySlots, DeviceAttributes):
         if named is not None and named != vcpu_id:
             raise ValueError(f"fd {fd} is vCPU {named}, not vCPU {vcpu_id}")
         check_same_process(fd, "vCPU")
+        check_unowned(fd)
         with self._vm_lock:
             self.fd  # noqa: B018 - a closed VM adopts nothing
             if vcpu_id in self._vcpus and not self._vcpus[vcpu_id].closed:
                 raise ValueError(f"vCPU {vcpu_id} already has an open Vcpu in {self!r}")
             page = map_run_page(fd, self.vcpu_mmap_size)   # fails: fd is still the caller's
-            vcpu = self._vcpu_class(self, fd, vcpu_id, page)
             with self._lock:
-                if not self._closing:
-                    self._vcpus[vcpu_id] = vcpu
-                    return vcpu
-            vcpu.close()                   # the VM was closed meanwhile: nothing escapes it
-            raise self._stale()
+                if self._closing:
+                    # The VM was closed meanwhile: the fd was never taken, and stays the caller's.
+                    page.close()
+                    raise self._stale()
+                vcpu = self._vcpu_class(self, fd, vcpu_id, page)
+                self._vcpus[vcpu_id] = vcpu
+                return vcpu
 
     @property
     def vcpus(self) -> tuple[Vcpu, ...]:

@@ -476,3 +476,16 @@ def test_an_unclosed_backing_warns_and_is_closed_when_collected():
         del ram
         gc.collect()
     assert _fds_naming(name) == _maps_naming(name) == 0
+
+
+def test_a_memfd_backing_cannot_be_shrunk_under_the_guest(vm):
+    # Whoever holds fileno() (another process) could truncate it, and the next host read of
+    # a page cut off was SIGBUS: an interpreter crash (found by an adversarial pass).
+    with Backing.memfd(0x10000) as backing:
+        vm.add_memory(0x400000, backing=backing)
+        vm.memory.write(0x40F000, b"kept")
+        with pytest.raises(PermissionError):
+            os.ftruncate(backing.fileno(), 0)
+        os.ftruncate(backing.fileno(), 0x20000)          # growing is harmless, and allowed
+        assert vm.memory.read(0x40F000, 4) == b"kept"
+        vm.close()

@@ -397,3 +397,72 @@ def test_every_path_through_from_fd_leaves_no_fd_behind(kvm, assemble) -> None:
             adopted.close()
         k.close()
     assert open_fds() == before
+
+
+# ---- what an adversarial pass found --------------------------------------------------
+
+def test_from_fd_refuses_an_fd_a_live_object_owns(kvm) -> None:
+    # Both objects would close it: the second close would hit whatever file reused the number
+    # (vmA.close() then closed vmB's fd and deleted vmB's slot).
+    with kvm.create_vm() as vm:
+        vm.add_memory(0, 0x1000)
+        dev = vm.create_device(abi.KVM_DEV_TYPE_VFIO)
+        other = vm.create_vcpu(0)
+        for adopt in (lambda: type(kvm).from_fd(kvm.fileno()),
+                      lambda: type(vm).from_fd(kvm, vm.fileno()),
+                      lambda: Device.from_fd(vm, dev.fileno(), abi.KVM_DEV_TYPE_VFIO)):
+            with pytest.raises(ValueError, match="is owned by"):
+                adopt()
+        with pytest.raises(ValueError, match="is owned by|already has an open Vcpu"):
+            Vcpu.from_fd(vm, other.fileno())
+        # Nothing was taken: every owner still works, and still owns its fd.
+        kvm.create_vm().close()
+        assert vm.memory.regions and vm.vcpus == (other,)
+        dev.has_attr(abi.KVM_DEV_VFIO_FILE, abi.KVM_DEV_VFIO_FILE_ADD)
+        assert all(is_open(fd) for fd in (kvm.fileno(), vm.fileno(), dev.fileno(),
+                                          other.fileno()))
+
+
+
+def _close_in_another_thread_when_called(vm, real):
+    """A stand-in for `real` that first starts vm.close() in another thread and waits until
+    it has begun (the VM refuses new work), then does what real does."""
+    import threading
+    import time
+    closer: list[threading.Thread] = []
+
+    def stand_in(*args, **kwargs):
+        if not closer:
+            closer.append(threading.Thread(target=vm.close))
+            closer[0].start()
+            deadline = time.monotonic() + 5
+            while not vm.closed and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return real(*args, **kwargs)
+    return stand_in, closer
+
+
+def test_vcpu_from_fd_racing_vm_close_gives_the_fd_back_unclosed(vm, monkeypatch) -> None:
+    from kvm_bindings import vm as vm_module
+    vcpu = vm.create_vcpu(0)
+    mine = os.dup(vcpu.fileno())
+    vcpu.close()
+    stand_in, closer = _close_in_another_thread_when_called(vm, vm_module.map_run_page)
+    monkeypatch.setattr(vm_module, "map_run_page", stand_in)
+    with pytest.raises(StaleHandleError):
+        Vcpu.from_fd(vm, mine)
+    closer[0].join(10)
+    assert is_open(mine) and name_of(mine).startswith("anon_inode:kvm-vcpu")
+    os.close(mine)                         # the caller's to close, exactly once
+
+
+def test_device_from_fd_racing_vm_close_gives_the_fd_back_unclosed(vm, monkeypatch) -> None:
+    made = vm.create_device(abi.KVM_DEV_TYPE_VFIO)
+    mine = os.dup(made.fileno())
+    stand_in, closer = _close_in_another_thread_when_called(vm, Device.__init__)
+    monkeypatch.setattr(Device, "__init__", stand_in)
+    with pytest.raises(StaleHandleError):
+        Device.from_fd(vm, mine, abi.KVM_DEV_TYPE_VFIO)
+    closer[0].join(10)
+    assert is_open(mine) and made.closed
+    os.close(mine)
