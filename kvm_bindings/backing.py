@@ -48,7 +48,10 @@ def _size_name(n: int) -> str:
 
 
 def _index(value: object, what: str) -> int:
-    """value as an int (anything with a true __index__), else a TypeError naming it."""
+    """value as an int (anything with a true __index__, not a bool), else a TypeError
+    naming it."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an integer, not bool")
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:

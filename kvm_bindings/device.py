@@ -86,6 +86,10 @@ class Device(DeviceAttributes):
         That the device is of device_type and belongs to vm is the caller's word: the
         kernel cannot be asked.
         """
+        from .vm import Vm
+        if not isinstance(vm, Vm):
+            raise TypeError(f"Device.from_fd() takes the Vm the device belongs to, not "
+                            f"{type(vm).__name__}")
         fd = check_int(fd, ctypes.c_int, "fd")
         name = anon_inode_name(fd)
         kind = name.removeprefix("anon_inode:kvm-")

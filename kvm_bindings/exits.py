@@ -499,6 +499,8 @@ class MsrExit(PayloadExit[abi.kvm_run_msr]):
 
     def reply(self, data: int | None = None, error: bool = False) -> None:
         """For RDMSR, the value the guest reads; error=True injects #GP instead."""
+        if not isinstance(error, bool):
+            raise TypeError(f"error must be True or False, not {type(error).__name__}")
         if data is not None:
             self._write_back(data=data, error=int(error))
         else:

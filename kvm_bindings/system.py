@@ -34,6 +34,8 @@ class Kvm(CapabilityOwner):
     def __init__(self, path: str = DEFAULT_PATH, *, cloexec: bool = True) -> None:
         """Open path. cloexec=False leaves the fd open across exec() (O_CLOEXEC off), for a
         launcher that execs the program that uses it; that program takes it with from_fd()."""
+        if not isinstance(cloexec, bool):
+            raise TypeError(f"cloexec must be True or False, not {type(cloexec).__name__}")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:

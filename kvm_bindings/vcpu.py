@@ -113,6 +113,10 @@ class Vcpu(DeviceAttributes):
         VM is closed or the mapping fails, it raises and fd stays yours, open. That fd
         belongs to vm is the caller's word: the kernel cannot be asked.
         """
+        from .vm import Vm
+        if not isinstance(vm, Vm):
+            raise TypeError(f"Vcpu.from_fd() takes the Vm the vCPU belongs to, not "
+                            f"{type(vm).__name__}")
         if not issubclass(vm._vcpu_class, cls):       # before fd is taken
             raise TypeError(f"{vm!r} makes {vm._vcpu_class.__name__} vCPUs, not {cls.__name__}")
         return cast(_C, vm._adopt_vcpu_fd(fd, vcpu_id))

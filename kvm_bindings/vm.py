@@ -77,6 +77,10 @@ class Vm(MemorySlots, DeviceAttributes):
         use: pass slot=), vCPUs made before (adopt their fds with Vcpu.from_fd), devices,
         irqfds and the dirty ring; vm_type is what the creator passed to KVM_CREATE_VM.
         """
+        from .system import Kvm
+        if not isinstance(kvm, Kvm):
+            raise TypeError(f"Vm.from_fd() takes the Kvm the VM came from, not "
+                            f"{type(kvm).__name__}")
         fd = check_int(fd, ctypes.c_int, "fd")
         name = anon_inode_name(fd)
         if name != "anon_inode:kvm-vm":

@@ -87,9 +87,15 @@ def test_sve_register_ids_are_what_the_uapi_macros_give():
 
 
 def test_vm_type_ipa_size_is_what_the_uapi_macro_gives():
-    bits = [0, 32, 40, 48, 52, 255, 256, 0x1FF]
+    bits = [1, 32, 40, 48, 52, 255]
     assert [arm64.vm_type_ipa_size(b) for b in bits] == \
         c_values("arm64", [f"KVM_VM_TYPE_ARM_IPA_SIZE({b})" for b in bits])
+    # Where the macro silently masks (0, 256 -> 0; 0x1FF -> 255), here it is an error.
+    for bad in (0, 256, 0x1FF, -1):
+        with pytest.raises(ValueError, match="IPA-size field"):
+            arm64.vm_type_ipa_size(bad)
+    with pytest.raises(TypeError):
+        arm64.vm_type_ipa_size(True)
 
 
 @pytest.mark.parametrize("name", ["x31", "v32", "X0", "regs.regs[31]", "spsr[5]", "fp_regs",

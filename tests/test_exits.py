@@ -102,6 +102,9 @@ def test_msr_accesses_exit_to_userspace_and_are_answered(vm, protected_mode):
 
     r = vcpu.run()
     assert r.reason is ExitReason.X86_RDMSR and r.index == 0xDEAD
+    for not_a_bool in ("yes", 2, None):           # error= is #GP or not: nothing in between
+        with pytest.raises(TypeError, match="error must be True or False"):
+            r.reply(0, error=not_a_bool)
     r.reply(0xAABBCCDD_11223344)
 
     echo = vcpu.run()

@@ -466,3 +466,24 @@ def test_device_from_fd_racing_vm_close_gives_the_fd_back_unclosed(vm, monkeypat
     closer[0].join(10)
     assert is_open(mine) and made.closed
     os.close(mine)
+
+
+def test_from_fd_with_the_wrong_parent_is_a_type_error_and_takes_nothing(kvm) -> None:
+    with kvm.create_vm() as vm:
+        vcpu_fd = os.dup(vm.create_vcpu(0).fileno())
+        dev_fd = os.dup(vm.create_device(abi.KVM_DEV_TYPE_VFIO).fileno())
+        vm_fd = os.dup(vm.fileno())
+        for adopt in (lambda: type(vm).from_fd(None, vm_fd),
+                      lambda: Vcpu.from_fd(kvm, vcpu_fd),
+                      lambda: Device.from_fd(kvm, dev_fd, abi.KVM_DEV_TYPE_VFIO)):
+            with pytest.raises(TypeError, match="takes the"):
+                adopt()
+        for fd in (vcpu_fd, dev_fd, vm_fd):
+            assert is_open(fd)
+            os.close(fd)
+
+
+def test_kvm_cloexec_takes_a_bool_only(kvm) -> None:
+    for wrong in (None, "no", 0):
+        with pytest.raises(TypeError, match="cloexec"):
+            type(kvm)(cloexec=wrong)

@@ -17,7 +17,13 @@ __all__ = ["Arm64Kvm", "vm_type_ipa_size"]
 
 
 def vm_type_ipa_size(ipa_bits: int) -> int:
-    """KVM_VM_TYPE_ARM_IPA_SIZE(ipa_bits): the IPA-size field of an arm64 VM type."""
+    """KVM_VM_TYPE_ARM_IPA_SIZE(ipa_bits): the IPA-size field of an arm64 VM type. The C
+    macro masks what does not fit; here that is a ValueError."""
+    if isinstance(ipa_bits, bool) or not isinstance(ipa_bits, int):
+        raise TypeError(f"ipa_bits must be an integer, not {type(ipa_bits).__name__}")
+    if not 0 < ipa_bits <= abi.KVM_VM_TYPE_ARM_IPA_SIZE_MASK:
+        raise ValueError(f"ipa_bits={ipa_bits} does not fit the VM type's IPA-size field "
+                         f"(1..{abi.KVM_VM_TYPE_ARM_IPA_SIZE_MASK})")
     return ipa_bits & abi.KVM_VM_TYPE_ARM_IPA_SIZE_MASK
 
 
@@ -40,12 +46,12 @@ class Arm64Kvm(Kvm):
             ipa_bits = check_int(ipa_bits, ctypes.c_ulong, "ipa_bits")
             if vm_type & abi.KVM_VM_TYPE_ARM_IPA_SIZE_MASK:
                 raise ValueError("give the IPA size once: in ipa_bits or in vm_type, not both")
-            if not 0 < ipa_bits == vm_type_ipa_size(ipa_bits):
+            if not 0 < ipa_bits <= abi.KVM_VM_TYPE_ARM_IPA_SIZE_MASK:
                 raise ValueError(f"ipa_bits={ipa_bits} does not fit the VM type's IPA size field "
                                  f"(1..{abi.KVM_VM_TYPE_ARM_IPA_SIZE_MASK}); "
                                  f"use None for the kernel's default")
             vm_type |= vm_type_ipa_size(ipa_bits)
-        requested = vm_type_ipa_size(vm_type)
+        requested = vm_type & abi.KVM_VM_TYPE_ARM_IPA_SIZE_MASK     # the field, as given
         if requested:
             limit = self.max_ipa_bits()
             if not limit:
