@@ -86,7 +86,7 @@ def _hugepage_size(page_size: int | None) -> int:
                                             "(no Hugepagesize in /proc/meminfo)")
         return int(line.split()[1]) * 1024
     page_size = _positive(page_size, "page_size")
-    if not os.path.isdir(f"{_HUGEPAGES}/hugepages-{page_size // 1024}kB"):
+    if page_size % 1024 or not os.path.isdir(f"{_HUGEPAGES}/hugepages-{page_size // 1024}kB"):
         have = sorted(int(d[10:-2]) * 1024 for d in _listdir(_HUGEPAGES) if d.startswith("hugepages-"))
         raise ValueError(f"this host has no {_size_name(page_size)} hugepages (it has: "
                          f"{', '.join(map(_size_name, have)) or 'none'})")
@@ -166,6 +166,8 @@ class Backing(Unshareable):
         size = _positive(size, "size")
         try:
             mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=_READ_WRITE)
+        except OverflowError:
+            raise OverflowError(f"size={size:#x} is more than a mapping can be") from None
         except OSError as e:
             raise OSError(e.errno, f"cannot map {size:#x} bytes of guest memory: "
                                    f"{e.strerror}") from None

@@ -82,6 +82,12 @@ class Exit:
     def _shown(self) -> list[tuple[str, str]]:
         return []
 
+    def __reduce_ex__(self, protocol: object) -> Any:
+        # Not the vCPU's refusal (it would name the vCPU): an exit's answer is tied to that
+        # vCPU's next run, which no copy can reach.
+        raise TypeError(f"a {type(self).__name__} belongs to one run of its vCPU and cannot be "
+                        f"copied or pickled: keep the fields you need (e.port, e.data...)")
+
 
 class _Field(Generic[_T]):
     """A field of an exit's kvm_run member, read from the exit's copy of it, typed _T.

@@ -489,3 +489,12 @@ def test_a_memfd_backing_cannot_be_shrunk_under_the_guest(vm):
         os.ftruncate(backing.fileno(), 0x20000)          # growing is harmless, and allowed
         assert vm.memory.read(0x40F000, 4) == b"kept"
         vm.close()
+
+
+def test_sizes_no_mapping_can_have_are_said_plainly():
+    with pytest.raises(OverflowError, match="more than a mapping can be"):
+        Backing.anonymous(1 << 63)
+    with pytest.raises(ValueError, match="hugepages"):       # not a whole number of KiB
+        Backing.hugepages(2 << 20, page_size=(2 << 20) + 512)
+    with pytest.raises(TypeError, match="not bool"):
+        Backing.memfd(True)

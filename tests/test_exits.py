@@ -180,3 +180,12 @@ def test_debug_exit_repr_shows_the_nested_arch_fields(real_mode):
     vcpu.set_single_step(True)
     e = vcpu.run()
     assert repr(e).startswith("<DebugExit DEBUG: arch={exception=1, ") and "pc=0x1001," in repr(e)
+
+
+def test_an_exit_refuses_copy_and_pickle_naming_itself(real_mode):
+    import copy
+    import pickle
+    out = real_mode("port_io").run()
+    for attempt in (lambda: copy.copy(out), lambda: copy.deepcopy(out), lambda: pickle.dumps(out)):
+        with pytest.raises(TypeError, match=f"a {type(out).__name__} belongs to one run"):
+            attempt()
