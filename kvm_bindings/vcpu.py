@@ -24,7 +24,7 @@ from .stats import Stats
 if TYPE_CHECKING:
     from .vm import Vm
 
-__all__ = ["CLOSE_TIMEOUT", "KICK_SIGNAL", "Vcpu", "map_run_page"]
+__all__ = ["CLOSE_TIMEOUT", "KICK_SIGNAL", "Vcpu", "map_run_page", "reg_size", "size_code"]
 
 _C = TypeVar("_C", bound="Vcpu")
 
@@ -67,6 +67,20 @@ _GONE.close()
 def map_run_page(fd: int, size: int) -> mmap.mmap:
     """The vCPU's shared kvm_run page (and the rings after it): mmap of its fd at offset 0."""
     return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def size_code(nbytes: int) -> int:
+    """The KVM_REG_SIZE_* field for a register of nbytes (a power of two, 1 to 256)."""
+    code = nbytes.bit_length() - 1
+    if nbytes <= 0 or nbytes & (nbytes - 1) or code << abi.KVM_REG_SIZE_SHIFT & ~abi.KVM_REG_SIZE_MASK:
+        raise ValueError(f"a ONE_REG register cannot be {nbytes} bytes")
+    return code << abi.KVM_REG_SIZE_SHIFT
+
+
+def reg_size(reg_id: int) -> int:
+    """Bytes of the register reg_id names (KVM_REG_SIZE(id)): the ONE_REG id
+    encodes it the same way on every arch."""
+    return 1 << ((reg_id & abi.KVM_REG_SIZE_MASK) >> abi.KVM_REG_SIZE_SHIFT)
 
 
 def _thread_name(ident: int | None) -> str:
@@ -301,8 +315,7 @@ class Vcpu(DeviceAttributes):
     def _one_reg(self, reg_id: int) -> tuple[int, Any]:
         """reg_id checked, and a buffer of the size the id encodes: KVM writes that many bytes."""
         reg_id = check_field(reg_id, abi.kvm_one_reg, "id", "reg_id")
-        size = 1 << ((reg_id & abi.KVM_REG_SIZE_MASK) >> abi.KVM_REG_SIZE_SHIFT)
-        return reg_id, (ctypes.c_uint8 * size)()
+        return reg_id, (ctypes.c_uint8 * reg_size(reg_id))()
 
     def get_one_reg(self, reg_id: int) -> int:
         """KVM_GET_ONE_REG (KVM_CAP_ONE_REG): the register as an unsigned int of the width

@@ -204,3 +204,15 @@ def default_caps(abi: ModuleType) -> dict[int, int]:
     return {cap.CHECK_EXTENSION_VM: 1, cap.MAX_VCPU_ID: 512, cap.MAX_VCPUS: 512,
             cap.ONE_REG: 1, cap.DEVICE_CTRL: 1, cap.MP_STATE: 1, cap.SET_GUEST_DEBUG: 1,
             cap.ENABLE_CAP: 1, cap.ENABLE_CAP_VM: 1}
+
+
+def only_call(kernel: FakeKernel, abi: Any, name: str, role: str) -> Call:
+    """The one call of ioctl `name` on a `role` fd, checked against the arch's IOCTLS table:
+    its number, and the size of what the runtime passed is what the kernel copies."""
+    calls = kernel.calls_to(name, role)
+    assert len(calls) == 1, f"{name} on the {role} fd: {len(calls)} calls"
+    io = abi.IOCTLS[name]
+    assert calls[0].number == io.number
+    if io.size and io.arg_type is not None:
+        assert calls[0].arg_size == io.size == ctypes.sizeof(io.arg_type)
+    return calls[0]

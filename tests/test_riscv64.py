@@ -18,7 +18,7 @@ from kvm_bindings import KvmError, riscv64
 from kvm_bindings.abi import riscv64 as abi
 from kvm_bindings.riscv64 import Riscv64Kvm, Riscv64Vcpu, Riscv64Vm
 
-from .cross_oracle import Call, FakeKernel, c_values, default_caps
+from .cross_oracle import Call, FakeKernel, c_values, default_caps, only_call
 
 # ---- register ids against the C compiler ---------------------------------------------------
 
@@ -116,15 +116,8 @@ def vcpu(vm):
 
 
 def only(kernel: FakeKernel, name: str, role: str) -> Call:
-    """The one call of ioctl `name` on a `role` fd, checked against the arch's IOCTLS table:
-    its number, and the size of what the runtime passed is what the kernel copies."""
-    calls = kernel.calls_to(name, role)
-    assert len(calls) == 1, f"{name} on the {role} fd: {len(calls)} calls"
-    io = abi.IOCTLS[name]
-    assert calls[0].number == io.number
-    if io.size and io.arg_type is not None:
-        assert calls[0].arg_size == io.size == ctypes.sizeof(io.arg_type)
-    return calls[0]
+    """The one call of ioctl `name` on a `role` fd, checked against this arch's IOCTLS."""
+    return only_call(kernel, abi, name, role)
 
 
 def one_reg_file(kernel: FakeKernel, regs: dict[int, int]) -> None:

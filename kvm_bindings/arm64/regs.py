@@ -15,6 +15,7 @@ import re
 
 from .._layout import offset_of, type_of
 from ..abi import arm64 as abi
+from ..vcpu import reg_size, size_code
 
 __all__ = [
     "CORE_REGS", "CORE_REG_PATHS", "core_reg", "irq_line", "reg_size", "size_code", "sve_ffr",
@@ -22,19 +23,6 @@ __all__ = [
 ]
 
 _U32 = ctypes.sizeof(ctypes.c_uint32)     # KVM_REG_ARM_CORE_REG counts in __u32 words
-
-
-def size_code(nbytes: int) -> int:
-    """The KVM_REG_SIZE_* field for a register of nbytes (a power of two, 1 to 256)."""
-    code = nbytes.bit_length() - 1
-    if nbytes <= 0 or nbytes & (nbytes - 1) or code << abi.KVM_REG_SIZE_SHIFT & ~abi.KVM_REG_SIZE_MASK:
-        raise ValueError(f"a ONE_REG register cannot be {nbytes} bytes")
-    return code << abi.KVM_REG_SIZE_SHIFT
-
-
-def reg_size(reg_id: int) -> int:
-    """Bytes of the register reg_id names (KVM_REG_SIZE(id))."""
-    return 1 << ((reg_id & abi.KVM_REG_SIZE_MASK) >> abi.KVM_REG_SIZE_SHIFT)
 
 
 def _core_paths() -> dict[str, str]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .._layout import offset_of, type_of
 from ..abi import riscv64 as abi
+from ..vcpu import reg_size, size_code
 
 __all__ = [
     "CONFIG_REGS", "CORE_REGS", "CSRS", "TIMER_REGS", "ULONG", "config_reg", "core_reg", "csr_reg",
@@ -22,19 +23,6 @@ __all__ = [
 
 # The macros count in units of unsigned long, the arch's register width.
 ULONG = getattr(abi, "__BITS_PER_LONG") // 8
-
-
-def size_code(nbytes: int) -> int:
-    """The KVM_REG_SIZE_* field for a register of nbytes (a power of two, 1 to 256)."""
-    code = nbytes.bit_length() - 1
-    if nbytes <= 0 or nbytes & (nbytes - 1) or code << abi.KVM_REG_SIZE_SHIFT & ~abi.KVM_REG_SIZE_MASK:
-        raise ValueError(f"a ONE_REG register cannot be {nbytes} bytes")
-    return code << abi.KVM_REG_SIZE_SHIFT
-
-
-def reg_size(reg_id: int) -> int:
-    """Bytes of the register reg_id names (KVM_REG_SIZE(id))."""
-    return 1 << ((reg_id & abi.KVM_REG_SIZE_MASK) >> abi.KVM_REG_SIZE_SHIFT)
 
 
 def _scalars(cls: Any, prefix: str = "") -> list[str]:
