@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import errno
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
 
 from . import abi
-from ._layout import fill, member, offset_of, unpacker
-from .errors import KvmError, StaleExitError
+from ._layout import fill
+from .errors import StaleExitError
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
@@ -602,121 +600,3 @@ class SnpReqCertsExit(PayloadExit[abi.kvm_exit_snp_req_certs], reason=ExitReason
     gpa: _Field[int] = _Field()
     npages: _Field[int] = _Field()
     ret: _Field[int] = _Field()
-
-
-# ---- decoding ----------------------------------------------------------------------------
-
-class _Decoder:
-    """Turns the kvm_run page of one vCPU into Exit objects, and hands the answer to a
-    guest read (IN, MMIO read) back to the page before the next KVM_RUN."""
-
-    _io_off = offset_of(abi.kvm_run, "io")
-    _io = unpacker(member(abi.kvm_run, "io")[1], ("direction", "size", "port", "count", "data_offset"))
-    _mmio_off = offset_of(abi.kvm_run, "mmio")
-    _mmio_type = member(abi.kvm_run, "mmio")[1]
-    _mmio = unpacker(_mmio_type, ("phys_addr", "len", "is_write"))
-    _mmio_data_off = _mmio_off + member(_mmio_type, "data")[0]
-    _mmio_data_max = ctypes.sizeof(member(_mmio_type, "data")[1])
-    _reason_at = offset_of(abi.kvm_run, "exit_reason")
-    _reason_fmt = struct.Struct("<I")
-    _io_out = abi.KVM_EXIT_IO_OUT
-
-    # Built once on first use. {reason: (offset in kvm_run, ctypes type of its member)}, and
-    # {reason: (class, ExitReason, offset, member type or None for an exit without payload)}.
-    _members: dict[int, tuple[int, Any]] = {}
-    _plans: dict[int, tuple[type[Exit], ExitReason, int, Any]] = {}
-
-    def __init__(self, vcpu: Vcpu, page: Any) -> None:
-        self.vcpu = vcpu
-        self.page = page
-        self.size = len(page)
-        # The pending answer to a guest read: (offset in the page, buffer, the view handed out)
-        self.answer: tuple[int, bytearray, memoryview] | None = None
-        if not _Decoder._plans:
-            by_name = ExitReason.__members__
-            _Decoder._members = {
-                int(by_name[r[len("KVM_EXIT_"):]]): (offset_of(abi.kvm_run, m), member(abi.kvm_run, m)[1])
-                for r, m in abi.EXIT_MEMBERS.items() if r[len("KVM_EXIT_"):] in by_name}
-            plans = {}
-            for r in ExitReason:
-                # A reason with no class here (headers newer than this file) decodes as UnknownExit.
-                cls = EXIT_CLASSES.get(r, UnknownExit)
-                off, t = _Decoder._members.get(r, (0, None)) if issubclass(cls, PayloadExit) else (0, None)
-                plans[int(r)] = (cls, r, off, t)
-            _Decoder._plans = plans
-        self.members = _Decoder._members
-        self.plans = _Decoder._plans
-
-    def deliver(self) -> None:
-        """Copy the answer into kvm_run and retire the buffer handed out for it."""
-        assert self.answer is not None
-        start, buf, view = self.answer
-        self.answer = None
-        self.page[start:start + len(buf)] = buf
-        try:
-            view.release()     # a view still held now raises instead of silently going nowhere
-        except BufferError:
-            pass               # re-exported by the caller: it only ever reaches buf, not the page
-
-    def release(self) -> None:
-        self.answer = None
-        self.page = _GONE_PAGE
-
-    def reason(self) -> int:
-        return int(self._reason_fmt.unpack_from(self.page, self._reason_at)[0])
-
-    def _buffer(self, e: Any, start: int, end: int, is_write: bool) -> None:
-        """The exit's data: a copy of a write, or the answer buffer of a read."""
-        if not 0 <= start <= end <= self.size:
-            # KVM never does this; a corrupted page (a fuzzer, a buggy kernel) must not make
-            # the answer land outside the data area.
-            raise KvmError("KVM_RUN", errno.EIO, f"kvm_run names data at {start:#x}..{end:#x}, "
-                                                 f"outside the {self.size:#x}-byte vCPU mapping")
-        if is_write:
-            e._data = self.page[start:end]
-            e._vcpu = None
-        else:
-            buf = bytearray(self.page[start:end])
-            view = memoryview(buf)
-            e._data = view
-            e._vcpu = self.vcpu
-            e._seq = self.vcpu._seq
-            self.answer = (start, buf, view)
-
-    def decode(self, reason: int) -> Exit:
-        if reason == _IO:
-            direction, size, port, count, data_offset = self._io.unpack_from(self.page, self._io_off)
-            e: Any = IoExit.__new__(IoExit)
-            e.reason, e.port, e.size, e.count = ExitReason.IO, port, size, count
-            e.is_write = is_write = direction == self._io_out
-            self._buffer(e, data_offset, data_offset + size * count, is_write)
-            return e  # type: ignore[no-any-return]
-        if reason == _MMIO:
-            phys, length, is_write = self._mmio.unpack_from(self.page, self._mmio_off)
-            m: Any = MmioExit.__new__(MmioExit)
-            m.reason, m.phys_addr, m.is_write = ExitReason.MMIO, phys, bool(is_write)
-            start = self._mmio_data_off
-            self._buffer(m, start, start + min(length, self._mmio_data_max), m.is_write)
-            return m  # type: ignore[no-any-return]
-        plan = self.plans.get(reason)
-        if plan is None:
-            u = UnknownExit.__new__(UnknownExit)
-            u.reason = reason
-            return u
-        cls, known, off, t = plan
-        obj: Any = cls.__new__(cls)
-        obj.reason = known
-        if t is not None:
-            obj._payload = t.from_buffer_copy(self.page, off)
-            obj._vcpu = self.vcpu
-            obj._seq = self.vcpu._seq
-        return obj  # type: ignore[no-any-return]
-
-    def live_member(self, reason: int) -> Any:
-        off, t = self.members[int(reason)]
-        return t.from_buffer(self.page, off)
-
-
-_IO = int(ExitReason.IO)
-_MMIO = int(ExitReason.MMIO)
-_GONE_PAGE = b""      # a closed vCPU's decoder reads nothing

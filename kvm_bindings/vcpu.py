@@ -14,11 +14,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _requests, abi
+from ._decode import _Decoder
 from ._fd import _ioctl
 from ._layout import check_field, check_int, fill, member, offset_of
 from .device import DeviceAttributes
 from .errors import KvmError, StaleExitError, StaleHandleError, VcpuBusyError
-from .exits import Exit, InterruptedExit, _Decoder
+from .exits import Exit, InterruptedExit
 from .stats import Stats
 
 if TYPE_CHECKING:

@@ -37,6 +37,7 @@ from kvm_bindings import (
     StaleHandleError,
     UnknownExit,
     VcpuBusyError,
+    _decode,
     abi,
     exits,
     x86,
@@ -189,10 +190,10 @@ def test_soak_thousands_of_vm_lifetimes_leak_no_fd_and_no_mapping(kvm, assemble)
 
 # ---- 2. exit decoding fuzz over random kvm_run pages ----------------------------
 
-_IO_OFF = exits._Decoder._io_off
-_MMIO_OFF = exits._Decoder._mmio_off
-_MMIO_DATA_OFF = exits._Decoder._mmio_data_off
-_MMIO_DATA_MAX = exits._Decoder._mmio_data_max
+_IO_OFF = _decode._Decoder._io_off
+_MMIO_OFF = _decode._Decoder._mmio_off
+_MMIO_DATA_OFF = _decode._Decoder._mmio_data_off
+_MMIO_DATA_MAX = _decode._Decoder._mmio_data_max
 
 
 def _pick(rng: random.Random, *choices):
