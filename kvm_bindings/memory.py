@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import io
 import os
+import stat
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ._fd import FdObject, Unshareable
 from .backing import PAGE_SIZE, Backing, _index
 from .errors import GuestMemoryError, StaleHandleError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 __all__ = ["PAGE_SIZE", "GuestMemfd", "GuestMemory", "MemoryRegion", "SlotTable"]
 
@@ -159,21 +164,43 @@ class GuestMemory(Unshareable):
         return None
 
     def _pieces(self, gpa: int, size: int) -> list[tuple[MemoryRegion, int, int]]:
+        """(region, offset in it, length) covering gpa..gpa+size in order; GuestMemoryError,
+        before anything is touched, if any byte of it is outside every region."""
         gpa, size = _index(gpa, "gpa"), _index(size, "size")
+        with self._lock:
+            return self._pieces_locked(gpa, size)
+
+    def _pieces_locked(self, gpa: int, size: int) -> list[tuple[MemoryRegion, int, int]]:
         if gpa < 0 or size < 0:
             raise GuestMemoryError(f"negative GPA or size ({gpa:#x}, {size})")
         out, cur, end = [], gpa, gpa + size
-        with self._lock:
-            while cur < end:
-                r = self._region_at(cur)
-                if r is None:
-                    raise GuestMemoryError(
-                        f"GPA range {gpa:#x}..{end:#x} is not fully backed by guest memory: "
-                        f"{cur:#x} is outside every memory region ({self._describe()})")
-                n = min(end, r.end) - cur
-                out.append((r, cur - r.guest_phys_addr, n))
-                cur += n
+        while cur < end:
+            r = self._region_at(cur)
+            if r is None:
+                raise GuestMemoryError(
+                    f"GPA range {gpa:#x}..{end:#x} is not fully backed by guest memory: "
+                    f"{cur:#x} is outside every memory region ({self._describe()})")
+            n = min(end, r.end) - cur
+            out.append((r, cur - r.guest_phys_addr, n))
+            cur += n
         return out
+
+    def _spans(self, gpa: object, size: object) -> list[memoryview]:
+        """Views of guest memory covering gpa..gpa+size, in order, one per region crossed.
+
+        The whole range is checked before any view is made, and the views are made under the
+        lock: each holds its mapping, so a region removed meanwhile cannot be unmapped under
+        a copy in progress (the guest no longer sees it; the copy finishes in old memory).
+        """
+        gpa, size = _index(gpa, "gpa"), _index(size, "size")
+        with self._lock:
+            spans = []
+            for r, off, n in self._pieces_locked(gpa, size):
+                view = r._view
+                if view is None:        # only a region whose slot KVM would not delete
+                    raise StaleHandleError(f"{r!r} was removed")
+                spans.append(view[off:off + n])
+            return spans
 
     def _describe(self) -> str:
         if not self._regions:
@@ -181,29 +208,68 @@ class GuestMemory(Unshareable):
         return "regions: " + ", ".join(f"{r.guest_phys_addr:#x}..{r.end:#x}" for r in self._regions)
 
     def read(self, gpa: int, size: int) -> bytes:
-        return b"".join(bytes(r.view()[off:off + n]) for r, off, n in self._pieces(gpa, size))
+        """size bytes of guest memory from gpa, copied once (across regions too)."""
+        # bytes.join takes buffers: it sizes the result once and copies each span into it.
+        return b"".join(self._spans(gpa, size))
 
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        data = memoryview(data).cast("B")
-        pieces = self._pieces(gpa, len(data))   # check the whole range before writing any of it
-        pos = 0
-        for r, off, n in pieces:
-            r.view()[off:off + n] = data[pos:pos + n]
-            pos += n
+    def readinto(self, gpa: int, buffer: WriteableBuffer) -> int:
+        """Fill a caller's writable, contiguous buffer (bytearray, mmap, memoryview, ctypes
+        array...) with guest memory from gpa, copied once; return the bytes copied, its size.
+
+        Nothing is copied if any byte of the range is outside guest memory.
+        """
+        try:
+            whole = memoryview(buffer)
+        except TypeError:
+            raise TypeError(f"readinto() takes a writable buffer (a bytearray, an mmap, a "
+                            f"memoryview...), not {type(buffer).__name__}") from None
+        with whole:
+            if whole.readonly:
+                raise TypeError(f"readinto() needs a writable buffer; a "
+                                f"{type(buffer).__name__} is read-only")
+            if not whole.c_contiguous:
+                raise TypeError("readinto() needs a contiguous buffer")
+            with whole.cast("B") as dest:
+                pos = 0
+                for span in self._spans(gpa, dest.nbytes):
+                    n = span.nbytes
+                    dest[pos:pos + n] = span
+                    pos += n
+                return pos
+
+    def write(self, gpa: int, data: ReadableBuffer) -> None:
+        """Copy data (any contiguous buffer) into guest memory at gpa, once (across regions
+        too); nothing is written if any byte of the range is outside guest memory."""
+        try:
+            whole = memoryview(data)
+        except TypeError:
+            raise TypeError(f"write() takes bytes or another buffer, not "
+                            f"{type(data).__name__}") from None
+        with whole:
+            if not whole.c_contiguous:
+                raise TypeError("write() needs a contiguous buffer")
+            with whole.cast("B") as src:
+                pos = 0
+                for span in self._spans(gpa, src.nbytes):   # the whole range checked first
+                    n = span.nbytes
+                    span[:] = src[pos:pos + n]
+                    pos += n
 
     def view(self, gpa: int, size: int) -> memoryview:
         """A zero-copy, writable view of guest memory; the range must lie in one region."""
-        pieces = self._pieces(gpa, size)
-        if not pieces:
+        spans = self._spans(gpa, size)
+        if not spans:
             return memoryview(bytearray())        # an empty range: nothing to view
-        if len(pieces) > 1:
+        if len(spans) > 1:
             raise GuestMemoryError(f"GPA range {gpa:#x}..{gpa + size:#x} spans memory regions; "
                                    f"use read()/write(), which copy")
-        r, off, n = pieces[0]
-        return r.view()[off:off + n]
+        return spans[0]
 
     def read_int(self, gpa: int, size: int) -> int:
-        return int.from_bytes(self.read(gpa, size), "little")
+        spans = self._spans(gpa, size)
+        if len(spans) == 1:
+            return int.from_bytes(spans[0], "little")     # straight from guest memory
+        return int.from_bytes(b"".join(spans), "little")
 
     def write_int(self, gpa: int, size: int, value: int) -> None:
         """Write value as size little-endian bytes (negative values as two's complement);
@@ -216,21 +282,61 @@ class GuestMemory(Unshareable):
         self.write(gpa, data)
 
     def load(self, gpa: int, source: str | os.PathLike[str] | BinaryIO) -> int:
-        """Copy a file (a path or a binary file object) into guest memory at gpa; return its size."""
+        """Copy a file (a path, or a binary file object from its current position) into guest
+        memory at gpa; return the bytes loaded.
+
+        A regular file (a path, or a file object open() made) or a BytesIO is read straight
+        into guest memory, each byte copied once; its size is known first, so if any byte
+        would land outside guest memory GuestMemoryError is raised and nothing is read or
+        written. Any other file object (a pipe, a gzip file...) is read to its end first,
+        then written, touching nothing if it does not fit.
+        """
         if isinstance(source, (str, os.PathLike)):
-            with open(source, "rb") as f:
-                data = f.read()
-        elif hasattr(source, "read"):
-            data = source.read()
-        else:
+            with open(source, "rb", buffering=0) as f:   # unbuffered: read() lands in place
+                return self._load(gpa, f)
+        if not hasattr(source, "read") or isinstance(source, io.TextIOBase):
             raise TypeError(f"load() takes a path or a binary file object, not "
                             f"{type(source).__name__}")
-        self.write(gpa, data)
-        return len(data)
+        return self._load(gpa, source)
+
+    def _load(self, gpa: int, f: BinaryIO) -> int:
+        readinto = getattr(f, "readinto", None)
+        size = None if readinto is None else _remaining(f)
+        if readinto is None or size is None:    # a stream of unknown length: read, then write
+            data = f.read()
+            self.write(gpa, data)
+            return len(data)
+        loaded = 0
+        for span in self._spans(gpa, size):     # the whole range checked before reading
+            n, pos = span.nbytes, 0
+            while pos < n:
+                got = readinto(span[pos:])
+                if not got:
+                    return loaded + pos     # the file shrank while we read it
+                pos += got
+            loaded += n
+        return loaded
 
     def host_address(self, gpa: int) -> int:
         r, off, _ = self._pieces(gpa, 1)[0]
         return r.host_addr + off
+
+
+def _remaining(f: BinaryIO) -> int | None:
+    """How many bytes f has from its position to its end, where that is known without
+    reading them: a regular file open() made (by fstat), or a BytesIO. None for anything
+    else: a pipe, or a wrapper (gzip...) whose fileno() is not where its bytes come from."""
+    if isinstance(f, io.BytesIO):
+        return max(len(f.getbuffer()) - f.tell(), 0)
+    if not isinstance(f, (io.FileIO, io.BufferedReader, io.BufferedRandom)):
+        return None
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return max(st.st_size - f.tell(), 0)
+    except OSError:
+        return None
 
 
 class SlotTable:
