@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "Capability": "abi", "ExitReason": "abi", "Backing": "backing",
+    "Capability": "abi", "ExitReason": "abi", "Backing": "backing", "DirtyBitmap": "dirty",
     "Device": "device",
     "GuestMemoryError": "errors", "KvmError": "errors", "KvmUnavailable": "errors",
     "KvmUnsupported": "errors", "StaleExitError": "errors", "StaleHandleError": "errors",
@@ -100,6 +100,7 @@ __all__ = [
     "DcrExit",
     "DebugExit",
     "Device",
+    "DirtyBitmap",
     "DirtyRingFullExit",
     "EprExit",
     "ExceptionExit",
@@ -165,6 +166,7 @@ if TYPE_CHECKING:
     from .abi import Capability, ExitReason
     from .backing import Backing
     from .device import Device
+    from .dirty import DirtyBitmap
     from .errors import (
         GuestMemoryError,
         KvmError,

@@ -12,13 +12,18 @@ import ctypes
 import errno
 import os
 import threading
+from typing import TYPE_CHECKING, Any
 
 from . import abi
 from ._fd import CapabilityOwner
 from ._layout import check_field, fill
 from .backing import PAGE_SIZE, Backing, _index
+from .dirty import DirtyBitmap, _range_bitmap
 from .errors import KvmError, StaleHandleError
 from .memory import GuestMemfd, GuestMemory, MemoryRegion, SlotTable
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["MemorySlots"]
 
@@ -269,48 +274,65 @@ class MemorySlots(CapabilityOwner):
             self._set_region(region, flags=flags)
             region.flags = flags
 
-    def get_dirty_log(self, region: MemoryRegion) -> list[int]:
-        """KVM_GET_DIRTY_LOG: GPAs of the pages written since the last call (which resets it)."""
+    def _logged(self, region: MemoryRegion, call: str) -> MemoryRegion:
+        live = self._own(region, call)
+        if not live.flags & abi.KVM_MEM_LOG_DIRTY_PAGES:
+            raise ValueError(f"dirty logging is off for {region!r}; "
+                             f"add_memory(..., log_dirty=True) or set_dirty_logging()")
+        return live
+
+    def get_dirty_log(self, region: MemoryRegion) -> DirtyBitmap:
+        """KVM_GET_DIRTY_LOG: the pages written since the log was last read (which resets it,
+        unless KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is enabled: then clear_dirty_log() does).
+
+        A DirtyBitmap over the buffer KVM filled: len() dirty pages, iterating gives their
+        GPAs in order, runs() gives (gpa, pages) per run of consecutive dirty pages.
+        """
         with self._vm_lock:
-            live = self._own(region, "get_dirty_log")
-            if not live.flags & abi.KVM_MEM_LOG_DIRTY_PAGES:
-                raise ValueError(f"dirty logging is off for {region!r}; "
-                                 f"add_memory(..., log_dirty=True) or set_dirty_logging()")
+            live = self._logged(region, "get_dirty_log")
             # KVM fills one bit per page of the slot as it knows it: size the bitmap from the
             # live slot, never from anything a caller could hand in.
-            pages = live.size // PAGE_SIZE
-            bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))()
+            bitmap = DirtyBitmap._for_slot(live)
+            address, keep = bitmap._address()
             log = abi.kvm_dirty_log(slot=live.slot)
-            log.dirty_bitmap = ctypes.addressof(bitmap)
+            log.dirty_bitmap = address
             self.ioctl(abi.KVM_GET_DIRTY_LOG, log)
-            base = live.guest_phys_addr
-        out = []
-        for word_index, word in enumerate(bitmap):
-            while word:
-                bit = (word & -word).bit_length() - 1
-                out.append(base + (word_index * 64 + bit) * PAGE_SIZE)
-                word &= word - 1
-        return out
+            del keep
+        return bitmap
 
-    def clear_dirty_log(self, region: MemoryRegion, first_page: int = 0,
-                        num_pages: int | None = None) -> None:
-        """KVM_CLEAR_DIRTY_LOG (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled): re-protect
-        num_pages pages from first_page (a multiple of 64) of a live region of this VM."""
+    def clear_dirty_log(self, region: MemoryRegion,
+                        pages: DirtyBitmap | range | Buffer | None = None) -> None:
+        """KVM_CLEAR_DIRTY_LOG (with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled): re-protect
+        pages of a live region of this VM, so that the next log shows only those written
+        after.
+
+        pages: a DirtyBitmap of this region (from get_dirty_log(), maybe edited), or any
+        buffer in KVM's layout for the whole slot (one bit per page, whole 64-bit words);
+        the pages whose bits are set are cleared. Or a range of page indexes in the region
+        (range(first, stop), step 1). None: the whole region.
+        """
         self.require(abi.Capability.MANUAL_DIRTY_LOG_PROTECT2, "KVM_CLEAR_DIRTY_LOG")
         with self._vm_lock:
-            live = self._own(region, "clear_dirty_log")
+            live = self._logged(region, "clear_dirty_log")
             total = live.size // PAGE_SIZE
-            first = check_field(first_page, abi.kvm_clear_dirty_log, "first_page")
-            pages = total - first if num_pages is None else check_field(
-                num_pages, abi.kvm_clear_dirty_log, "num_pages")
-            if first % 64 or first + pages > total:
-                raise ValueError(f"pages {first}..{first + pages} are not a range of {region!r} "
-                                 f"({total} pages) starting at a multiple of 64")
-            words = (pages + 63) // 64
-            bitmap = (ctypes.c_uint64 * words)(*([(1 << 64) - 1] * words))
-            clear = abi.kvm_clear_dirty_log(slot=live.slot, num_pages=pages, first_page=first)
-            clear.dirty_bitmap = ctypes.addressof(bitmap)
+            if pages is None or isinstance(pages, range):
+                span = _range_bitmap(range(total) if pages is None else pages, total)
+                if span is None:
+                    return                          # an empty range: nothing to clear
+                first, count, bitmap = span
+                raw: Any = (ctypes.c_char * len(bitmap)).from_buffer(bitmap)
+            else:
+                first, count = 0, total
+                if isinstance(pages, DirtyBitmap):
+                    if (pages.base, pages.pages) != (live.guest_phys_addr, total):
+                        raise ValueError(
+                            f"{pages!r} covers {pages.pages} pages from {pages.base:#x}, not "
+                            f"{region!r} ({total} pages from {live.guest_phys_addr:#x})")
+                raw = _bitmap_of(pages, total)
+            clear = abi.kvm_clear_dirty_log(slot=live.slot, num_pages=count, first_page=first)
+            clear.dirty_bitmap = ctypes.addressof(raw)
             self.ioctl(abi.KVM_CLEAR_DIRTY_LOG, clear)
+            del raw
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD: guest-private memory, closed with the VM."""
@@ -368,6 +390,24 @@ class MemorySlots(CapabilityOwner):
         except KvmError as e:
             if e.errno != errno.EINVAL:   # KVM's answer to deleting a slot it does not have
                 raise
+
+
+def _bitmap_of(buffer: Any, pages: int) -> Any:
+    """A caller's bitmap of a slot of `pages` pages as ctypes memory KVM can read: the buffer
+    itself if writable, else a copy; a clear error for anything not that size."""
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise TypeError(f"clear_dirty_log() takes a DirtyBitmap, a buffer or a range of pages, "
+                        f"not {type(buffer).__name__}") from None
+    with view:
+        size = (pages + 63) // 64 * 8
+        if view.nbytes != size or not view.c_contiguous:
+            raise ValueError(f"a bitmap for a slot of {pages} pages is {size} contiguous bytes "
+                             f"(one bit per page, whole 64-bit words), not {view.nbytes}")
+        if view.readonly:
+            return (ctypes.c_char * size).from_buffer_copy(view)
+    return (ctypes.c_char * size).from_buffer(buffer)
 
 
 # Mappings KVM may still reach (deleting their slot failed): kept for the life of the process.

@@ -14,8 +14,8 @@ def test_dirty_log_lists_exactly_the_pages_the_guest_wrote(vm, real_mode):
     vcpu = real_mode("dirty")
     vm.get_dirty_log(region)                   # forget the pages the test itself wrote
     assert isinstance(vcpu.run(), HltExit)
-    assert vm.get_dirty_log(region) == [0x3000, 0x5000, 0x9000]
-    assert vm.get_dirty_log(region) == []      # reading the log resets it
+    assert list(vm.get_dirty_log(region)) == [0x3000, 0x5000, 0x9000]
+    assert list(vm.get_dirty_log(region)) == []      # reading the log resets it
     assert vm.memory.read(0x5123, 1) == b"\x02"
 
 

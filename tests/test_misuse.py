@@ -60,7 +60,7 @@ def test_dirty_log_of_a_removed_region_whose_slot_was_reused_is_refused(kvm):
             vm.get_dirty_log(old)
         except StaleHandleError as e:
             print("refused:", e)
-        print("live region still answers:", vm.get_dirty_log(big) == [])
+        print("live region still answers:", list(vm.get_dirty_log(big)) == [])
     """)
     assert result.returncode == 0, result.stderr
     assert "refused:" in result.stdout and "was removed" in result.stdout

@@ -556,7 +556,7 @@ def test_run_code(kvm, own_memory_vm) -> None:
         assert steps == 3
         assert seen == [("out", b"5"), ("in",), ("mmio write", b"\0"), ("mmio read",)]
         # The one guest write into memory (0x2000) dirtied its page, and only that one.
-        assert vm.get_dirty_log(region) == [0x2000]
+        assert list(vm.get_dirty_log(region)) == [0x2000]
 
 
 def test_get_kvm_run(kvm_vm) -> None:

@@ -453,17 +453,17 @@ def _ran_dirty_guest_with_manual_protect(vm, real_mode):
 
 def test_manual_protect_keeps_pages_dirty_until_cleared(vm, real_mode):
     _, region = _ran_dirty_guest_with_manual_protect(vm, real_mode)
-    assert vm.get_dirty_log(region) == DIRTY_PAGES
-    assert vm.get_dirty_log(region) == DIRTY_PAGES     # reading the log no longer resets it
+    assert list(vm.get_dirty_log(region)) == DIRTY_PAGES
+    assert list(vm.get_dirty_log(region)) == DIRTY_PAGES     # reading the log no longer resets it
 
 
 def test_cleared_pages_stay_clean_until_written_again(vm, real_mode):
     vcpu, region = _ran_dirty_guest_with_manual_protect(vm, real_mode)
     vm.clear_dirty_log(region)
-    assert vm.get_dirty_log(region) == []
+    assert list(vm.get_dirty_log(region)) == []
     x86.setup_real_mode(vcpu, 0x1000)              # run dirty.S again from its start
     assert isinstance(vcpu.run(), HltExit)
-    assert vm.get_dirty_log(region) == DIRTY_PAGES
+    assert list(vm.get_dirty_log(region)) == DIRTY_PAGES
 
 
 def test_nmi_smi_and_nested_state(vm):
