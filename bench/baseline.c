@@ -1,6 +1,9 @@
 /* The C baseline for bench/bench_run.py: the same guest and the same work as the
  * Python side, through the raw KVM API.
  *   baseline exits GUEST.bin N   -> run N IO exits, print exits/second
+ *   baseline io-cpu GUEST.bin N  -> run N IO exits (bench/exit_loop.S), print the user CPU
+ *                                   time per exit (getrusage, microseconds), exits, checksum
+ *   baseline mmio-cpu GUEST.bin N -> the same for N MMIO write exits (bench/mmio_loop.S)
  *   baseline cycle GUEST.bin M   -> M times: VM + memory + vCPU + run to HLT + close;
  *                                   print microseconds per cycle
  *   baseline slots GUEST.bin N   -> add N one-page memory slots to one VM (mmap +
@@ -14,6 +17,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -106,6 +110,33 @@ static unsigned long run_to_hlt(struct vm *v, unsigned long *checksum)
     }
 }
 
+/* Run to HLT; count MMIO exits, reading each one's address and first data byte. */
+static unsigned long run_mmio_to_hlt(struct vm *v, unsigned long *checksum)
+{
+    unsigned long exits = 0;
+    for (;;) {
+        if (ioctl(v->vcpu, KVM_RUN, 0) < 0)
+            die("KVM_RUN");
+        if (v->run->exit_reason == KVM_EXIT_MMIO) {
+            *checksum += v->run->mmio.phys_addr + v->run->mmio.data[0];
+            exits++;
+            continue;
+        }
+        if (v->run->exit_reason != KVM_EXIT_HLT) {
+            fprintf(stderr, "unexpected exit %u\n", v->run->exit_reason);
+            exit(1);
+        }
+        return exits;
+    }
+}
+
+static double user_seconds(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 4)
@@ -138,6 +169,16 @@ int main(int argc, char **argv)
         }
         printf("%.2f %.2f\n", first, (now() - t) / tenth * 1e6);
         close(vm);
+        return 0;
+    }
+    if (!strcmp(argv[1], "io-cpu") || !strcmp(argv[1], "mmio-cpu")) {
+        vm_open(kvm, &v, code, len, n);
+        double t = user_seconds();
+        unsigned long exits = argv[1][0] == 'i' ? run_to_hlt(&v, &checksum)
+                                                : run_mmio_to_hlt(&v, &checksum);
+        t = user_seconds() - t;
+        vm_close(&v);
+        printf("%.4f %lu %lu\n", t / exits * 1e6, exits, checksum);
         return 0;
     }
     if (!strcmp(argv[1], "exits")) {

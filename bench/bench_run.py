@@ -1,7 +1,16 @@
 """vCPU exit throughput and VM lifecycle latency: kvm_bindings against C, in one run.
 
-    python bench/bench_run.py [--exits N] [--cycles M] [--rounds R]
+    python bench/bench_run.py [--exits N] [--cycles M] [--rounds R] [--cpu-rounds K]
 
+- user CPU per exit (the library's own cost, which nested KVM's slow exits hide in wall
+  time): bench/exit_loop.S (IO) and bench/mmio_loop.S (MMIO writes), N exits each, the
+  host reading each exit's port (or address) and first data byte. Three loops over the
+  same guest, user CPU time from getrusage: vcpu.run(); the floor, a minimal raw ctypes
+  loop in this process (ioctl(KVM_RUN), one struct.unpack_from of exit_reason and the
+  kvm_run member, the data byte), in the two ways ctypes calls a function: with argtypes
+  (as one writes it) and without (ctypes' cheapest call, the one run() uses); and C.
+  Target: vcpu.run() <= 1.3x the floor. K rounds, each running all of them; shown: the
+  best round of each, and the spread (min-max) of the per-round ratios.
 Both sides run bench/exit_loop.S (assembled here with GNU as) on /dev/kvm:
 - exits: the guest does N port writes; the host loop reads each IO exit's port
   and first data byte. Reported as exits/second; target Python >= 0.55x C.
@@ -14,6 +23,11 @@ alternate C and Python, and the best round of each is compared.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import mmap
+import resource
+import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -23,18 +37,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from kvm_bindings import ExitReason, Kvm, x86  # noqa: E402
+from kvm_bindings import ExitReason, Kvm, abi, x86  # noqa: E402
+from kvm_bindings._layout import member, offset_of, unpacker  # noqa: E402
 
 LOAD_ADDR = 0x1000
 
 
-def build(tmp: Path) -> tuple[Path, Path]:
-    obj, guest, exe = tmp / "guest.o", tmp / "guest.bin", tmp / "baseline"
-    subprocess.run(["as", "--64", "-o", obj, HERE / "exit_loop.S"], check=True)
+def assemble(tmp: Path, source: str) -> Path:
+    obj, guest = tmp / f"{source}.o", tmp / f"{source}.bin"
+    subprocess.run(["as", "--64", "-o", obj, HERE / source], check=True)
     subprocess.run(["ld", "-m", "elf_x86_64", f"-Ttext={LOAD_ADDR:#x}", "--oformat", "binary",
                     "-o", guest, obj], check=True)
+    return guest
+
+
+def build(tmp: Path) -> tuple[Path, Path]:
+    exe = tmp / "baseline"
     subprocess.run(["gcc", "-O2", "-o", exe, HERE / "baseline.c"], check=True)
-    return guest, exe
+    return assemble(tmp, "exit_loop.S"), exe
 
 
 def open_vm(kvm: Kvm, code: bytes, count: int):
@@ -62,6 +82,137 @@ def run_to_hlt(vcpu) -> tuple[int, int]:
         if e.reason is not ExitReason.HLT:
             raise RuntimeError(f"unexpected {e!r}")
         return exits, checksum
+
+
+# ---- user CPU per exit ---------------------------------------------------------------------
+
+def user_time() -> float:
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_utime
+
+
+def ours(vcpu, kind: str) -> tuple[int, int]:
+    """vcpu.run() to HLT, reading each exit's port (address) and first data byte."""
+    exits = checksum = 0
+    run = vcpu.run
+    if kind == "io":
+        io = ExitReason.IO
+        while True:
+            e = run()
+            if e.reason is not io:
+                break
+            checksum += e.port + e.data[0]
+            exits += 1
+    else:
+        mmio = ExitReason.MMIO
+        while True:
+            e = run()
+            if e.reason is not mmio:
+                break
+            checksum += e.phys_addr + e.data[0]
+            exits += 1
+    if e.reason is not ExitReason.HLT:
+        raise RuntimeError(f"unexpected {e!r}")
+    return exits, checksum
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_ioctl_argtypes = _libc.ioctl
+_ioctl_argtypes.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+_ioctl_argtypes.restype = ctypes.c_int
+_ioctl_plain = _libc["ioctl"]
+_ioctl_plain.restype = ctypes.c_int
+_IO_OFF = offset_of(abi.kvm_run, "io")
+_MMIO_OFF = offset_of(abi.kvm_run, "mmio")
+_REASON = unpacker(abi.kvm_run, ("exit_reason",))
+# exit_reason and the member's fields, one unpack: what a minimal hand-written loop reads.
+_RAW = {
+    "io": struct.Struct(_REASON.format + "x" * (_IO_OFF - _REASON.size) + unpacker(
+        member(abi.kvm_run, "io")[1], ("direction", "size", "port", "count", "data_offset")
+    ).format.lstrip("<")),
+    # phys_addr, then data right after it (checked below) as bytes
+    "mmio": struct.Struct(_REASON.format + "x" * (_MMIO_OFF - _REASON.size) + unpacker(
+        member(abi.kvm_run, "mmio")[1], ("phys_addr",)).format.lstrip("<")
+        + f"{ctypes.sizeof(member(member(abi.kvm_run, 'mmio')[1], 'data')[1])}s"),
+}
+assert member(member(abi.kvm_run, "mmio")[1], "data")[0] == 8
+
+
+def raw(vcpu, kind: str, argtypes: bool) -> tuple[int, int]:
+    """The floor: the same loop in raw ctypes over the vCPU's fd and a mapping of its own."""
+    ioctl, number = ((_ioctl_argtypes, abi.KVM_RUN) if argtypes
+                     else (_ioctl_plain, ctypes.c_ulong(abi.KVM_RUN)))
+    fd = vcpu.fd
+    page = mmap.mmap(fd, vcpu.vm.kvm.get_vcpu_mmap_size(), mmap.MAP_SHARED,
+                     mmap.PROT_READ | mmap.PROT_WRITE)
+    exits = checksum = 0
+    unpack = _RAW[kind].unpack_from
+    with page:
+        if kind == "io":
+            io = abi.KVM_EXIT_IO
+            while True:
+                if ioctl(fd, number, None) < 0:
+                    raise OSError(ctypes.get_errno(), "KVM_RUN")
+                reason, _, _, port, _, data_offset = unpack(page)
+                if reason != io:
+                    break
+                checksum += port + page[data_offset]
+                exits += 1
+        else:
+            mmio = abi.KVM_EXIT_MMIO
+            while True:
+                if ioctl(fd, number, None) < 0:
+                    raise OSError(ctypes.get_errno(), "KVM_RUN")
+                reason, phys_addr, data = unpack(page)
+                if reason != mmio:
+                    break
+                checksum += phys_addr + data[0]
+                exits += 1
+    if reason != abi.KVM_EXIT_HLT:
+        raise RuntimeError(f"unexpected exit {reason}")
+    return exits, checksum
+
+
+def cpu_per_exit(kvm: Kvm, code: bytes, n: int, loop) -> tuple[float, int]:
+    """(user CPU microseconds per exit, checksum) of loop(vcpu) over n exits."""
+    vm, vcpu = open_vm(kvm, code, n)
+    with vm:
+        t = user_time()
+        exits, checksum = loop(vcpu)
+        t = user_time() - t
+    if exits != n:
+        raise RuntimeError(f"{exits} exits, expected {n}")
+    return t / n * 1e6, checksum
+
+
+def cpu_rounds(kvm: Kvm, exe: Path, guests: dict[str, Path], n: int, rounds: int) -> None:
+    loops = {"vcpu.run()": lambda kind: lambda v: ours(v, kind),
+             "raw ctypes, argtypes": lambda kind: lambda v: raw(v, kind, True),
+             "raw ctypes, no argtypes": lambda kind: lambda v: raw(v, kind, False)}
+    for kind, guest in guests.items():
+        code = guest.read_bytes()
+        times: dict[str, list[float]] = {name: [] for name in [*loops, "C"]}
+        for _ in range(rounds):
+            c_us, c_exits, c_sum = c_run(exe, guest, f"{kind}-cpu", n)
+            times["C"].append(float(c_us))
+            for name, loop in loops.items():
+                us, checksum = cpu_per_exit(kvm, code, n, loop(kind))
+                if int(c_exits) != n or int(c_sum) != checksum:
+                    raise SystemExit(f"C and {name} saw different {kind} exits")
+                times[name].append(us)
+        best = {name: min(t) for name, t in times.items()}
+        ours_t = times["vcpu.run()"]
+        print(f"{kind.upper()} exits, user CPU per exit, best of {rounds} rounds of {n:,} "
+              f"(all rounds in parentheses):")
+        for name, t in times.items():
+            print(f"  {name:24} {best[name]:6.3f} us  ({' '.join(f'{x:.3f}' for x in t)})")
+        for floor in ("raw ctypes, argtypes", "raw ctypes, no argtypes"):
+            ratios = sorted(a / b for a, b in zip(ours_t, times[floor]))
+            r = best["vcpu.run()"] / best[floor]
+            print(f"  vcpu.run() / {floor}: best rounds {r:.2f}x; per round "
+                  f"{ratios[0]:.2f}-{ratios[-1]:.2f}x, median {statistics.median(ratios):.2f}x "
+                  f"(target <= 1.3x: {'met' if r <= 1.3 else 'MISSED'})")
+        if best["C"] > 0:           # user time is sampled at the tick: a short run can show 0
+            print(f"  vcpu.run() / C: best {best['vcpu.run()'] / best['C']:.2f}x")
 
 
 def python_exits(kvm: Kvm, code: bytes, n: int) -> tuple[float, int]:
@@ -92,9 +243,15 @@ def main() -> int:
     ap.add_argument("--exits", type=int, default=200_000)
     ap.add_argument("--cycles", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cpu-rounds", type=int, default=7)
+    ap.add_argument("--cpu-only", action="store_true", help="only the user CPU per exit")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, Kvm() as kvm:
         guest, exe = build(Path(tmp))
+        cpu_rounds(kvm, exe, {"io": guest, "mmio": assemble(Path(tmp), "mmio_loop.S")},
+                   args.exits, args.cpu_rounds)
+        if args.cpu_only:
+            return 0
         code = guest.read_bytes()
         c_rate = py_rate = 0.0
         c_cycle = py_cycle = float("inf")

@@ -29,8 +29,10 @@ class _Decoder:
     _mmio = unpacker(_mmio_type, ("phys_addr", "len", "is_write"))
     _mmio_data_off = _mmio_off + member(_mmio_type, "data")[0]
     _mmio_data_max = ctypes.sizeof(member(_mmio_type, "data")[1])
-    _reason_at = offset_of(abi.kvm_run, "exit_reason")
-    _reason_fmt = struct.Struct("<I")
+    _reason_fmt = unpacker(abi.kvm_run, ("exit_reason",))       # (these read from offset 0)
+    # exit_reason and kvm_run.io's fields in one unpack: the commonest exit costs one call.
+    _reason_io = struct.Struct(_reason_fmt.format + "x" * (_io_off - _reason_fmt.size)
+                               + _io.format.lstrip("<"))
     _io_out = abi.KVM_EXIT_IO_OUT
 
     # Built once on first use. {reason: (offset in kvm_run, ctypes type of its member)}, and
@@ -75,40 +77,60 @@ class _Decoder:
         self.page = _GONE_PAGE
 
     def reason(self) -> int:
-        return int(self._reason_fmt.unpack_from(self.page, self._reason_at)[0])
+        return int(self._reason_fmt.unpack_from(self.page)[0])
 
-    def _buffer(self, e: Any, start: int, end: int, is_write: bool) -> None:
-        """The exit's data: a copy of a write, or the answer buffer of a read."""
-        if not 0 <= start <= end <= self.size:
-            # KVM never does this; a corrupted page (a fuzzer, a buggy kernel) must not make
-            # the answer land outside the data area.
-            raise KvmError("KVM_RUN", errno.EIO, f"kvm_run names data at {start:#x}..{end:#x}, "
-                                                 f"outside the {self.size:#x}-byte vCPU mapping")
-        if is_write:
-            e._data = self.page[start:end]
-            e._vcpu = None
-        else:
-            buf = bytearray(self.page[start:end])
-            view = memoryview(buf)
-            e._data = view
-            e._vcpu = self.vcpu
-            e._seq = self.vcpu._seq
-            self.answer = (start, buf, view)
+    def _outside(self, start: int, end: int) -> KvmError:
+        # KVM never does this; a corrupted page (a fuzzer, a buggy kernel) must not make
+        # the answer land outside the data area.
+        return KvmError("KVM_RUN", errno.EIO, f"kvm_run names data at {start:#x}..{end:#x}, "
+                                              f"outside the {self.size:#x}-byte vCPU mapping")
 
-    def decode(self, reason: int) -> Exit:
+    def _answer(self, e: Any, start: int, end: int) -> None:
+        """Give a guest read its answer buffer, delivered to the page by the next run()."""
+        buf = bytearray(self.page[start:end])
+        view = memoryview(buf)
+        e._data = view
+        e._vcpu = self.vcpu
+        e._seq = self.vcpu._seq
+        self.answer = (start, buf, view)
+
+    def decode(self, reason: int | None = None) -> Exit:
+        """The exit in the page, as KVM_RUN left it (reason: as if exit_reason said that)."""
+        page = self.page
+        at, direction, size, port, count, start = self._reason_io.unpack_from(page)
+        if reason is None:
+            reason = at
         if reason == _IO:
-            direction, size, port, count, data_offset = self._io.unpack_from(self.page, self._io_off)
-            e: Any = IoExit.__new__(IoExit)
-            e.reason, e.port, e.size, e.count = ExitReason.IO, port, size, count
-            e.is_write = is_write = direction == self._io_out
-            self._buffer(e, data_offset, data_offset + size * count, is_write)
+            e: Any = _new(IoExit)
+            e.reason = _IO_REASON
+            e.port = port
+            e.size = size
+            e.count = count
+            end = start + size * count      # both unsigned: only the end can be out of range
+            if end > self.size:
+                raise self._outside(start, end)
+            if direction == self._io_out:
+                e.is_write = True
+                e._data = page[start:end]
+                e._vcpu = None
+            else:
+                e.is_write = False
+                self._answer(e, start, end)
             return e  # type: ignore[no-any-return]
         if reason == _MMIO:
-            phys, length, is_write = self._mmio.unpack_from(self.page, self._mmio_off)
-            m: Any = MmioExit.__new__(MmioExit)
-            m.reason, m.phys_addr, m.is_write = ExitReason.MMIO, phys, bool(is_write)
+            phys, length, is_write = self._mmio.unpack_from(page, self._mmio_off)
+            m: Any = _new(MmioExit)
+            m.reason = _MMIO_REASON
+            m.phys_addr = phys
             start = self._mmio_data_off
-            self._buffer(m, start, start + min(length, self._mmio_data_max), m.is_write)
+            end = start + min(length, self._mmio_data_max)
+            if is_write:
+                m.is_write = True
+                m._data = page[start:end]
+                m._vcpu = None
+            else:
+                m.is_write = False
+                self._answer(m, start, end)
             return m  # type: ignore[no-any-return]
         plan = self.plans.get(reason)
         if plan is None:
@@ -131,4 +153,7 @@ class _Decoder:
 
 _IO = int(ExitReason.IO)
 _MMIO = int(ExitReason.MMIO)
+_IO_REASON = ExitReason.IO
+_MMIO_REASON = ExitReason.MMIO
+_new = object.__new__
 _GONE_PAGE = b""      # a closed vCPU's decoder reads nothing

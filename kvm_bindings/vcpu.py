@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _requests, abi
 from ._decode import _Decoder
-from ._fd import _ioctl
+from ._fd import _ioctl_unconverted as _ioctl
 from ._layout import check_field, check_int, fill, member, offset_of
 from .device import DeviceAttributes
+from .dirty import _harvest_ring
 from .errors import KvmError, StaleExitError, StaleHandleError, VcpuBusyError
 from .exits import Exit, InterruptedExit
 from .stats import Stats
@@ -53,7 +54,8 @@ def _install_kick_handler() -> bool:
 
 
 _IMMEDIATE_EXIT = offset_of(abi.kvm_run, "immediate_exit")
-_KVM_RUN = abi.KVM_RUN
+_KVM_RUN = ctypes.c_ulong(abi.KVM_RUN)    # made once: see _fd._ioctl_unconverted
+_get_ident = threading.get_ident
 # How long close() waits for a kicked vCPU to leave KVM_RUN. One that does not (its
 # thread blocks the kick signal and the guest never exits) is closed by run() itself
 # when it returns; the VM's memory is safe meanwhile, its slots are deleted first.
@@ -151,25 +153,30 @@ class Vcpu(DeviceAttributes):
         delivered first. VcpuBusyError if another thread is running this vCPU;
         StaleHandleError if the vCPU or its VM is (or gets) closed.
         """
-        if not self._run_lock.acquire(False):
+        # The hot path: every step here is paid on each exit, so it does only what the
+        # guarantees need; an IO exit is decoded in one unpack (_Decoder.decode).
+        run_lock = self._run_lock
+        if not run_lock.acquire(False):
             raise self._busy()
-        self._owner = threading.get_ident()
-        held = False
+        self._owner = me = _get_ident()
+        entered = False
         try:
-            self._hold()        # like any ioctl: a closed vCPU refuses, and the fd stays open
-            held = True         # until this call is done, whatever close() does meanwhile
-            if self.vm._closing:
+            # Holding the run lock is this call's hold on the fd: close() closes it only once
+            # it has taken the lock, or, giving up waiting, leaves that to us (see _defer).
+            vm = self.vm
+            if self._closing or vm._closing:
                 raise self._stale()
+            entered = True
             self._seq += 1
             dec = self._decoder
             if dec.answer is not None:
                 dec.deliver()
-            self._runner = self._owner
+            self._runner = me
             try:
                 ret = _ioctl(self._fd, _KVM_RUN, None)
             finally:
                 self._runner = None
-            if self._closing or self.vm._closing:
+            if self._closing or vm._closing:
                 what = f"vCPU {self.id}" if self._closing else "its VM"
                 raise StaleHandleError(f"{what} was closed while vCPU {self.id} ran")
             if ret < 0:
@@ -181,20 +188,19 @@ class Vcpu(DeviceAttributes):
                     e.reason = abi.ExitReason.INTR
                     return e
                 raise KvmError("KVM_RUN", err)
-            return dec.decode(dec.reason())
+            return dec.decode()
         except BaseException:
             # Whatever leaves run() this way (KeyboardInterrupt from a signal that also
             # interrupted KVM_RUN, a closed vCPU...) takes a pending kick with it, so the
-            # next run() enters the guest. (Held, the page is ours: teardown needs the lock.)
-            if held:
+            # next run() enters the guest. (Entered, the page is ours: teardown needs the lock.)
+            if entered:
                 self._page[_IMMEDIATE_EXIT] = 0
             raise
         finally:
-            if held:
-                # Before the run lock goes: a close() waiting for it then finds the fd free
-                # and closes it itself; a close() that gave up waiting left it to us.
-                self._unhold()
-            self._let_go_of_run_lock()
+            self._owner = None
+            run_lock.release()
+            if self._deferred:          # close() gave up waiting: the teardown is ours
+                self._finish_close()
 
     @contextlib.contextmanager
     def _between_runs(self, what: str) -> Iterator[None]:
@@ -412,20 +418,9 @@ class Vcpu(DeviceAttributes):
                         raise self._stale()
                     self._ring = ring_map
             try:
-                ring = (abi.kvm_dirty_gfn * entries).from_buffer(self._ring)
+                out, self._ring_next = _harvest_ring(self._ring, self._ring_next, entries)
             except ValueError:
                 raise self._stale() from None          # unmapped by close() meanwhile
-            out = []
-            while True:
-                gfn = ring[self._ring_next % entries]
-                # The kernel publishes an entry by setting DIRTY last; reading flags first
-                # keeps slot/offset from being read early (x86 keeps loads in order).
-                if not gfn.flags & abi.KVM_DIRTY_GFN_F_DIRTY:
-                    break
-                out.append((int(gfn.slot), int(gfn.offset)))
-                gfn.flags = abi.KVM_DIRTY_GFN_F_RESET
-                self._ring_next += 1
-            del ring, gfn
         return out
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
@@ -514,11 +509,15 @@ class Vcpu(DeviceAttributes):
         return True
 
     def _defer(self, warn: bool) -> bool:
-        """run() has not returned: it tears down when it does (and, holding the fd as any
-        call in flight does, closes that too). True if it returned just now after all."""
-        self._deferred = True
+        """run() has not returned: it tears down when it does, and holds the fd until then,
+        counted from here as a call in flight (so whoever is last closes it, see _unhold).
+        True if it returned just now after all."""
+        with self._lock:
+            if not self._deferred:
+                self._deferred = True
+                self._users += 1
         if self._run_lock.acquire(False):
-            self._deferred = False
+            self._undefer()
             return True
         if warn:
             warnings.warn(f"vCPU {self.id} did not leave KVM_RUN within {CLOSE_TIMEOUT} s of "
@@ -530,10 +529,22 @@ class Vcpu(DeviceAttributes):
         """In run(), after close() deferred to it: tear down, once."""
         if self._run_lock.acquire(False):
             if self._deferred:
-                self._deferred = False
-                self._teardown()
+                try:
+                    self._teardown()
+                finally:
+                    self._undefer()
             else:
                 self._run_lock.release()
+
+    def _undefer(self) -> None:
+        """Holding the run lock: the run() close() deferred to is over; drop its hold on the
+        fd (closing it if close() is done), in one step an interruption cannot split."""
+        with self._lock:
+            if self._deferred:
+                self._deferred = False
+                self._users -= 1
+                if self._closed and self._users == 0:
+                    self._close_fd()
 
     def _teardown(self) -> None:
         """Unmap the kvm_run page and rings; called holding the run lock, which stays held.
