@@ -58,6 +58,23 @@ def _index(value: object, what: str) -> int:
         raise TypeError(f"{what} must be an integer, not {type(value).__name__}") from None
 
 
+def _writable_bytes(buffer: Any, call: str, examples: str) -> memoryview:
+    """buffer as a flat, writable byte view of its own (release it when done), or a TypeError
+    saying what `call` takes instead."""
+    try:
+        whole = memoryview(buffer)
+    except TypeError:
+        raise TypeError(f"{call} takes a writable buffer ({examples}), not "
+                        f"{type(buffer).__name__}") from None
+    with whole:
+        if whole.readonly:
+            raise TypeError(f"{call} needs a writable buffer; a {type(buffer).__name__} is "
+                            f"read-only")
+        if not whole.c_contiguous:
+            raise TypeError(f"{call} needs a contiguous buffer")
+        return whole.cast("B")      # its own export: outlives `whole`
+
+
 def _positive(value: object, what: str) -> int:
     n = _index(value, what)
     if n <= 0:
@@ -285,18 +302,7 @@ class Backing(Unshareable):
         resize it under KVM. KVM maps whole pages: a slot's start (host_addr + offset) must
         fall on a page boundary, which a bytearray's rarely does (see page_offset).
         """
-        try:
-            whole = memoryview(buffer)
-        except TypeError:
-            raise TypeError(f"from_buffer() takes a writable buffer (an mmap, a bytearray...), "
-                            f"not {type(buffer).__name__}") from None
-        with whole:
-            if whole.readonly:
-                raise TypeError(f"from_buffer() needs a writable buffer; a "
-                                f"{type(buffer).__name__} is read-only")
-            if not whole.c_contiguous:
-                raise TypeError("from_buffer() needs a contiguous buffer")
-            flat = whole.cast("B")      # its own export: outlives `whole`
+        flat = _writable_bytes(buffer, "from_buffer()", "an mmap, a bytearray...")
         if not flat.nbytes:
             flat.release()
             raise ValueError("from_buffer() needs a buffer of at least one byte")

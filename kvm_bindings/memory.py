@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ._fd import FdObject, Unshareable
-from .backing import PAGE_SIZE, Backing, _index
+from .backing import PAGE_SIZE, Backing, _index, _writable_bytes
 from .errors import GuestMemoryError, StaleHandleError
 
 if TYPE_CHECKING:
@@ -218,24 +218,13 @@ class GuestMemory(Unshareable):
 
         Nothing is copied if any byte of the range is outside guest memory.
         """
-        try:
-            whole = memoryview(buffer)
-        except TypeError:
-            raise TypeError(f"readinto() takes a writable buffer (a bytearray, an mmap, a "
-                            f"memoryview...), not {type(buffer).__name__}") from None
-        with whole:
-            if whole.readonly:
-                raise TypeError(f"readinto() needs a writable buffer; a "
-                                f"{type(buffer).__name__} is read-only")
-            if not whole.c_contiguous:
-                raise TypeError("readinto() needs a contiguous buffer")
-            with whole.cast("B") as dest:
-                pos = 0
-                for span in self._spans(gpa, dest.nbytes):
-                    n = span.nbytes
-                    dest[pos:pos + n] = span
-                    pos += n
-                return pos
+        with _writable_bytes(buffer, "readinto()", "a bytearray, an mmap, a memoryview...") as dest:
+            pos = 0
+            for span in self._spans(gpa, dest.nbytes):
+                n = span.nbytes
+                dest[pos:pos + n] = span
+                pos += n
+            return pos
 
     def write(self, gpa: int, data: ReadableBuffer) -> None:
         """Copy data (any contiguous buffer) into guest memory at gpa, once (across regions
