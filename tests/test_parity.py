@@ -175,8 +175,22 @@ def test_set_invalid_memory(kvm_vm, guest_memfd) -> None:
     assert kvm_vm.memory.regions == ()
 
 
-def test_set_tss_address(kvm_vm) -> None:
+def test_set_tss_address(kvm_vm, monkeypatch) -> None:
+    # Nothing reads the TSS address back (on AMD KVM even ignores it): what can be checked is
+    # that the kernel was asked, with exactly this address, and said yes.
+    asked: list[tuple[int, object, int]] = []
+    real = kvm_vm._raw_ioctl
+
+    def spy(number, ptr, name):
+        ret = real(number, ptr, name)
+        asked.append((number, ptr, ret))
+        return ret
+    monkeypatch.setattr(kvm_vm, "_raw_ioctl", spy)
     kvm_vm.set_tss_addr(0xFFFBD000)
+    assert asked == [(abi.KVM_SET_TSS_ADDR, 0xFFFBD000, 0)]
+    with pytest.raises(OverflowError):              # an unsigned long, never truncated
+        kvm_vm.set_tss_addr(1 << 64)
+    assert len(asked) == 1
 
 
 def test_set_identity_map_address(kvm_vm) -> None:
@@ -231,6 +245,18 @@ def test_register_ioevent(kvm_vm, eventfds) -> None:
     kvm_vm.add_ioeventfd(efd, 0xC2, 2, pio=True, datamatch=0x1337)
     kvm_vm.add_ioeventfd(efd, 0xC4, 4, pio=True, datamatch=0xDEADBEEF)
     kvm_vm.add_ioeventfd(efd, 0xC8, 8, pio=True, datamatch=0xDEADBEEFDEADBEEF)
+    # Each registration took: registering it again is EEXIST, and removing it works (what
+    # was never registered is ENOENT, see below).
+    registered = [((0xF4, 0), {"pio": True}), ((0x1000, 0), {}),
+                  ((0xC1, 1), {"pio": True, "datamatch": 0x7F}),
+                  ((0xC2, 2), {"pio": True, "datamatch": 0x1337}),
+                  ((0xC4, 4), {"pio": True, "datamatch": 0xDEADBEEF}),
+                  ((0xC8, 8), {"pio": True, "datamatch": 0xDEADBEEFDEADBEEF})]
+    for (addr, length), kw in registered:
+        with pytest.raises(KvmError) as e:
+            kvm_vm.add_ioeventfd(efd, addr, length, **kw)
+        assert e.value.errno == errno.EEXIST, (addr, length)
+        kvm_vm.remove_ioeventfd(efd, addr, length, **kw)
 
 
 def test_unregister_ioevent(kvm_vm, eventfds) -> None:
@@ -269,9 +295,16 @@ def test_register_unregister_irqfd(kvm_vm, eventfds) -> None:
 
 def test_set_irq_line(kvm_vm) -> None:
     kvm_vm.create_irqchip()
-    kvm_vm.set_irq_line(4, 1)
-    kvm_vm.set_irq_line(4, 0)
-    kvm_vm.set_irq_line(4, 1)
+
+    def line_4() -> tuple[bool, bool]:
+        """GSI 4 as the in-kernel PIC and IOAPIC see it (the line's level)."""
+        pic = kvm_vm.get_irqchip(abi.KVM_IRQCHIP_PIC_MASTER).chip.pic
+        ioapic = kvm_vm.get_irqchip(abi.KVM_IRQCHIP_IOAPIC).chip.ioapic
+        return bool(pic.last_irr & 1 << 4), bool(ioapic.irr & 1 << 4)
+    assert line_4() == (False, False)
+    for level in (1, 0, 1):
+        kvm_vm.set_irq_line(4, level)
+        assert line_4() == (bool(level), bool(level))
 
 
 def test_faulty_vm_fd(kvm, eventfds) -> None:
@@ -339,7 +372,9 @@ def test_encrypt_op_sev(kvm, kvm_vm) -> None:
                     "memory encryption (a KVM_X86_SEV_VM, KVM_X86_SNP_VM or KVM_X86_TDX_VM "
                     "type in KVM_CAP_VM_TYPES)")
         return
-    kvm_vm.memory_encrypt_op(init)
+    kvm_vm.memory_encrypt_op(init)                 # raises KvmError if SEV refuses it
+    with pytest.raises(KvmError):                  # and is now initialised: not twice
+        kvm_vm.memory_encrypt_op(abi.kvm_sev_cmd(id=abi.KVM_SEV_INIT))
 
 
 def test_register_unregister_enc_memory_region(kvm, kvm_vm) -> None:
