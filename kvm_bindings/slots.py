@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import abi
@@ -209,19 +210,25 @@ class MemorySlots(CapabilityOwner):
                 raise ValueError(f"{gpa:#x} overlaps {clash!r}")
             if region.guest_memfd is not None:
                 region.guest_memfd.fd  # noqa: B018 - closed: refuse before deleting anything
-            self._set_region(region, size=0)   # a slot cannot move in place
-            try:
-                self._set_region(region, gpa=gpa)
-            except BaseException:
-                try:
-                    self._set_region(region)          # back where it was
-                except BaseException:
-                    self._forget(region)              # KVM has no slot for it any more
-                    raise
-                raise
+            self._swap_slot(region, lambda: self._set_region(region, gpa=gpa))
             self.memory._remove(region)
             region.guest_phys_addr = gpa
             self.memory._add(region)
+
+    def _swap_slot(self, old: MemoryRegion, add: Callable[[], None]) -> None:
+        """Delete old's slot in KVM, then add() its replacement (a slot cannot change in
+        place). If add() fails, old goes back as it was; if even that fails, old is forgotten,
+        since KVM has no slot for it any more."""
+        self._set_region(old, size=0)
+        try:
+            add()
+        except BaseException:
+            try:
+                self._set_region(old)
+            except BaseException:
+                self._forget(old)
+                raise
+            raise
 
     def set_readonly(self, region: MemoryRegion, readonly: bool) -> MemoryRegion:
         """Make a slot read-only (guest writes exit as MMIO) or writable, its contents kept.
@@ -246,16 +253,7 @@ class MemorySlots(CapabilityOwner):
                                old.offset, old.guest_memfd, old.guest_memfd_offset, owner=self,
                                replacing=old)
             try:
-                self._set_region(old, size=0)
-                try:
-                    self._set_region(new)
-                except BaseException:
-                    try:
-                        self._set_region(old)         # back as it was
-                    except BaseException:
-                        self._forget(old)             # KVM has no slot for it any more
-                        raise
-                    raise
+                self._swap_slot(old, lambda: self._set_region(new))
             except BaseException:
                 new._unmap()
                 raise
