@@ -216,3 +216,25 @@ def only_call(kernel: FakeKernel, abi: Any, name: str, role: str) -> Call:
     if io.size and io.arg_type is not None:
         assert calls[0].arg_size == io.size == ctypes.sizeof(io.arg_type)
     return calls[0]
+
+
+def one_reg_registers(kernel: FakeKernel, abi: Any, regs: dict[int, int]) -> None:
+    """GET/SET_ONE_REG against a register file, reading and writing KVM_REG_SIZE(id) bytes
+    at the address in kvm_one_reg, as the kernel does (ENOENT for an id it lacks)."""
+    from kvm_bindings.vcpu import reg_size
+
+    def get(call: Call) -> int:
+        req = call.struct(abi.kvm_one_reg)
+        if req.id not in regs:
+            raise OSError(errno.ENOENT, "")
+        size = reg_size(req.id)
+        ctypes.memmove(req.addr, regs[req.id].to_bytes(size, "little"), size)
+        return 0
+
+    def put(call: Call) -> int:
+        req = call.struct(abi.kvm_one_reg)
+        if req.id not in regs:
+            raise OSError(errno.ENOENT, "")
+        regs[req.id] = int.from_bytes(ctypes.string_at(req.addr, reg_size(req.id)), "little")
+        return 0
+    kernel.handlers |= {"KVM_GET_ONE_REG": get, "KVM_SET_ONE_REG": put}

@@ -18,7 +18,7 @@ from kvm_bindings import KvmError, KvmUnsupported, StaleHandleError, arm64
 from kvm_bindings.abi import arm64 as abi
 from kvm_bindings.arm64 import Arm64Kvm, Arm64Vcpu, Arm64Vm
 
-from .cross_oracle import Call, FakeKernel, c_values, default_caps, only_call
+from .cross_oracle import Call, FakeKernel, c_values, default_caps, one_reg_registers, only_call
 
 # ---- register ids against the C compiler ---------------------------------------------------
 
@@ -255,23 +255,7 @@ def test_finalize_passes_a_pointer_to_the_feature_as_an_int(kernel, vcpu):
 
 
 def one_reg_file(kernel: FakeKernel, regs: dict[int, int]) -> None:
-    """GET/SET_ONE_REG against a register file, reading and writing KVM_REG_SIZE(id) bytes
-    at the address in kvm_one_reg, as the kernel does."""
-    def get(call: Call) -> int:
-        req = call.struct(abi.kvm_one_reg)
-        if req.id not in regs:
-            raise OSError(errno.ENOENT, "")
-        size = arm64.reg_size(req.id)
-        ctypes.memmove(req.addr, regs[req.id].to_bytes(size, "little"), size)
-        return 0
-
-    def put(call: Call) -> int:
-        req = call.struct(abi.kvm_one_reg)
-        if req.id not in regs:
-            raise OSError(errno.ENOENT, "")
-        regs[req.id] = int.from_bytes(ctypes.string_at(req.addr, arm64.reg_size(req.id)), "little")
-        return 0
-    kernel.handlers |= {"KVM_GET_ONE_REG": get, "KVM_SET_ONE_REG": put}
+    one_reg_registers(kernel, abi, regs)
 
 
 V31 = int.from_bytes(bytes(range(1, 17)), "little")     # all 128 bits distinct

@@ -18,7 +18,7 @@ from kvm_bindings import KvmError, riscv64
 from kvm_bindings.abi import riscv64 as abi
 from kvm_bindings.riscv64 import Riscv64Kvm, Riscv64Vcpu, Riscv64Vm
 
-from .cross_oracle import Call, FakeKernel, c_values, default_caps, only_call
+from .cross_oracle import Call, FakeKernel, c_values, default_caps, one_reg_registers, only_call
 
 # ---- register ids against the C compiler ---------------------------------------------------
 
@@ -121,22 +121,7 @@ def only(kernel: FakeKernel, name: str, role: str) -> Call:
 
 
 def one_reg_file(kernel: FakeKernel, regs: dict[int, int]) -> None:
-    """GET/SET_ONE_REG against a register file, KVM_REG_SIZE(id) bytes at kvm_one_reg.addr."""
-    def get(call: Call) -> int:
-        req = call.struct(abi.kvm_one_reg)
-        if req.id not in regs:
-            raise OSError(errno.ENOENT, "")
-        size = riscv64.reg_size(req.id)
-        ctypes.memmove(req.addr, regs[req.id].to_bytes(size, "little"), size)
-        return 0
-
-    def put(call: Call) -> int:
-        req = call.struct(abi.kvm_one_reg)
-        if req.id not in regs:
-            raise OSError(errno.ENOENT, "")
-        regs[req.id] = int.from_bytes(ctypes.string_at(req.addr, riscv64.reg_size(req.id)), "little")
-        return 0
-    kernel.handlers |= {"KVM_GET_ONE_REG": get, "KVM_SET_ONE_REG": put}
+    one_reg_registers(kernel, abi, regs)
 
 
 def test_the_classes_are_the_riscv64_ones(vm, vcpu):
