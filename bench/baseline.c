@@ -21,21 +21,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
+
 #define MEM_SIZE 0x10000
 #define LOAD_ADDR 0x1000
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void die(const char *what)
-{
-    perror(what);
-    exit(1);
-}
 
 struct vm {
     int vm, vcpu;

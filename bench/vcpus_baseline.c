@@ -21,6 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
+
 #define MEM_SIZE 0x10000
 #define LOAD_ADDR 0x1000
 #define PORT 0x3f8
@@ -36,22 +38,9 @@ struct vcpu {
     double wall, user, sys, oncpu, runqueue;
 };
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static double tv(struct timeval t)
 {
     return t.tv_sec + t.tv_usec / 1e6;
-}
-
-static void die(const char *what)
-{
-    perror(what);
-    exit(1);
 }
 
 static void schedstat(double *oncpu, double *runqueue)
