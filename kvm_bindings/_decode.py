@@ -1,5 +1,6 @@
 """Turning a vCPU's kvm_run page into exit objects (kvm_bindings.exits), and handing the
-answer to a guest read back to the page before the next KVM_RUN. The hot path of run()."""
+answer to a guest read back to the page before the next KVM_RUN. IO and MMIO exits, the hot
+path, are decoded by Vcpu.run() itself with the unpackers made here."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from . import abi
 from ._layout import member, offset_of, unpacker
 from .errors import KvmError
-from .exits import EXIT_CLASSES, ExitReason, IoExit, MmioExit, PayloadExit, UnknownExit
+from .exits import _STALE_ANSWER, EXIT_CLASSES, ExitReason, PayloadExit, UnknownExit
 
 if TYPE_CHECKING:
     from .exits import Exit
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 
 
 class _Decoder:
-    """Turns the kvm_run page of one vCPU into Exit objects, and hands the answer to a
-    guest read (IN, MMIO read) back to the page before the next KVM_RUN."""
+    """The parts of turning a vCPU's kvm_run page into Exit objects that are not run()'s
+    hot path: every exit but IO and MMIO (which run() decodes itself, one unpack each),
+    answer buffers for guest reads, and handing the answer back to the page."""
 
     _io_off = offset_of(abi.kvm_run, "io")
     _io = unpacker(member(abi.kvm_run, "io")[1], ("direction", "size", "port", "count", "data_offset"))
@@ -31,9 +33,10 @@ class _Decoder:
     _mmio_data_max = ctypes.sizeof(member(_mmio_type, "data")[1])
     _reason_fmt = unpacker(abi.kvm_run, ("exit_reason",))       # (these read from offset 0)
     # exit_reason and kvm_run.io's fields in one unpack: the commonest exit costs one call.
-    _reason_io = struct.Struct(_reason_fmt.format + "x" * (_io_off - _reason_fmt.size)
-                               + _io.format.lstrip("<"))
-    _io_out = abi.KVM_EXIT_IO_OUT
+    reason_io = struct.Struct(_reason_fmt.format + "x" * (_io_off - _reason_fmt.size)
+                              + _io.format.lstrip("<"))
+    reason_mmio = struct.Struct(_reason_fmt.format + "x" * (_mmio_off - _reason_fmt.size)
+                                + _mmio.format.lstrip("<"))
 
     # Built once on first use. {reason: (offset in kvm_run, ctypes type of its member)}, and
     # {reason: (class, ExitReason, offset, member type or None for an exit without payload)}.
@@ -61,16 +64,20 @@ class _Decoder:
         self.members = _Decoder._members
         self.plans = _Decoder._plans
 
-    def deliver(self) -> None:
-        """Copy the answer into kvm_run and retire the buffer handed out for it."""
-        assert self.answer is not None
-        start, buf, view = self.answer
-        self.answer = None
-        self.page[start:start + len(buf)] = buf
+    def retire(self, exit: Exit, deliver: bool) -> None:
+        """The vCPU is about to run again (deliver: the answer goes to the page) or is
+        closing (it goes nowhere): exit, its pending one, can no longer be answered."""
+        answer, self.answer = self.answer, None
+        if answer is None:
+            return                 # a PayloadExit: reply() checks vcpu._pending itself
+        start, buf, view = answer
+        if deliver:
+            self.page[start:start + len(buf)] = buf
+        exit.data = _STALE_ANSWER   # type: ignore[attr-defined]
         try:
-            view.release()     # a view still held now raises instead of silently going nowhere
+            view.release()         # a view still held now raises instead of silently going nowhere
         except BufferError:
-            pass               # re-exported by the caller: it only ever reaches buf, not the page
+            pass                   # re-exported by the caller: it only ever reaches buf, not the page
 
     def release(self) -> None:
         self.answer = None
@@ -79,59 +86,22 @@ class _Decoder:
     def reason(self) -> int:
         return int(self._reason_fmt.unpack_from(self.page)[0])
 
-    def _outside(self, start: int, end: int) -> KvmError:
+    def outside(self, start: int, end: int) -> KvmError:
         # KVM never does this; a corrupted page (a fuzzer, a buggy kernel) must not make
         # the answer land outside the data area.
         return KvmError("KVM_RUN", errno.EIO, f"kvm_run names data at {start:#x}..{end:#x}, "
                                               f"outside the {self.size:#x}-byte vCPU mapping")
 
-    def _answer(self, e: Any, start: int, end: int) -> None:
+    def answer_buffer(self, e: Any, start: int, end: int) -> None:
         """Give a guest read its answer buffer, delivered to the page by the next run()."""
         buf = bytearray(self.page[start:end])
         view = memoryview(buf)
-        e._data = view
-        e._vcpu = self.vcpu
-        e._seq = self.vcpu._seq
+        e.data = view
         self.answer = (start, buf, view)
+        self.vcpu._pending = e
 
-    def decode(self, reason: int | None = None) -> Exit:
-        """The exit in the page, as KVM_RUN left it (reason: as if exit_reason said that)."""
-        page = self.page
-        at, direction, size, port, count, start = self._reason_io.unpack_from(page)
-        if reason is None:
-            reason = at
-        if reason == _IO:
-            e: Any = _new(IoExit)
-            e.reason = _IO_REASON
-            e.port = port
-            e.size = size
-            e.count = count
-            end = start + size * count      # both unsigned: only the end can be out of range
-            if end > self.size:
-                raise self._outside(start, end)
-            if direction == self._io_out:
-                e.is_write = True
-                e._data = page[start:end]
-                e._vcpu = None
-            else:
-                e.is_write = False
-                self._answer(e, start, end)
-            return e  # type: ignore[no-any-return]
-        if reason == _MMIO:
-            phys, length, is_write = self._mmio.unpack_from(page, self._mmio_off)
-            m: Any = _new(MmioExit)
-            m.reason = _MMIO_REASON
-            m.phys_addr = phys
-            start = self._mmio_data_off
-            end = start + min(length, self._mmio_data_max)
-            if is_write:
-                m.is_write = True
-                m._data = page[start:end]
-                m._vcpu = None
-            else:
-                m.is_write = False
-                self._answer(m, start, end)
-            return m  # type: ignore[no-any-return]
+    def decode(self, reason: int) -> Exit:
+        """An exit that is neither IO nor MMIO (run() decodes those), as the page has it."""
         plan = self.plans.get(reason)
         if plan is None:
             u = UnknownExit.__new__(UnknownExit)
@@ -143,7 +113,7 @@ class _Decoder:
         if t is not None:
             obj._payload = t.from_buffer_copy(self.page, off)
             obj._vcpu = self.vcpu
-            obj._seq = self.vcpu._seq
+            self.vcpu._pending = obj
         return obj  # type: ignore[no-any-return]
 
     def live_member(self, reason: int) -> Any:
@@ -151,9 +121,4 @@ class _Decoder:
         return t.from_buffer(self.page, off)
 
 
-_IO = int(ExitReason.IO)
-_MMIO = int(ExitReason.MMIO)
-_IO_REASON = ExitReason.IO
-_MMIO_REASON = ExitReason.MMIO
-_new = object.__new__
 _GONE_PAGE = b""      # a closed vCPU's decoder reads nothing

@@ -165,31 +165,45 @@ def _c_fields(t: Any) -> list[str]:
 
 # ---- exits with a data buffer: IO and MMIO ------------------------------------------------
 
-class _DataExit(Exit):
-    """An exit with a data buffer: a copy for guest writes, an answer buffer for guest reads."""
+class _StaleAnswer:
+    """What an answered exit's data becomes once its vCPU ran again (or closed): every use
+    raises StaleExitError, where a buffer would silently take bytes nobody reads."""
 
-    __slots__ = ("is_write", "_data", "_vcpu", "_seq")
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]
+
+    def _refuse(self, *args: object) -> Any:
+        raise StaleExitError("this exit's answer buffer is stale: its vCPU ran again (or "
+                             "closed) since, and the answer was delivered (or dropped) then")
+
+    __getitem__ = __setitem__ = __len__ = __iter__ = __bytes__ = __eq__ = __contains__ = _refuse
+    __buffer__ = _refuse        # memoryview(data), Python 3.12 on; before that a TypeError
+
+    def __getattr__(self, name: str) -> Any:      # tobytes(), cast(), hex()...
+        return self._refuse()
+
+    def __repr__(self) -> str:
+        return "<stale>"
+
+
+_STALE_ANSWER: Any = _StaleAnswer()
+
+
+class _DataExit(Exit):
+    """An exit with a data buffer: a copy for guest writes, an answer buffer for guest reads.
+
+    data is a plain attribute (read on every exit, so it costs no call): for a guest write
+    the bytes written, a copy valid for good; for a guest read a writable memoryview whose
+    bytes the guest receives on the next run(). After that run (or close()) the view is
+    released and data is replaced by a stand-in whose every use raises StaleExitError."""
+
+    __slots__ = ("is_write", "data")
     reason: ExitReason
     is_write: bool
-    _data: bytes | memoryview
-    _vcpu: Vcpu | None
-    _seq: int
-
-    @property
-    def data(self) -> bytes | memoryview:
-        """For a guest write: the bytes written (a copy, valid for good). For a guest read: a
-        writable buffer whose bytes the guest receives on the next run(); StaleExitError after."""
-        vcpu = self._vcpu
-        if vcpu is not None and vcpu._seq != self._seq:
-            raise StaleExitError(f"this {type(self).__name__} is stale: vCPU {vcpu.id} ran again "
-                                 f"(or closed) since, and its answer was delivered then")
-        return self._data
+    data: bytes | memoryview
 
     def _shown_data(self) -> str:
-        vcpu = self._vcpu
-        if vcpu is not None and vcpu._seq != self._seq:
-            return "<stale>"
-        return repr(bytes(self._data))
+        return repr(self.data) if self.data is _STALE_ANSWER else repr(bytes(self.data))
 
 
 class IoExit(_DataExit, reason=ExitReason.IO):
@@ -292,11 +306,10 @@ class PayloadExit(Exit, Generic[_P]):
     """An exit whose kvm_run member is copied out: .payload, typed as the member's generated
     class, and each of the member's fields as a typed attribute (exit.pc, exit.suberror...)."""
 
-    __slots__ = ("_payload", "_vcpu", "_seq")
+    __slots__ = ("_payload", "_vcpu")
     reason: ExitReason
     _payload: _P
     _vcpu: Vcpu
-    _seq: int
 
     @property
     def payload(self) -> _P:
@@ -309,9 +322,9 @@ class PayloadExit(Exit, Generic[_P]):
         vcpu = self._vcpu
         payload: Any = self._payload        # only members with fields have a reply()
         checked = fill(type(payload)(), **fields)   # range-checked before any write
-        # Holding the run lock, no run() can start between the staleness check and the write.
+        # Holding the run gate, no run() can start between the staleness check and the write.
         with vcpu._between_runs(f"reply() to a {type(self).__name__}"):
-            if vcpu._seq != self._seq:
+            if vcpu._pending is not self:
                 raise StaleExitError(f"reply() to a stale {type(self).__name__}: vCPU {vcpu.id} "
                                      f"ran again (or closed) since; the guest has moved on")
             live = vcpu._run_member(self.reason)

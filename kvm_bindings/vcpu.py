@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
+import os
 import signal
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _requests, abi
@@ -20,7 +23,7 @@ from ._layout import check_field, check_int, fill, member, offset_of
 from .device import DeviceAttributes
 from .dirty import _harvest_ring
 from .errors import KvmError, StaleExitError, StaleHandleError, VcpuBusyError
-from .exits import Exit, InterruptedExit
+from .exits import Exit, ExitReason, InterruptedExit, IoExit, MmioExit
 from .stats import Stats
 
 if TYPE_CHECKING:
@@ -54,8 +57,54 @@ def _install_kick_handler() -> bool:
 
 
 _IMMEDIATE_EXIT = offset_of(abi.kvm_run, "immediate_exit")
-_KVM_RUN = ctypes.c_ulong(abi.KVM_RUN)    # made once: see _fd._ioctl_unconverted
 _get_ident = threading.get_ident
+
+
+def _run_ioctl_ctypes(fd: int, number: ctypes.c_ulong) -> None:
+    if _ioctl(fd, number, None) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+# KVM_RUN, the call made millions of times. fcntl.ioctl makes it in about half the user-space
+# instructions of a ctypes call, releases the GIL, and reports EINTR as InterruptedError,
+# which kick() needs. From CPython 3.14 on, fcntl.ioctl retries EINTR itself (gh-132742):
+# with immediate_exit set, KVM_RUN would fail that way for ever, so there the call goes
+# through ctypes (without argtypes, its cheapest form: see _fd._ioctl_unconverted).
+# tests/test_threads.py checks on the running interpreter that a kick comes back as EINTR.
+_run_ioctl: Callable[[int, Any], Any]
+_KVM_RUN: Any
+if sys.implementation.name == "cpython" and sys.version_info < (3, 14):
+    _run_ioctl, _KVM_RUN = fcntl.ioctl, abi.KVM_RUN
+else:
+    _run_ioctl, _KVM_RUN = _run_ioctl_ctypes, ctypes.c_ulong(abi.KVM_RUN)
+
+# What run() decodes in its own frame: IO and MMIO exits.
+_unpack_reason_io = _Decoder.reason_io.unpack_from
+_unpack_reason_mmio = _Decoder.reason_mmio.unpack_from
+_MMIO_DATA_OFF = _Decoder._mmio_data_off
+_MMIO_DATA_MAX = _Decoder._mmio_data_max
+_IO, _MMIO = int(ExitReason.IO), int(ExitReason.MMIO)
+_IO_REASON, _MMIO_REASON, _INTR = ExitReason.IO, ExitReason.MMIO, ExitReason.INTR
+_IO_OUT = abi.KVM_EXIT_IO_OUT
+_IoExit, _MmioExit, _InterruptedExit = IoExit, MmioExit, InterruptedExit
+
+# run() hands out a new IoExit or MmioExit on every exit, and making one costs more than the
+# rest of decoding it. Yet in the usual loop (e = vcpu.run(); ...) the exit of two runs ago
+# is held by nobody but the vCPU once the next run() starts. CPython's reference count tells
+# that for certain (the vCPU's attribute, run()'s local and getrefcount's own argument: 3),
+# and an object nobody else can reach can be filled in again without anyone seeing it
+# change. Held anywhere else (a list, a variable, another thread's frame), it is never
+# reused. Elsewhere (PyPy, free-threaded builds) there is no such certainty: always new.
+_UNSHARED = 3
+_refcount: Callable[[object], int]
+if (sys.implementation.name == "cpython" and sys.version_info < (3, 14)   # (3.14 borrows refs)
+        and getattr(sys, "_is_gil_enabled", lambda: True)()):
+    _refcount = sys.getrefcount
+else:
+    def _refcount(obj: object) -> int:
+        return 0
+_NOBODYS: Any = object()       # held for good by the module: never reused
 # How long close() waits for a kicked vCPU to leave KVM_RUN. One that does not (its
 # thread blocks the kick signal and the guest never exits) is closed by run() itself
 # when it returns; the VM's memory is safe meanwhile, its slots are deleted first.
@@ -106,12 +155,23 @@ class Vcpu(DeviceAttributes):
         self.vm = vm
         self.id = vcpu_id
         self._page = page
-        self._run_lock = threading.Lock()   # held by run() and, once closed, forever
-        self._runner: int | None = None     # the thread inside KVM_RUN
-        self._owner: int | None = None      # the thread holding the run lock
+        # The run gate: one token, popped by run() (or an answer to an exit) and put back
+        # after; taken by close() for good. list.pop() and append() are atomic.
+        self._gate: list[None] = [None]
+        self._runner: int | None = None     # the thread holding the gate (in run(): kick() signals it)
+        self._pending: Exit | None = None   # the exit the next run() answers; None: nothing to answer
+        # Set as this vCPU or its VM starts closing, before either kicks it: run() checks this
+        # one flag before and after KVM_RUN.
+        self._halted = False
+        self._page_size = len(page)
+        self._mmio_first = False            # which member run() unpacks with exit_reason
+        # The exit objects run() handed out last and the one before (see _refcount).
+        self._io_last: IoExit = _NOBODYS
+        self._io_spare: IoExit = _NOBODYS
+        self._mmio_last: MmioExit = _NOBODYS
+        self._mmio_spare: MmioExit = _NOBODYS
         self._close_deadline: float | None = None   # set by a VM closing several vCPUs
         self._deferred = False              # close() left the teardown to run()
-        self._seq = 0                       # bumped by each run() and close(): older exits go stale
         self._ring: mmap.mmap | None = None
         self._ring_next = 0
         self._ring_lock = threading.Lock()
@@ -154,78 +214,139 @@ class Vcpu(DeviceAttributes):
         StaleHandleError if the vCPU or its VM is (or gets) closed.
         """
         # The hot path: every step here is paid on each exit, so it does only what the
-        # guarantees need; an IO exit is decoded in one unpack (_Decoder.decode).
-        run_lock = self._run_lock
-        if not run_lock.acquire(False):
-            raise self._busy()
-        self._owner = me = _get_ident()
+        # guarantees need, in this one frame: IO and MMIO exits are decoded here, one unpack
+        # each (the decoder does the rest); the run gate is a list's atomic pop and append.
+        gate = self._gate
+        try:
+            gate.pop()
+        except IndexError:
+            raise self._busy() from None
+        self._runner = _get_ident()
         entered = False
         try:
-            # Holding the run lock is this call's hold on the fd: close() closes it only once
-            # it has taken the lock, or, giving up waiting, leaves that to us (see _defer).
-            vm = self.vm
-            if self._closing or vm._closing:
+            # Holding the gate is this call's hold on the fd: close() closes it only once it
+            # has taken the gate, or, giving up waiting, leaves that to us (see _defer).
+            if self._halted:
                 raise self._stale()
             entered = True
-            self._seq += 1
-            dec = self._decoder
-            if dec.answer is not None:
-                dec.deliver()
-            self._runner = me
+            if self._pending is not None:
+                self._retire(deliver=True)
             try:
-                ret = _ioctl(self._fd, _KVM_RUN, None)
-            finally:
-                self._runner = None
-            if self._closing or vm._closing:
-                what = f"vCPU {self.id}" if self._closing else "its VM"
-                raise StaleHandleError(f"{what} was closed while vCPU {self.id} ran")
-            if ret < 0:
-                err = ctypes.get_errno()
-                if err == errno.EINTR:
-                    # The kick (if any) is consumed; a later one sets immediate_exit again.
-                    self._page[_IMMEDIATE_EXIT] = 0
-                    e = InterruptedExit.__new__(InterruptedExit)
-                    e.reason = abi.ExitReason.INTR
-                    return e
-                raise KvmError("KVM_RUN", err)
-            return dec.decode()
+                _run_ioctl(self._fd, _KVM_RUN)
+            except OSError as err:
+                if self._halted:
+                    raise self._closed_while_running() from None
+                if err.errno != errno.EINTR:
+                    raise KvmError("KVM_RUN", err.errno or errno.EIO) from None
+                # The kick (if any) is consumed; a later one sets immediate_exit again.
+                self._page[_IMMEDIATE_EXIT] = 0
+                i = _InterruptedExit()
+                i.reason = _INTR
+                return i
+            if self._halted:
+                raise self._closed_while_running()
+            page = self._page
+            # One unpack of exit_reason and the member it guesses (the last IO or MMIO exit's);
+            # a second one when the guess was wrong.
+            if self._mmio_first:
+                reason, phys_addr, length, is_write = _unpack_reason_mmio(page)
+                if reason == _IO:
+                    self._mmio_first = False
+                    reason, direction, size, port, count, start = _unpack_reason_io(page)
+            else:
+                reason, direction, size, port, count, start = _unpack_reason_io(page)
+                if reason == _MMIO:
+                    self._mmio_first = True
+                    reason, phys_addr, length, is_write = _unpack_reason_mmio(page)
+            if reason == _IO:
+                e = self._io_spare
+                if _refcount(e) != _UNSHARED:
+                    e = _IoExit()
+                    e.reason = _IO_REASON
+                self._io_spare = self._io_last
+                self._io_last = e
+                e.port = port
+                e.size = size
+                e.count = count
+                end = start + size * count      # both unsigned: only the end can be out of range
+                if end > self._page_size:
+                    raise self._decoder.outside(start, end)
+                if direction == _IO_OUT:
+                    e.is_write = True
+                    e.data = page[start:end]
+                else:
+                    e.is_write = False
+                    self._decoder.answer_buffer(e, start, end)
+                return e
+            if reason == _MMIO:
+                m = self._mmio_spare
+                if _refcount(m) != _UNSHARED:
+                    m = _MmioExit()
+                    m.reason = _MMIO_REASON
+                self._mmio_spare = self._mmio_last
+                self._mmio_last = m
+                m.phys_addr = phys_addr
+                end = _MMIO_DATA_OFF + (length if length < _MMIO_DATA_MAX else _MMIO_DATA_MAX)
+                if is_write:
+                    m.is_write = True
+                    m.data = page[_MMIO_DATA_OFF:end]
+                else:
+                    m.is_write = False
+                    self._decoder.answer_buffer(m, _MMIO_DATA_OFF, end)
+                return m
+            return self._decoder.decode(reason)
         except BaseException:
             # Whatever leaves run() this way (KeyboardInterrupt from a signal that also
             # interrupted KVM_RUN, a closed vCPU...) takes a pending kick with it, so the
-            # next run() enters the guest. (Entered, the page is ours: teardown needs the lock.)
+            # next run() enters the guest. (Entered, the page is ours: teardown needs the gate.)
             if entered:
                 self._page[_IMMEDIATE_EXIT] = 0
             raise
         finally:
-            self._owner = None
-            run_lock.release()
+            self._runner = None
+            gate.append(None)
             if self._deferred:          # close() gave up waiting: the teardown is ours
                 self._finish_close()
 
+    def _retire(self, deliver: bool) -> None:
+        """Holding the gate: the pending exit's answer goes to the page (deliver) or nowhere,
+        and that exit can no longer be answered."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._decoder.retire(pending, deliver)
+
+    def _closed_while_running(self) -> StaleHandleError:
+        what = f"vCPU {self.id}" if self._closing else "its VM"
+        return StaleHandleError(f"{what} was closed while vCPU {self.id} ran")
+
+    def _take_gate(self) -> bool:
+        """Take the run gate if it is free (the one token: run(), an answer, or close() has it)."""
+        try:
+            self._gate.pop()
+        except IndexError:
+            return False
+        return True
+
     @contextlib.contextmanager
     def _between_runs(self, what: str) -> Iterator[None]:
-        """Hold the run lock for a moment (answering an exit): no run() starts meanwhile,
+        """Hold the run gate for a moment (answering an exit): no run() starts meanwhile,
         and one that is running means the answer is too late."""
-        if not self._run_lock.acquire(False):
+        if not self._take_gate():
             raise StaleExitError(f"{what} while vCPU {self.id} is running again (or closed): "
                                  f"the guest has moved on")
-        self._owner = threading.get_ident()
+        self._runner = threading.get_ident()
         try:
             yield
         finally:
-            self._let_go_of_run_lock()
-
-    def _let_go_of_run_lock(self) -> None:
-        """Release the run lock; if close() left the teardown to its holder, do it now."""
-        self._owner = None
-        self._run_lock.release()
-        if self._deferred:
-            self._finish_close()
+            self._runner = None
+            self._gate.append(None)
+            if self._deferred:
+                self._finish_close()
 
     def _busy(self) -> Exception:
         if self._closing:
             return self._stale()
-        owner = self._owner
+        owner = self._runner
         if owner == threading.get_ident():
             return VcpuBusyError(f"vCPU {self.id} is already running in this thread "
                                  f"(run() called from inside run(), e.g. from a signal handler)")
@@ -466,7 +587,7 @@ class Vcpu(DeviceAttributes):
 
     # -- lifetime
     def _release(self) -> BaseException | None:
-        self._seq += 1                  # every exit handed out is stale from here
+        self._halted = True
         pending: BaseException | None = None
         try:
             if self._stop_running():
@@ -480,26 +601,29 @@ class Vcpu(DeviceAttributes):
         return pending
 
     def _stop_running(self) -> bool:
-        """Take the run lock from a running run(): kick it and wait, up to the deadline.
+        """Take the run gate from a running run(): kick it and wait, up to the deadline.
         False: it did not stop (or cannot, being this thread), and tears down itself; or this
         is a close() finishing an interrupted one, and the teardown is done already."""
         if self._page is _GONE:
             return False
-        if self._run_lock.acquire(False):
+        if self._take_gate():
             return True
-        if self._owner in (None, threading.get_ident()):
-            # close() from a signal handler inside run() (or run() between taking the lock
+        if self._runner in (None, threading.get_ident()):
+            # close() from a signal handler inside run() (or run() between taking the gate
             # and naming its thread, where it refuses a closing vCPU anyway): waiting would
             # wait for ourselves. immediate_exit stops a KVM_RUN about to be entered, and
             # run() finishes the close on its way out.
             self._page[_IMMEDIATE_EXIT] = 1
             return self._defer(warn=False)
         deadline = self._close_deadline or time.monotonic() + CLOSE_TIMEOUT
+        pause = 0.0005
         try:
-            while not self._run_lock.acquire(timeout=0.01):
+            while not self._take_gate():
                 self._stop()            # again each round: a kick can land between two runs
                 if time.monotonic() > deadline:
                     return self._defer(warn=True)
+                time.sleep(pause)       # a kicked run() is back within microseconds
+                pause = min(pause * 2, 0.01)
         except BaseException:
             # Interrupted while waiting (Ctrl-C): run() finishes the close, unless it has
             # returned meanwhile, and then it is finished here.
@@ -516,7 +640,7 @@ class Vcpu(DeviceAttributes):
             if not self._deferred:
                 self._deferred = True
                 self._users += 1
-        if self._run_lock.acquire(False):
+        if self._take_gate():
             self._undefer()
             return True
         if warn:
@@ -527,17 +651,17 @@ class Vcpu(DeviceAttributes):
 
     def _finish_close(self) -> None:
         """In run(), after close() deferred to it: tear down, once."""
-        if self._run_lock.acquire(False):
+        if self._take_gate():
             if self._deferred:
                 try:
                     self._teardown()
                 finally:
                     self._undefer()
             else:
-                self._run_lock.release()
+                self._gate.append(None)
 
     def _undefer(self) -> None:
-        """Holding the run lock: the run() close() deferred to is over; drop its hold on the
+        """Holding the run gate: the run() close() deferred to is over; drop its hold on the
         fd (closing it if close() is done), in one step an interruption cannot split."""
         with self._lock:
             if self._deferred:
@@ -547,12 +671,14 @@ class Vcpu(DeviceAttributes):
                     self._close_fd()
 
     def _teardown(self) -> None:
-        """Unmap the kvm_run page and rings; called holding the run lock, which stays held.
+        """Unmap the kvm_run page and rings; called holding the run gate, kept for good.
+        The pending exit's answer goes nowhere: it raises StaleExitError from here on.
 
         A view the caller still holds (vcpu.kvm_run kept in a variable) keeps its mapping
         until it goes: the references here are dropped either way, so the mapping and the
         fd Python's mmap duplicated go with the last view.
         """
+        self._retire(deliver=False)
         self._decoder.release()
         with self._ring_lock, self._lock:
             maps = [m for m in (self._ring, self._page) if m is not None]

@@ -360,6 +360,7 @@ class Vm(MemorySlots, DeviceAttributes):
             deadline = time.monotonic() + vcpu_module.CLOSE_TIMEOUT
             for vcpu in vcpus:
                 vcpu._close_deadline = deadline      # one wait for all, not one each
+                vcpu._halted = True                  # before the kick: run() sees it after EINTR
                 vcpu._stop()
 
         def close_all_but_memfds() -> None:

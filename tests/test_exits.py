@@ -3,9 +3,12 @@ exits it causes are decoded and answered."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from kvm_bindings import ExitReason, HltExit, IoExit, MmioExit, ShutdownExit, abi
+from kvm_bindings import ExitReason, HltExit, IoExit, MmioExit, ShutdownExit, StaleExitError, abi
+from kvm_bindings import vcpu as vcpu_module
 
 
 def test_port_out_and_in_answered_by_the_handler(real_mode):
@@ -189,3 +192,47 @@ def test_an_exit_refuses_copy_and_pickle_naming_itself(real_mode):
     for attempt in (lambda: copy.copy(out), lambda: copy.deepcopy(out), lambda: pickle.dumps(out)):
         with pytest.raises(TypeError, match=f"a {type(out).__name__} belongs to one run"):
             attempt()
+
+
+def test_exits_kept_by_the_caller_never_change_though_run_reuses_the_ones_nobody_holds(real_mode):
+    # run() refills an IoExit or MmioExit object that nobody but the vCPU holds any more
+    # (CPython's reference count says so) instead of making a new one. Whatever the caller
+    # keeps (here every seventh exit, in a list) must stay exactly as it was returned.
+    vcpu = real_mode("numbered_exits")
+    kept = []           # (exit, what it said when run() returned it)
+    reused = 0
+    answers = 0
+    for i in range(2000):
+        spares = {id(vcpu._io_spare), id(vcpu._mmio_spare)}   # both alive while run() runs
+        e = vcpu.run()
+        reused += id(e) in spares       # the same object as a spare: a new one cannot share its id
+        if isinstance(e, HltExit):
+            break
+        if isinstance(e, IoExit) and not e.is_write:
+            e.data[0] = (i * 37) & 0xFF                         # the guest echoes it to 0xd0011
+            answer = (i * 37) & 0xFF
+            snapshot = (e.reason, e.port, False, None)
+        else:
+            snapshot = (e.reason, e.port if isinstance(e, IoExit) else e.phys_addr,
+                        e.is_write, bytes(e.data))
+            if isinstance(e, MmioExit) and e.phys_addr == 0xD0011:
+                assert bytes(e.data) == bytes([answer]), "an answer was lost or overwritten"
+                answers += 1
+        if i % 7 == 0:
+            kept.append((e, snapshot))
+        del e
+    else:
+        pytest.fail("the guest did not halt")
+    assert answers == 200
+    if vcpu_module._refcount is sys.getrefcount:        # CPython before 3.14, with a GIL
+        assert reused > 500, f"run() refilled {reused} exits: the reuse attacked here never happened"
+    else:
+        assert reused == 0
+    for e, (reason, where, is_write, data) in kept:
+        assert e.reason is reason and e.is_write is is_write
+        assert (e.port if isinstance(e, IoExit) else e.phys_addr) == where
+        if data is None:                  # an IN: its answer went to the guest, the buffer is gone
+            with pytest.raises(StaleExitError):
+                e.data[0]                 # noqa: B018
+        else:
+            assert bytes(e.data) == data, f"a kept {e!r} changed after later runs"
