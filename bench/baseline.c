@@ -6,9 +6,11 @@
  *   baseline mmio-cpu GUEST.bin N -> the same for N MMIO write exits (bench/mmio_loop.S)
  *   baseline cycle GUEST.bin M   -> M times: VM + memory + vCPU + run to HLT + close;
  *                                   print microseconds per cycle
- *   baseline slots GUEST.bin N   -> add N one-page memory slots to one VM (mmap +
+ *   baseline slots GUEST.bin N [BLOCK] -> add N one-page memory slots to one VM (mmap +
  *                                   KVM_SET_USER_MEMORY_REGION each); print microseconds
- *                                   per add over the first and the last tenth
+ *                                   per add over the first and the last BLOCK (default: a
+ *                                   tenth): CPU time, wall time, the mmap alone and the
+ *                                   ioctl alone (wall)
  */
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -126,9 +128,16 @@ static double user_seconds(void)
     return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6;
 }
 
+static double cpu_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 int main(int argc, char **argv)
 {
-    if (argc != 4)
+    if (argc != 4 && !(argc == 5 && !strcmp(argv[1], "slots")))
         return 2;
     FILE *f = fopen(argv[2], "rb");
     unsigned char code[4096];
@@ -140,23 +149,47 @@ int main(int argc, char **argv)
         die("/dev/kvm");
     struct vm v;
     if (!strcmp(argv[1], "slots")) {
+        /* Over the first and the last `block` adds: microseconds per add in this process's
+         * CPU time (user + system), in wall time, and the wall time of the mmap and of the
+         * ioctl alone (each call timed on its own), to see which of the two grows. */
+        unsigned long block = argc > 4 ? strtoul(argv[4], NULL, 0) : n / 10;
         int vm = ioctl(kvm, KVM_CREATE_VM, 0);
-        unsigned long tenth = n / 10;
-        double t = now(), first = 0;
+        if (vm < 0)
+            die("KVM_CREATE_VM");
+        double mark[2][2] = {{0}}, sum[2][2] = {{0}};   /* [first/last][cpu/wall] */
         for (unsigned long i = 0; i < n; i++) {
-            if (i == n - tenth)
-                t = now();
+            int side = i >= n - block;
+            if (i == 0 || i == n - block) {
+                mark[side][0] = cpu_seconds();
+                mark[side][1] = now();
+            }
+            double t0 = now();
             void *mem = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (mem == MAP_FAILED)
+                die("mmap");
+            double t1 = now();
             struct kvm_userspace_memory_region region = {
                 .slot = i, .guest_phys_addr = i * 4096, .memory_size = 4096,
                 .userspace_addr = (unsigned long)mem,
             };
             if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0)
                 die("KVM_SET_USER_MEMORY_REGION");
-            if (i + 1 == tenth)
-                first = (now() - t) / tenth * 1e6;
+            double t2 = now();
+            if (i < block || side) {
+                sum[side][0] += t1 - t0;
+                sum[side][1] += t2 - t1;
+            }
+            if (i + 1 == block || i + 1 == n) {
+                mark[side][0] = cpu_seconds() - mark[side][0];
+                mark[side][1] = now() - mark[side][1];
+            }
         }
-        printf("%.2f %.2f\n", first, (now() - t) / tenth * 1e6);
+        /* cpu first, cpu last, wall first, wall last, mmap first, mmap last, ioctl first,
+         * ioctl last: microseconds per add */
+        printf("%.2f %.2f %.2f %.2f %.2f %.2f %.2f %.2f\n", mark[0][0] / block * 1e6,
+               mark[1][0] / block * 1e6, mark[0][1] / block * 1e6, mark[1][1] / block * 1e6,
+               sum[0][0] / block * 1e6, sum[1][0] / block * 1e6, sum[0][1] / block * 1e6,
+               sum[1][1] / block * 1e6);
         close(vm);
         return 0;
     }

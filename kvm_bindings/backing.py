@@ -40,6 +40,14 @@ def _host_address(buffer: mmap.mmap | memoryview) -> int:
         del anchor   # release the buffer export at once, so the mapping can be closed later
 
 
+# The lock over every backing's bookkeeping (which regions use it, whether it is closed):
+# one for all, rather than one object more per backing for the collector to walk on every
+# full collection (a VM may have 32,764 slots, each with a backing of its own). Held for a
+# few statements, never around a call out. Re-entrant: a collection run while this thread
+# holds it may close an unreachable backing (its __del__) on the same thread.
+_LOCK = threading.RLock()
+
+
 def _size_name(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift and n % (1 << shift) == 0:
@@ -151,7 +159,10 @@ class Backing(Unshareable):
     """
 
     __slots__ = ("kind", "size", "host_addr", "file_offset", "_mmap", "_buffer", "_fd", "_users",
-                 "_closing", "_lock", "__weakref__")
+                 "_closing", "__weakref__")
+
+    # For every backing: no object of its own for the collector to walk (see _LOCK).
+    _lock = _LOCK
 
     def __init__(self, kind: str, mapping: mmap.mmap | None, buffer: memoryview,
                  fd: int | None = None, file_offset: int = 0) -> None:
@@ -161,9 +172,10 @@ class Backing(Unshareable):
         self._mmap = mapping         # ours to unmap; None for a caller's buffer
         self._buffer: memoryview | None = buffer
         self._fd = fd
-        self._users: set[MemoryRegion] = set()
+        # The regions using it: None, the one region (the common case: no set to allocate
+        # and for the collector to walk), or a set of two or more.
+        self._users: MemoryRegion | set[MemoryRegion] | None = None
         self._closing = False
-        self._lock = threading.Lock()
         self.host_addr = _host_address(buffer)
 
     @classmethod
@@ -321,7 +333,22 @@ class Backing(Unshareable):
     def regions(self) -> tuple[MemoryRegion, ...]:
         """The live memory regions (of any VM) this backing backs, by offset, then GPA."""
         with self._lock:
-            return tuple(sorted(self._users, key=lambda r: (r.offset, r.guest_phys_addr)))
+            users = self._user_tuple()
+        return tuple(sorted(users, key=lambda r: (r.offset, r.guest_phys_addr)))
+
+    def _user_tuple(self) -> tuple[MemoryRegion, ...]:
+        """The regions using it (hold the lock)."""
+        users = self._users
+        if users is None:
+            return ()
+        return tuple(users) if isinstance(users, set) else (users,)
+
+    def _user_count(self) -> int:
+        """How many regions use it; without the lock (for repr), as len() of the set was."""
+        users = getattr(self, "_users", None)
+        if users is None:
+            return 0
+        return len(users) if isinstance(users, set) else 1
 
     def fileno(self) -> int:
         """The memfd's or file's fd (still ours: duplicate it to keep it past close())."""
@@ -371,16 +398,29 @@ class Backing(Unshareable):
         """region maps part of this backing now; refused once closed, but for a region
         replacing one that does (alongside)."""
         with self._lock:
-            if self._closing and (alongside is None or alongside not in self._users):
+            users = self._users
+            if self._closing and (alongside is None or not (
+                    alongside is users or isinstance(users, set) and alongside in users)):
                 raise self._stale()
-            self._users.add(region)
+            if users is None:
+                self._users = region
+            elif isinstance(users, set):
+                users.add(region)
+            elif users is not region:
+                self._users = {users, region}
 
     def _detach(self, region: MemoryRegion) -> None:
         """region no longer maps this backing (KVM deleted its slot): if it was the last one
         and the backing is closed, the mapping goes now."""
         with self._lock:
-            self._users.discard(region)
-            last = self._closing and not self._users
+            users = self._users
+            if users is region:
+                self._users = None
+            elif isinstance(users, set):
+                users.discard(region)
+                if not users:
+                    self._users = None
+            last = self._closing and self._users is None
         if last:
             self._unmap()
 
@@ -394,7 +434,7 @@ class Backing(Unshareable):
                 return
             self._closing = True
             fd, self._fd = self._fd, None
-            idle = not self._users
+            idle = self._users is None
         if fd is not None:
             os.close(fd)
         if idle:
@@ -432,12 +472,12 @@ class Backing(Unshareable):
             close_unclosed(self)
 
     def __repr__(self) -> str:
+        users = self._user_count()
         if getattr(self, "_closing", True):
-            state = " closed" + (f", {len(self._users)} slot(s) still using it"
-                                 if getattr(self, "_users", None) else "")
+            state = " closed" + (f", {users} slot(s) still using it" if users else "")
         else:
             state = f" fd={self._fd}" if self._fd is not None else ""
-            state += f" slots={len(self._users)}" if self._users else ""
+            state += f" slots={users}" if users else ""
         return f"<Backing {getattr(self, 'kind', '?')} size={getattr(self, 'size', 0):#x}{state}>"
 
 

@@ -51,7 +51,11 @@ class MemoryRegion(Unshareable):
         backing._attach(self, replacing)    # from here the backing cannot be unmapped under us
         buffer = backing._buffer
         assert buffer is not None            # attached: the backing is not unmapped yet
-        self._view = buffer[offset:offset + size]
+        # A region over its whole backing (add_memory's own anonymous memory) views it
+        # through the backing's memoryview: no slice of its own, one object less per slot
+        # for every full collection to walk. The backing releases that view when it goes.
+        whole = offset == 0 and size == buffer.nbytes
+        self._view = buffer if whole else buffer[offset:offset + size]
         self.host_addr = backing.host_addr + offset
         self.guest_memfd = guest_memfd
         self.guest_memfd_offset = guest_memfd_offset
@@ -80,10 +84,11 @@ class MemoryRegion(Unshareable):
         view, self._view = self._view, None
         if view is None:
             return
-        try:
-            view.release()
-        except BufferError:
-            pass        # re-exported by a caller (ctypes from_buffer...): the mapping stays
+        if view is not self.backing._buffer:     # the backing's own view: it releases that
+            try:
+                view.release()
+            except BufferError:
+                pass    # re-exported by a caller (ctypes from_buffer...): the mapping stays
         self.backing._detach(self)
         if self._owns_backing:
             self.backing.close()
