@@ -222,13 +222,11 @@ class Vcpu(DeviceAttributes):
         except IndexError:
             raise self._busy() from None
         self._runner = _get_ident()
-        entered = False
         try:
             # Holding the gate is this call's hold on the fd: close() closes it only once it
-            # has taken the gate, or, giving up waiting, leaves that to us (see _defer).
-            if self._halted:
-                raise self._stale()
-            entered = True
+            # has taken the gate, or, giving up waiting, leaves that to us (see _defer). A
+            # closed vCPU's gate is never free; one closing now (_halted) kicks this run, or
+            # stopped it already with immediate_exit: either way it ends in the check below.
             if self._pending is not None:
                 self._retire(deliver=True)
             try:
@@ -298,9 +296,8 @@ class Vcpu(DeviceAttributes):
         except BaseException:
             # Whatever leaves run() this way (KeyboardInterrupt from a signal that also
             # interrupted KVM_RUN, a closed vCPU...) takes a pending kick with it, so the
-            # next run() enters the guest. (Entered, the page is ours: teardown needs the gate.)
-            if entered:
-                self._page[_IMMEDIATE_EXIT] = 0
+            # next run() enters the guest. (The page is ours: teardown needs the gate.)
+            self._page[_IMMEDIATE_EXIT] = 0
             raise
         finally:
             self._runner = None
