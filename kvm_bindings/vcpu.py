@@ -104,7 +104,7 @@ if (sys.implementation.name == "cpython" and sys.version_info < (3, 14)   # (3.1
 else:
     def _refcount(obj: object) -> int:
         return 0
-_NOBODYS: Any = object()       # held for good by the module: never reused
+_NOBODYS: Any = object()    # the first spares: the module holds it too, so its count is never 3
 # How long close() waits for a kicked vCPU to leave KVM_RUN. One that does not (its
 # thread blocks the kick signal and the guest never exits) is closed by run() itself
 # when it returns; the VM's memory is safe meanwhile, its slots are deleted first.
