@@ -1,16 +1,22 @@
 """vCPU exit throughput and VM lifecycle latency: kvm_bindings against C, in one run.
 
     python bench/bench_run.py [--exits N] [--cycles M] [--rounds R] [--cpu-rounds K]
+                              [--instructions I] [--cpu-only]
 
-- user CPU per exit (the library's own cost, which nested KVM's slow exits hide in wall
-  time): bench/exit_loop.S (IO) and bench/mmio_loop.S (MMIO writes), N exits each, the
-  host reading each exit's port (or address) and first data byte. Three loops over the
-  same guest, user CPU time from getrusage: vcpu.run(); the floor, a minimal raw ctypes
-  loop in this process (ioctl(KVM_RUN), one struct.unpack_from of exit_reason and the
-  kvm_run member, the data byte), in the two ways ctypes calls a function: with argtypes
-  (as one writes it) and without (ctypes' cheapest call, the one run() uses); and C.
-  Target: vcpu.run() <= 1.3x the floor. K rounds, each running all of them; shown: the
-  best round of each, and the spread (min-max) of the per-round ratios.
+- what one exit costs the library, which nested KVM's slow exits hide in wall time:
+  bench/exit_loop.S (IO) and bench/mmio_loop.S (MMIO writes), the host reading each
+  exit's port (or address) and first data byte. Four loops over the same guest in this
+  process: vcpu.run(); and the floor, a minimal raw loop (KVM_RUN on the vCPU's fd, one
+  struct.unpack_from of exit_reason and the kvm_run member, the data byte) making the
+  call through ctypes with argtypes (as one writes it), through ctypes without
+  argtypes (its cheapest form), and through fcntl.ioctl (what run() uses, before
+  CPython 3.14). Target: vcpu.run() <= 1.3x the ctypes floors. Two measures:
+  - user-space instructions per exit, counted by valgrind's cachegrind over I exits
+    (--instructions; skipped without valgrind): deterministic, no noise.
+  - user CPU per exit from getrusage, and C's, K rounds of N exits, each round running
+    every loop; shown: the best round of each, and vcpu.run() over each floor with all
+    rounds together, per round (min-max, median) and best against best. User time is
+    sampled at the scheduler tick, so single rounds scatter.
 Both sides run bench/exit_loop.S (assembled here with GNU as) on /dev/kvm:
 - exits: the guest does N port writes; the host loop reads each IO exit's port
   and first data byte. Reported as exits/second; target Python >= 0.55x C.
@@ -180,7 +186,10 @@ def raw(vcpu, kind: str, how: str) -> tuple[int, int]:
 
 
 def _raw_fcntl(vcpu, kind: str, ioctl, number: int) -> tuple[int, int]:
-    """raw() with fcntl.ioctl: it raises on failure, so there is no return value to test."""
+    """raw() with fcntl.ioctl, called with two arguments: it raises on failure, so there is
+    no return value to test, and a third argument (even 0) makes CPython 3.11's fcntl.ioctl
+    try two buffer conversions first, each failing with an exception: 9,000 instructions.
+    (The loop is raw()'s again, not shared: a helper would put a call into the floor.)"""
     fd = vcpu.fd
     page = mmap.mmap(fd, vcpu.vm.kvm.get_vcpu_mmap_size(), mmap.MAP_SHARED,
                      mmap.PROT_READ | mmap.PROT_WRITE)
