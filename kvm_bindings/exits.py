@@ -14,8 +14,9 @@ and it never changes afterwards. What it carries (port, data of a write, the
 payload's fields) stays readable for as long as you keep the object. Its answer
 (the data of an IN or MMIO read, which you fill in; reply()) is handed to the
 kernel by that vCPU's next run(), so answering is only possible until then:
-after the next run() (or close()) the answer buffer and reply() raise
-StaleExitError, and no exit can reach another exit's bytes.
+after the next run() (or close()) every use of the answer buffer, and reply(),
+raise StaleExitError, and no exit can reach another exit's bytes. run() refills an
+exit object only once nothing but the vCPU holds it: one you keep never changes.
 """
 
 from __future__ import annotations
