@@ -47,8 +47,9 @@ class _Decoder:
         self.vcpu = vcpu
         self.page = page
         self.size = len(page)
-        # The pending answer to a guest read: (offset in the page, buffer, the view handed out)
-        self.answer: tuple[int, bytearray, memoryview] | None = None
+        # The pending answer to a guest read: (offset in the page, its length, buffer, the
+        # view of it handed out as the exit's data)
+        self.answer: tuple[int, int, bytearray, memoryview] | None = None
         if not _Decoder._plans:
             by_name = ExitReason.__members__
             _Decoder._members = {
@@ -70,14 +71,31 @@ class _Decoder:
         answer, self.answer = self.answer, None
         if answer is None:
             return                 # a PayloadExit: reply() checks vcpu._pending itself
-        start, buf, view = answer
-        if deliver:
-            self.page[start:start + len(buf)] = buf
-        exit.data = _STALE_ANSWER   # type: ignore[attr-defined]
+        start, length, buf, view = answer
+        e: Any = exit
+        data = e.data
+        e.data = _STALE_ANSWER
         try:
             view.release()         # a view still held now raises instead of silently going nowhere
         except BufferError:
             pass                   # re-exported by the caller: it only ever reaches buf, not the page
+        if not deliver:
+            return
+        # The answer is what data holds now: the buffer handed out, or what the caller put in
+        # its place (e.data = b"Z"). Exactly the bytes the guest reads, or refused: never
+        # silently lost, never spilling past the data area (a buffer grown after its view
+        # was released).
+        source = buf if data is view else data
+        try:
+            answer_view = memoryview(source).cast("B")
+        except TypeError:
+            raise TypeError(f"the answer to a guest read must be bytes-like, and "
+                            f"{type(exit).__name__}.data was set to a {type(source).__name__}: "
+                            f"not delivered") from None
+        if answer_view.nbytes != length:
+            raise ValueError(f"the guest read {length} byte(s), and the answer in "
+                             f"{type(exit).__name__}.data is {answer_view.nbytes}: not delivered")
+        self.page[start:start + length] = answer_view
 
     def release(self) -> None:
         self.answer = None
@@ -97,7 +115,7 @@ class _Decoder:
         buf = bytearray(self.page[start:end])
         view = memoryview(buf)
         e.data = view
-        self.answer = (start, buf, view)
+        self.answer = (start, end - start, buf, view)
         self.vcpu._pending = e
 
     def decode(self, reason: int) -> Exit:

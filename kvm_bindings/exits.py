@@ -178,6 +178,7 @@ class _StaleAnswer:
                              "closed) since, and the answer was delivered (or dropped) then")
 
     __getitem__ = __setitem__ = __len__ = __iter__ = __bytes__ = __eq__ = __contains__ = _refuse
+    __copy__ = __deepcopy__ = __reduce_ex__ = __reduce__ = _refuse
     __buffer__ = _refuse        # memoryview(data), Python 3.12 on; before that a TypeError
 
     def __getattr__(self, name: str) -> Any:      # tobytes(), cast(), hex()...

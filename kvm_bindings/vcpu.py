@@ -155,8 +155,8 @@ class Vcpu(DeviceAttributes):
         self.vm = vm
         self.id = vcpu_id
         self._page = page
-        # The run gate: one token, popped by run() (or an answer to an exit) and put back
-        # after; taken by close() for good. list.pop() and append() are atomic.
+        # The run gate: one token, taken by run() (or an answer to an exit) and put back
+        # after; taken by close() for good. Taking (del gate[0]) and append() are atomic.
         self._gate: list[None] = [None]
         self._runner: int | None = None     # the thread holding the gate (in run(): kick() signals it)
         self._pending: Exit | None = None   # the exit the next run() answers; None: nothing to answer
@@ -215,18 +215,24 @@ class Vcpu(DeviceAttributes):
         """
         # The hot path: every step here is paid on each exit, so it does only what the
         # guarantees need, in this one frame: IO and MMIO exits are decoded here, one unpack
-        # each (the decoder does the rest); the run gate is a list's atomic pop and append.
+        # each (the decoder does the rest); the run gate is a one-token list.
+        # The gate is taken by `del gate[0]`, and nothing between it and the try below is a
+        # point where CPython runs a signal handler (it does so only after calls and backward
+        # jumps); the finally gives it back with its first call. So a handler's exception
+        # (Ctrl-C, a timeout) cannot leave the gate taken by nobody: the vCPU would be busy
+        # for good. tests/test_run_attack.py fires SIGALRM every 30 µs at this.
         gate = self._gate
         try:
-            gate.pop()
+            del gate[0]
         except IndexError:
             raise self._busy() from None
-        self._runner = _get_ident()
         try:
+            self._runner = _get_ident()
             # Holding the gate is this call's hold on the fd: close() closes it only once it
             # has taken the gate, or, giving up waiting, leaves that to us (see _defer). A
             # closed vCPU's gate is never free; one closing now (_halted) kicks this run, or
-            # stopped it already with immediate_exit: either way it ends in the check below.
+            # stopped it already with immediate_exit, which stays set once it is closing: either
+            # way this run ends in the check after KVM_RUN.
             if self._pending is not None:
                 self._retire(deliver=True)
             try:
@@ -296,8 +302,10 @@ class Vcpu(DeviceAttributes):
         except BaseException:
             # Whatever leaves run() this way (KeyboardInterrupt from a signal that also
             # interrupted KVM_RUN, a closed vCPU...) takes a pending kick with it, so the
-            # next run() enters the guest. (The page is ours: teardown needs the gate.)
-            self._page[_IMMEDIATE_EXIT] = 0
+            # next run() enters the guest; but for a vCPU being closed, which no run() should
+            # enter again. (Holding the gate, the page is ours.)
+            if not self._halted:
+                self._page[_IMMEDIATE_EXIT] = 0
             raise
         finally:
             self._runner = None
@@ -319,7 +327,7 @@ class Vcpu(DeviceAttributes):
     def _take_gate(self) -> bool:
         """Take the run gate if it is free (the one token: run(), an answer, or close() has it)."""
         try:
-            self._gate.pop()
+            del self._gate[0]
         except IndexError:
             return False
         return True
@@ -328,15 +336,18 @@ class Vcpu(DeviceAttributes):
     def _between_runs(self, what: str) -> Iterator[None]:
         """Hold the run gate for a moment (answering an exit): no run() starts meanwhile,
         and one that is running means the answer is too late."""
-        if not self._take_gate():
-            raise StaleExitError(f"{what} while vCPU {self.id} is running again (or closed): "
-                                 f"the guest has moved on")
-        self._runner = threading.get_ident()
+        gate = self._gate
         try:
+            del gate[0]                 # as in run(): nothing interruptible up to the try
+        except IndexError:
+            raise StaleExitError(f"{what} while vCPU {self.id} is running again (or "
+                                 f"closed): the guest has moved on") from None
+        try:
+            self._runner = threading.get_ident()
             yield
         finally:
             self._runner = None
-            self._gate.append(None)
+            gate.append(None)
             if self._deferred:
                 self._finish_close()
 

@@ -863,7 +863,7 @@ def test_reply_while_the_vcpu_runs_in_another_thread_is_refused(vm, protected_mo
     vm.enable_cap(abi.Capability.X86_USER_SPACE_MSR, abi.KVM_MSR_EXIT_REASON_UNKNOWN)
     vcpu = protected_mode("msr")
     w = vcpu.run()
-    vcpu._gate.pop()                            # as if another thread were inside run()
+    del vcpu._gate[0]                           # as if another thread were inside run()
     try:
         page_before = bytes(vcpu._page[:4096])
         with pytest.raises(StaleExitError, match="running again"):
