@@ -38,6 +38,7 @@ from kvm_bindings import (
 from kvm_bindings import vcpu as vcpu_module
 from kvm_bindings._layout import offset_of
 from tests.conftest import LOAD_ADDR, ROOT
+from tests.test_reliability import _in_thread
 
 GIVE_UP = 10.0
 
@@ -61,16 +62,8 @@ def _with_guests(code: str, assemble) -> str:
 
 
 def _thread(target):
-    result: dict = {}
+    return _in_thread(target, name="attacker")
 
-    def body():
-        try:
-            result["value"] = target()
-        except BaseException as e:      # surfaced by the test
-            result["error"] = e
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    return t, result
 
 
 def _wait_running(vcpu, t) -> None:
@@ -455,7 +448,7 @@ def test_gc_get_objects_grab_of_a_spare_blocks_its_reuse(vm, assemble):
 def test_an_in_answer_survives_a_kick_between_exit_and_next_run(vm, assemble):
     # Catches: an answer delivered by the INTR run and then dropped or overwritten, or one
     # delivered twice / to a recycled exit. The guest: IN, then OUT of what it read.
-    vcpu = _inline(vm, assemble("in_then_out_hlt"))
+    vcpu = _inline(vm, assemble("in_then_out"))
     e = vcpu.run()
     assert isinstance(e, IoExit) and not e.is_write
     e.data[:] = b"Q"
