@@ -72,9 +72,12 @@ def _run_ioctl_ctypes(fd: int, number: ctypes.c_ulong) -> None:
 # with immediate_exit set, KVM_RUN would fail that way for ever, so there the call goes
 # through ctypes (without argtypes, its cheapest form: see _fd._ioctl_unconverted).
 # tests/test_threads.py checks on the running interpreter that a kick comes back as EINTR.
+# Both tricks below (fcntl.ioctl for KVM_RUN, exits refilled by reference count) rest on
+# CPython behaviour checked up to 3.13; 3.14 changed both.
+_CPYTHON_BEFORE_3_14 = sys.implementation.name == "cpython" and sys.version_info < (3, 14)
 _run_ioctl: Callable[[int, Any], Any]
 _KVM_RUN: Any
-if sys.implementation.name == "cpython" and sys.version_info < (3, 14):
+if _CPYTHON_BEFORE_3_14:
     _run_ioctl, _KVM_RUN = fcntl.ioctl, abi.KVM_RUN
 else:
     _run_ioctl, _KVM_RUN = _run_ioctl_ctypes, ctypes.c_ulong(abi.KVM_RUN)
@@ -98,8 +101,7 @@ _IoExit, _MmioExit, _InterruptedExit = IoExit, MmioExit, InterruptedExit
 # reused. Elsewhere (PyPy, free-threaded builds) there is no such certainty: always new.
 _UNSHARED = 3
 _refcount: Callable[[object], int]
-if (sys.implementation.name == "cpython" and sys.version_info < (3, 14)   # (3.14 borrows refs)
-        and getattr(sys, "_is_gil_enabled", lambda: True)()):
+if _CPYTHON_BEFORE_3_14 and getattr(sys, "_is_gil_enabled", lambda: True)():  # 3.14 borrows refs
     _refcount = sys.getrefcount
 else:
     def _refcount(obj: object) -> int:
