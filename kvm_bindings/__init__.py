@@ -17,8 +17,10 @@ _EXPORTS = {
     "Capability": "abi", "ExitReason": "abi", "Backing": "backing", "DirtyBitmap": "dirty",
     "Device": "device",
     "GuestMemoryError": "errors", "KvmError": "errors", "KvmUnavailable": "errors",
-    "KvmUnsupported": "errors", "StaleExitError": "errors", "StaleHandleError": "errors",
-    "VcpuBusyError": "errors",
+    "KvmUnsupported": "errors", "PendingExitError": "errors", "RestoreError": "errors",
+    "SnapshotError": "errors", "StaleExitError": "errors", "StaleHandleError": "errors",
+    "VcpuBusyError": "errors", "VmState": "snapshot", "VcpuState": "snapshot",
+    "MemorySlotState": "snapshot",
     **{name: "exits" for name in (
         "ApResetHoldExit",
         "ArmLdst64bExit",
@@ -92,10 +94,10 @@ KVM_BINDINGS_TYPING_RISCV64 = False
 _NEUTRAL = {"Kvm": "system", "Vm": "vm", "Vcpu": "vcpu"}
 __all__ = [
     "ApResetHoldExit",
-    "Backing",
     "ArmLdst64bExit",
     "ArmNisvExit",
     "ArmSeaExit",
+    "Backing",
     "Capability",
     "DcrExit",
     "DebugExit",
@@ -115,8 +117,8 @@ __all__ = [
     "HypervExit",
     "InternalErrorExit",
     "InterruptedExit",
-    "IoExit",
     "IoapicEoiExit",
+    "IoExit",
     "IrqWindowOpenExit",
     "Kvm",
     "KvmError",
@@ -125,6 +127,7 @@ __all__ = [
     "LoongarchIocsrExit",
     "MemoryFaultExit",
     "MemoryRegion",
+    "MemorySlotState",
     "MmioExit",
     "MsrExit",
     "NmiExit",
@@ -132,6 +135,8 @@ __all__ = [
     "OsiExit",
     "PaprHcallExit",
     "PayloadExit",
+    "PendingExitError",
+    "RestoreError",
     "RiscvCsrExit",
     "RiscvSbiExit",
     "S390ResetExit",
@@ -142,6 +147,7 @@ __all__ = [
     "SetTprExit",
     "ShutdownExit",
     "SimpleExit",
+    "SnapshotError",
     "SnpReqCertsExit",
     "StaleExitError",
     "StaleHandleError",
@@ -154,7 +160,9 @@ __all__ = [
     "UnknownHardwareExit",
     "Vcpu",
     "VcpuBusyError",
+    "VcpuState",
     "Vm",
+    "VmState",
     "WatchdogExit",
     "X86BusLockExit",
     "X86RdmsrExit",
@@ -172,6 +180,9 @@ if TYPE_CHECKING:
         KvmError,
         KvmUnavailable,
         KvmUnsupported,
+        PendingExitError,
+        RestoreError,
+        SnapshotError,
         StaleExitError,
         StaleHandleError,
         VcpuBusyError,
@@ -228,6 +239,7 @@ if TYPE_CHECKING:
         XenExit,
     )
     from .memory import GuestMemfd, GuestMemory, MemoryRegion
+    from .snapshot import MemorySlotState, VcpuState, VmState
     from .stats import StatDescriptor, Stats
 
     if KVM_BINDINGS_TYPING_ARM64:

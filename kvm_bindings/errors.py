@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-__all__ = ["GuestMemoryError", "KvmError", "KvmUnavailable", "KvmUnsupported", "StaleExitError",
-           "StaleHandleError", "VcpuBusyError"]
+__all__ = ["GuestMemoryError", "KvmError", "KvmUnavailable", "KvmUnsupported", "PendingExitError",
+           "RestoreError", "SnapshotError", "StaleExitError", "StaleHandleError", "VcpuBusyError"]
 
 
 class KvmError(OSError):
@@ -64,3 +64,28 @@ class StaleExitError(StaleHandleError):
 
 class VcpuBusyError(RuntimeError):
     """run() on a vCPU that another thread is running: one vCPU runs in one thread at a time."""
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be used here: not a snapshot, cut short or altered, written
+    for another arch or with other ABI layouts, or a VM whose state cannot be saved."""
+
+
+class RestoreError(SnapshotError):
+    """The kernel refused part of a snapshot while restoring it; the new VM was closed.
+    step names the part (``vcpu 0: KVM_SET_XSAVE``); __cause__ is the kernel's error."""
+
+    def __init__(self, step: str, cause: BaseException) -> None:
+        self.step = step
+        super().__init__(f"restoring {step} failed: {cause}; the VM being restored was closed")
+
+
+class PendingExitError(SnapshotError):
+    """save_state() completed a vCPU's pending I/O, and the guest's instruction (a string
+    I/O with more to move) exited again: exit is that exit, to handle before saving."""
+
+    def __init__(self, vcpu_id: int, exit: object) -> None:
+        self.exit = exit
+        super().__init__(f"vCPU {vcpu_id} exited again while its pending I/O was completed "
+                         f"({exit!r}): handle that exit (this error's .exit), run() on, and "
+                         f"call save_state() again")

@@ -36,6 +36,7 @@ class MemorySlots(CapabilityOwner):
     memory: GuestMemory
     _slots: SlotTable
     _vm_lock: threading.RLock
+    _snapshot_epoch: str | None
 
     def _own(self, region: object, call: str) -> MemoryRegion:
         """region, if it is a live memory region of this VM; else a clear error, before any ioctl."""
@@ -286,6 +287,7 @@ class MemorySlots(CapabilityOwner):
         A DirtyBitmap over the buffer KVM filled: len() dirty pages, iterating gives their
         GPAs in order, runs() gives (gpa, pages) per run of consecutive dirty pages.
         """
+        self._snapshot_epoch = None    # save_state(base=) would miss the pages read here
         with self._vm_lock:
             live = self._logged(region, "get_dirty_log")
             # KVM fills one bit per page of the slot as it knows it: size the bitmap from the

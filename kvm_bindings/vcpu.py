@@ -177,6 +177,7 @@ class Vcpu(DeviceAttributes):
         self._ring: mmap.mmap | None = None
         self._ring_next = 0
         self._ring_lock = threading.Lock()
+        self._setup: dict[object, tuple[str, dict[str, Any]]] = {}   # replayed by a restore
         self._decoder = _Decoder(self, page)
         self._kvm_run = abi.kvm_run.from_buffer(page)
         _install_kick_handler()
@@ -561,6 +562,24 @@ class Vcpu(DeviceAttributes):
         req = _requests.enable_cap(cap, args, flags)
         self.vm.require(req.cap, "KVM_ENABLE_CAP")
         self.ioctl(abi.KVM_ENABLE_CAP, req)
+        self._setup.pop(int(req.cap), None)
+        self._setup[int(req.cap)] = ("enable_cap", {"cap": int(req.cap), "flags": flags,
+                                                    "args": [int(a) for a in req.args[:len(args)]]})
+
+    @contextlib.contextmanager
+    def _stopped(self) -> Iterator[None]:
+        """Hold the run gate while state is read or written: VcpuBusyError if another thread
+        is running this vCPU (the kernel would block the ioctls until its KVM_RUN ends)."""
+        if not self._take_gate():
+            raise self._busy()
+        try:
+            self._runner = threading.get_ident()
+            yield
+        finally:
+            self._runner = None
+            self._gate.append(None)
+            if self._deferred:
+                self._finish_close()
 
     def open_stats(self) -> Stats:
         """The vCPU's binary statistics fd (KVM_GET_STATS_FD); closed with the vCPU."""

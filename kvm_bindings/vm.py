@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from . import _requests, abi
 from . import vcpu as vcpu_module
@@ -52,6 +52,12 @@ class Vm(MemorySlots, DeviceAttributes):
         self._vcpus: dict[int, Vcpu] = {}
         self._unmapped_vcpu_fds: dict[int, int] = {}
         self._caps: dict[int, int] = {}
+        # For save_state(): the setup calls a restore replays (latest per key, in the order
+        # made), the eventfd wiring it lists, and the dirty-tracking epoch of the last
+        # tracked snapshot (None once anyone else reads the dirty log).
+        self._setup: dict[object, tuple[str, dict[str, Any]]] = {}
+        self._wiring: dict[tuple[object, ...], tuple[str, dict[str, Any]]] = {}
+        self._snapshot_epoch: str | None = None
         _LIVE_VMS.add(self)
         try:
             # What the VM needs from /dev/kvm later, asked now: the VM outlives a closed Kvm.
@@ -108,6 +114,14 @@ class Vm(MemorySlots, DeviceAttributes):
         req = _requests.enable_cap(cap, args, flags)
         self.require(req.cap, "KVM_ENABLE_CAP")
         self.ioctl(abi.KVM_ENABLE_CAP, req)
+        self._record(("enable_cap", int(req.cap)), "enable_cap",
+                     cap=int(req.cap), args=[int(a) for a in req.args[:len(args)]], flags=flags)
+
+    def _record(self, key: object, call: str, **kwargs: Any) -> None:
+        """Note a setup call that restoring a snapshot of this VM makes again (the latest
+        one per key, in the order they were last made)."""
+        self._setup.pop(key, None)
+        self._setup[key] = (call, kwargs)
 
     # -- vCPUs
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
@@ -225,6 +239,8 @@ class Vm(MemorySlots, DeviceAttributes):
         for slot, entry in zip(table.flex_array(), entries):
             ctypes.memmove(ctypes.addressof(slot), ctypes.addressof(entry), ctypes.sizeof(slot))
         self.ioctl(abi.KVM_SET_GSI_ROUTING, table)
+        self._record("gsi_routing", "set_gsi_routing",
+                     entries=[type(e).from_buffer_copy(e) for e in table.flex_array()])
 
     def add_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
         """KVM_IRQFD: a write to eventfd raises gsi; with resample_fd, a level interrupt
@@ -238,11 +254,14 @@ class Vm(MemorySlots, DeviceAttributes):
             req = fill(abi.kvm_irqfd, names, fd=eventfd, gsi=gsi, resamplefd=resample_fd,
                        flags=abi.KVM_IRQFD_FLAG_RESAMPLE)
         self.ioctl(abi.KVM_IRQFD, req)
+        self._wiring[("irqfd", eventfd, gsi)] = ("irqfd", {"gsi": gsi,
+                                                          "resample": resample_fd is not None})
 
     def remove_irqfd(self, eventfd: int, gsi: int) -> None:
         """KVM_IRQFD with KVM_IRQFD_FLAG_DEASSIGN: undo add_irqfd()."""
         self.ioctl(abi.KVM_IRQFD, fill(abi.kvm_irqfd, {"fd": "eventfd"}, fd=eventfd, gsi=gsi,
                                        flags=abi.KVM_IRQFD_FLAG_DEASSIGN))
+        self._wiring.pop(("irqfd", eventfd, gsi), None)
 
     def _ioeventfd(self, eventfd: int, addr: int, length: int, datamatch: int | None, pio: bool,
                    extra: int) -> None:
@@ -255,6 +274,12 @@ class Vm(MemorySlots, DeviceAttributes):
         self.ioctl(abi.KVM_IOEVENTFD, fill(
             abi.kvm_ioeventfd, {"fd": "eventfd", "len": "length"},
             datamatch=datamatch or 0, addr=addr, len=length, fd=eventfd, flags=flags))
+        key = ("ioeventfd", eventfd, addr, length, datamatch, pio)
+        if extra & abi.KVM_IOEVENTFD_FLAG_DEASSIGN:
+            self._wiring.pop(key, None)
+        else:
+            self._wiring[key] = ("ioeventfd", {"addr": addr, "length": length,
+                                               "datamatch": datamatch, "pio": pio})
 
     def add_ioeventfd(self, eventfd: int, addr: int, length: int, *, datamatch: int | None = None,
                   pio: bool = False) -> None:
@@ -279,10 +304,13 @@ class Vm(MemorySlots, DeviceAttributes):
         else:
             self.require(abi.Capability.COALESCED_MMIO, "coalesced MMIO")
         self.ioctl(abi.KVM_REGISTER_COALESCED_MMIO, self._coalesced_zone(addr, size, pio))
+        self._record(("coalesced", addr, size, pio), "add_coalesced_mmio",
+                     addr=addr, size=size, pio=pio)
 
     def remove_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
         """KVM_UNREGISTER_COALESCED_MMIO: undo add_coalesced_mmio()."""
         self.ioctl(abi.KVM_UNREGISTER_COALESCED_MMIO, self._coalesced_zone(addr, size, pio))
+        self._setup.pop(("coalesced", addr, size, pio), None)
 
     def enable_dirty_ring(self, entries: int) -> None:
         """Switch dirty tracking to per-vCPU rings of `entries` kvm_dirty_gfn each
@@ -302,6 +330,8 @@ class Vm(MemorySlots, DeviceAttributes):
                                      f"{limit // ctypes.sizeof(abi.kvm_dirty_gfn)} entries")
                 self.enable_cap(cap, size)
                 self.dirty_ring_entries = entries
+                self._setup.pop(("enable_cap", int(cap)), None)
+                self._record("dirty_ring", "enable_dirty_ring", entries=entries)
                 return
         raise KvmUnsupported("a dirty ring", "KVM_CAP_DIRTY_LOG_RING")
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import errno
-from typing import ClassVar, cast
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from ..abi import x86_64 as abi
 from ..errors import KvmError
@@ -11,6 +12,10 @@ from ..system import Kvm
 from ..vm import Vm
 from . import _msrs
 from .vm import X86Vm
+
+if TYPE_CHECKING:
+    from ..backing import Backing
+    from ..snapshot import VmState
 
 __all__ = ["X86Kvm"]
 
@@ -23,6 +28,21 @@ class X86Kvm(Kvm):
     def create_vm(self, vm_type: int = 0) -> X86Vm:
         """KVM_CREATE_VM: an X86Vm. vm_type: 0, or a KVM_X86_*_VM type kvm.vm_types() lists."""
         return cast(X86Vm, super().create_vm(vm_type))    # _vm_class made it
+
+    def restore_vm(self, state: VmState, *, memory: Mapping[int, Backing] | None = None,
+                   check_cpu: bool = True) -> X86Vm:
+        """A new VM made from a snapshot (vm.save_state(), VmState.from_bytes()): its setup
+        calls, memory slots and contents, vCPUs with their state, irqchip, PIT and clock,
+        restored in the order KVM needs (kvm_bindings.x86.snapshot says why); ready to run.
+
+        memory: {slot: Backing} for slots whose contents the caller carries (the backing
+        is used as it is, holding the guest's memory). check_cpu: refuse a snapshot taken
+        on another CPU vendor. The irqfds and ioeventfds in state.registrations are left to
+        the caller. SnapshotError if the snapshot cannot be restored here; RestoreError
+        (naming the step) if the kernel refuses part of it: the new VM is closed then.
+        """
+        from . import snapshot
+        return snapshot.restore_vm(self, state, memory=memory, check_cpu=check_cpu)
 
     # -- CPUID and MSRs
     def _cpuid(self, number: int, name: str, cap: int, start: int = 64) -> abi.kvm_cpuid2:

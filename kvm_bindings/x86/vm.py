@@ -14,6 +14,7 @@ from ..vm import Vm
 from .vcpu import X86Vcpu
 
 if TYPE_CHECKING:
+    from ..snapshot import VmState
     from ..vcpu import Vcpu
     from .system import X86Kvm
 
@@ -35,16 +36,36 @@ class X86Vm(Vm):
         """The open vCPUs, ordered by vCPU id."""
         return cast("tuple[X86Vcpu, ...]", super().vcpus)
 
+    # -- snapshots
+    def save_state(self, *, memory: bool = True, track_dirty: bool = False,
+                   base: VmState | None = None) -> VmState:
+        """Everything needed to run this VM on elsewhere: every vCPU's state, the VM-wide
+        state (irqchip, PIT, clock, setup calls) and guest memory (kvm_bindings.snapshot).
+
+        A vCPU stopped at an I/O, MMIO or MSR exit first finishes that instruction (one
+        KVM_RUN with immediate_exit; an IN or MMIO read takes what its exit's data holds).
+        VcpuBusyError if another thread is running a vCPU: kick() it and let its run()
+        return first. memory=False: only the slot table, for memory the caller carries
+        (restore_vm(memory=)). track_dirty=True: from now on the dirty log of every slot
+        belongs to snapshots, so that save_state(base=this) later saves only the pages
+        written since (an incremental snapshot; its own base for the next one).
+        SnapshotError for a VM that cannot be saved (guest_memfd memory, aliased slots).
+        """
+        from . import snapshot
+        return snapshot.save_state(self, memory=memory, track_dirty=track_dirty, base=base)
+
     # -- system setup
     def set_tss_addr(self, addr: int) -> None:
         """KVM_SET_TSS_ADDR: three pages of guest-physical space for the real-mode TSS (Intel)."""
         self.ioctl(abi.KVM_SET_TSS_ADDR, check_int(addr, ctypes.c_ulong, "addr"))
+        self._record("tss_addr", "set_tss_addr", addr=addr)
 
     def set_identity_map_addr(self, addr: int) -> None:
         """KVM_SET_IDENTITY_MAP_ADDR: one page for the real-mode EPT identity map (Intel)."""
         self.require(abi.Capability.SET_IDENTITY_MAP_ADDR, "KVM_SET_IDENTITY_MAP_ADDR")
         self.ioctl(abi.KVM_SET_IDENTITY_MAP_ADDR,
                    ctypes.c_uint64(check_int(addr, ctypes.c_uint64, "addr")))
+        self._record("identity_map_addr", "set_identity_map_addr", addr=addr)
 
     def set_boot_cpu_id(self, vcpu_id: int) -> None:
         """KVM_SET_BOOT_CPU_ID (KVM_CAP_SET_BOOT_CPU_ID): which vCPU is the bootstrap
@@ -55,6 +76,7 @@ class X86Vm(Vm):
             raise KvmError("KVM_SET_BOOT_CPU_ID", errno.EBUSY,
                            "the boot vCPU must be chosen before any vCPU is created")
         self.ioctl(abi.KVM_SET_BOOT_CPU_ID, vcpu_id)
+        self._record("boot_cpu_id", "set_boot_cpu_id", vcpu_id=vcpu_id)
 
     # -- memory encryption (SEV, TDX)
     def _encryption_ioctl(self, number: int, name: str, arg: object) -> None:
@@ -101,6 +123,7 @@ class X86Vm(Vm):
             raise KvmError("KVM_CREATE_IRQCHIP", errno.EINVAL,
                            "the in-kernel irqchip must be created before any vCPU")
         self.ioctl(abi.KVM_CREATE_IRQCHIP)
+        self._record("irqchip", "create_irqchip")
 
     def get_irqchip(self, chip_id: int) -> abi.kvm_irqchip:
         """KVM_GET_IRQCHIP -> kvm_irqchip (abi.KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC)."""
@@ -114,6 +137,7 @@ class X86Vm(Vm):
         """KVM_CREATE_PIT2: the in-kernel i8254 timer."""
         self.require(abi.Capability.PIT2, "KVM_CREATE_PIT2")
         self.ioctl(abi.KVM_CREATE_PIT2, fill(abi.kvm_pit_config, flags=flags))
+        self._record("pit2", "create_pit2", flags=flags)
 
     def get_pit2(self) -> abi.kvm_pit_state2:
         """KVM_GET_PIT2 -> kvm_pit_state2 (after create_pit2())."""
@@ -150,3 +174,5 @@ class X86Vm(Vm):
             keep.append(buf)
             slot.bitmap = ctypes.addressof(buf)
         self.ioctl(abi.KVM_X86_SET_MSR_FILTER, filt)
+        self._record("msr_filter", "set_msr_filter", default_deny=default_deny,
+                     ranges=[(f, b, c, bytes(m)) for f, b, c, m in ranges])

@@ -1,0 +1,526 @@
+"""Snapshots: VmState, what vm.save_state() returns and kvm.restore_vm() takes, and its bytes.
+
+A VmState is plain data: the kernel's own structs (ctypes instances of the generated ABI,
+kept whole: kvm_regs, kvm_lapic_state, kvm_pit_state2...), a few JSON values (MSRs, the
+VM's setup calls, TSC frequency), and guest memory, slot by slot. Which structs and values
+an arch saves, and the order it restores them in, is the arch's business
+(kvm_bindings.x86.snapshot); this module only carries them and writes them down.
+
+The byte format (version 1), every integer little-endian:
+
+====== ====== ==============================================================
+offset size   what
+====== ====== ==============================================================
+0      8      magic, b"KVMSNAP\\x00"
+8      4      format version (1)
+12     4      header size (64)
+16     8      metadata length M
+24     8      payload length P
+32     32     sha256 of the metadata
+64     M      metadata: UTF-8 JSON (below)
+...           zeros up to the next 4096-byte boundary, where the payload starts
+...    P      the payload: blobs, each at a 4096-aligned offset the metadata names
+====== ====== ==============================================================
+
+The metadata says who wrote the snapshot (``host``: library version, kernel release, arch,
+CPU vendor and model), lists every struct type a blob holds with a hash of its layout
+(``layouts``: names, offsets, sizes and types of every member, recursively, as this
+library's generated classes have them), and describes the state: ``vm``, ``vcpus`` and
+``memory``. Every blob is named by a reference ``{"type", "offset", "size", "sha256"}``
+(``"entries"`` too for a struct with a flexible array; ``"file": "memory"`` for memory
+kept in a separate file). A snapshot whose arch or layouts differ from this library's,
+or whose bytes are cut short or altered, is refused with a SnapshotError naming what
+differs; nothing is restored from it.
+
+Memory can be kept out of the snapshot: ``write(path, memory_path=...)`` puts it in a
+file of its own (page-aligned, so a restore can map it copy-on-write instead of copying),
+and ``vm.save_state(memory=False)`` records only the slot table, for memory the caller
+carries itself (a file or memfd backing). An incremental snapshot (``vm.save_state(
+base=...)``) holds only the pages written since its base, found with the dirty log;
+``VmState.from_bytes(data, base=...)`` puts the two together.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import json
+import mmap
+import os
+import platform
+import struct
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from importlib import import_module
+from typing import IO, TYPE_CHECKING, Any
+
+from .errors import SnapshotError
+
+if TYPE_CHECKING:
+    from ctypes import _CData
+
+__all__ = ["FORMAT_VERSION", "MemorySlotState", "VcpuState", "VmState", "layout_hash"]
+
+MAGIC = b"KVMSNAP\x00"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIIQQ32s")
+_ALIGN = 4096
+_LIBRARY_VERSION = "0.1.0"
+
+
+# ---- the state, as plain data -------------------------------------------------------------
+
+@dataclass(eq=False)
+class VcpuState:
+    """One vCPU: its id, the kernel's structs by name (``regs``, ``sregs2``, ``lapic``...:
+    each a ctypes instance of the generated ABI), and JSON values (``msrs``...)."""
+
+    id: int
+    structs: dict[str, _CData] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class MemorySlotState:
+    """One memory slot: where it sits and what it holds.
+
+    data is the slot's whole contents (a bytes-like of size bytes), or None when the
+    snapshot does not carry it (memory=False, or an incremental snapshot). pages, in an
+    incremental snapshot, are the runs of pages written since the base: (offset in the
+    slot, bytes). source, for memory kept in a separate file: (path, offset in it).
+    """
+
+    slot: int
+    guest_phys_addr: int
+    size: int
+    flags: int
+    data: bytes | bytearray | memoryview | None = None
+    pages: list[tuple[int, bytes | memoryview]] | None = None
+    source: tuple[str, int] | None = None
+
+
+@dataclass(eq=False)
+class VmState:
+    """A whole VM: what vm.save_state() returns and kvm.restore_vm() takes.
+
+    arch is the ABI module's name ("x86_64"); host says where it was saved; structs and
+    values are the VM-wide state (irqchip, PIT, clock; the VM type and its setup calls);
+    registrations are the irqfds and ioeventfds it had, for the caller to wire up again
+    (their eventfds are the caller's); vcpus are ordered by id.
+    """
+
+    arch: str
+    host: dict[str, Any]
+    structs: dict[str, _CData] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    vcpus: tuple[VcpuState, ...] = ()
+    memory: tuple[MemorySlotState, ...] = ()
+    registrations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    base: str | None = None
+
+    @property
+    def incremental(self) -> bool:
+        """True for a snapshot that holds only the pages written since its base."""
+        return self.base is not None
+
+    def to_bytes(self, *, memory: bool = True) -> bytes:
+        """The snapshot as bytes (see the module docstring for the format). memory=False
+        leaves the memory contents out, keeping the slot table."""
+        out = io.BytesIO()
+        self._write(out, None, memory)
+        return out.getvalue()
+
+    def write(self, path: str | os.PathLike[str], *,
+              memory_path: str | os.PathLike[str] | None = None) -> None:
+        """Write the snapshot to path; with memory_path, the memory goes to that file
+        instead, page-aligned, so that VmState.read() can map it rather than copy it."""
+        with open(path, "wb") as f:
+            if memory_path is None:
+                self._write(f, None, True)
+            else:
+                with open(memory_path, "wb") as m:
+                    self._write(f, m, True, os.path.abspath(memory_path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview, *, base: VmState | None = None,
+                   memory_path: str | os.PathLike[str] | None = None) -> VmState:
+        """Parse a snapshot. SnapshotError for anything that is not a whole, unaltered
+        snapshot of this library's format written with this library's layouts for this
+        host's arch family. An incremental snapshot needs its base (a full VmState).
+        Memory blobs are views of data, not copies."""
+        return _Reader(memoryview(data).cast("B"), memory_path).state(base)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], *, base: VmState | None = None,
+             memory_path: str | os.PathLike[str] | None = None) -> VmState:
+        """VmState.from_bytes() of a file, mapped rather than read; memory_path is where a
+        snapshot written with write(memory_path=) keeps its memory, if it has moved."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise SnapshotError(f"{os.fspath(path)} is empty, not a snapshot")
+            view = memoryview(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ))
+        return _Reader(view, memory_path).state(base)
+
+    def _write(self, out: IO[bytes], memory_out: IO[bytes] | None, memory: bool,
+               memory_name: str | None = None) -> None:
+        _Writer(self, memory, memory_out, memory_name).write(out)
+
+
+# ---- layouts ------------------------------------------------------------------------------
+
+def _describe(ctype: Any) -> Any:
+    """A ctypes type's layout as JSON-able data: what a blob's bytes mean."""
+    if issubclass(ctype, ctypes.Array):
+        return ["array", ctype._length_, _describe(ctype._type_)]
+    if issubclass(ctype, (ctypes.Structure, ctypes.Union)):
+        members = []
+        for f in ctype._fields_:
+            name, ftype = f[0], f[1]
+            d = getattr(ctype, name)
+            members.append([name, d.offset, d.size, _describe(ftype)])
+        bits = sorted((name, v.storage, v.start, v.width, v.signed)
+                      for name, v in vars(ctype).items() if type(v).__name__ == "_Bitfield")
+        flex = getattr(ctype, "_flex_field_", None)
+        flex_type = _describe(ctype._flex_type_) if flex else None
+        kind = "union" if issubclass(ctype, ctypes.Union) else "struct"
+        return [kind, ctypes.sizeof(ctype), ctypes.alignment(ctype), members, bits, flex, flex_type]
+    return [getattr(ctype, "_type_", ctype.__name__), ctypes.sizeof(ctype)]
+
+
+def layout_hash(ctype: type) -> str:
+    """A hash of a generated type's layout: equal exactly when its blobs mean the same."""
+    text = json.dumps(_describe(ctype), separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def host_facts(arch: str) -> dict[str, Any]:
+    """Who is writing a snapshot: the library, the kernel, the arch, the CPU."""
+    facts: dict[str, Any] = {"library": _LIBRARY_VERSION, "kernel": platform.release(),
+                             "arch": arch, "machine": platform.machine(),
+                             "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return facts
+    wanted = {"vendor_id": "cpu_vendor", "model name": "cpu_model", "cpu family": "cpu_family",
+              "model": "cpu_model_number", "stepping": "cpu_stepping"}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        name = wanted.get(key.strip())
+        if name is not None:
+            facts[name] = value.strip()
+    return facts
+
+
+# ---- writing ------------------------------------------------------------------------------
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _cdata_bytes(obj: Any) -> memoryview:
+    """The bytes a struct's blob holds: the whole object, trailing entries included."""
+    nbytes = getattr(obj, "flex_nbytes", ctypes.sizeof(obj))
+    return memoryview((ctypes.c_uint8 * nbytes).from_address(ctypes.addressof(obj))).cast("B")
+
+
+class _Writer:
+    """Lays the blobs out, then writes header, metadata and payload in one pass."""
+
+    def __init__(self, state: VmState, memory: bool, memory_out: IO[bytes] | None,
+                 memory_name: str | None) -> None:
+        self.state = state
+        self.memory = memory
+        self.memory_out = memory_out
+        self.memory_name = memory_name
+        self.blobs: list[memoryview] = []          # payload, in order
+        self.memory_blobs: list[memoryview] = []   # the separate memory file, in order
+        self.size = 0
+        self.memory_size = 0
+        self.layouts: dict[str, str] = {}
+
+    def _place(self, data: memoryview, ref: dict[str, Any], to_memory_file: bool = False) -> None:
+        ref["size"] = data.nbytes
+        ref["sha256"] = hashlib.sha256(data).hexdigest()
+        if to_memory_file:
+            ref["offset"] = self.memory_size
+            ref["file"] = "memory"
+            self.memory_blobs.append(data)
+            self.memory_size = _aligned(self.memory_size + data.nbytes)
+        else:
+            ref["offset"] = self.size
+            self.blobs.append(data)
+            self.size = _aligned(self.size + data.nbytes)
+
+    def _struct(self, obj: Any) -> dict[str, Any]:
+        ctype = type(obj)
+        name = ctype.__name__
+        if name not in self.layouts:
+            self.layouts[name] = layout_hash(ctype)
+        ref: dict[str, Any] = {"type": name}
+        if hasattr(obj, "flex_capacity"):
+            ref["entries"] = obj.flex_capacity
+        self._place(_cdata_bytes(obj), ref)
+        return ref
+
+    def _structs(self, structs: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: self._struct(obj) for name, obj in structs.items()}
+
+    def _slot(self, m: MemorySlotState) -> dict[str, Any]:
+        out: dict[str, Any] = {"slot": m.slot, "guest_phys_addr": m.guest_phys_addr,
+                               "size": m.size, "flags": m.flags, "data": None, "pages": None}
+        separate = self.memory_out is not None
+        if self.memory and m.data is not None:
+            out["data"] = {}
+            self._place(memoryview(m.data).cast("B"), out["data"], separate)
+        if self.memory and m.pages is not None:
+            out["pages"] = []
+            for offset, data in m.pages:
+                ref: dict[str, Any] = {"at": offset}
+                self._place(memoryview(data).cast("B"), ref, separate)
+                out["pages"].append(ref)
+        return out
+
+    def write(self, out: IO[bytes]) -> None:
+        s = self.state
+        meta: dict[str, Any] = {
+            "format": FORMAT_VERSION, "id": s.id, "base": s.base, "arch": s.arch, "host": s.host,
+            "vm": {"structs": self._structs(s.structs), "values": s.values},
+            "vcpus": [{"id": v.id, "structs": self._structs(v.structs), "values": v.values}
+                      for v in s.vcpus],
+            "memory": [self._slot(m) for m in s.memory],
+            "memory_file": self.memory_name,
+            "registrations": s.registrations,
+        }
+        meta["layouts"] = dict(sorted(self.layouts.items()))
+        text = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+        out.write(_HEADER.pack(MAGIC, FORMAT_VERSION, _HEADER.size, len(text), self.size,
+                               hashlib.sha256(text).digest()))
+        out.write(text)
+        out.write(bytes(_aligned(_HEADER.size + len(text)) - _HEADER.size - len(text)))
+        _write_blobs(out, self.blobs)
+        if self.memory_out is not None:
+            _write_blobs(self.memory_out, self.memory_blobs)
+
+
+def _write_blobs(out: IO[bytes], blobs: Iterable[memoryview]) -> None:
+    for data in blobs:
+        out.write(data)
+        pad = _aligned(data.nbytes) - data.nbytes
+        if pad:
+            out.write(bytes(pad))
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+class _Reader:
+    """Checks everything before it builds anything: a VmState comes back whole or not at all."""
+
+    def __init__(self, data: memoryview, memory_path: str | os.PathLike[str] | None) -> None:
+        self.data = data
+        self.memory_path = memory_path
+        self.memory_view: memoryview | None = None
+        self.abi: Any = None
+
+    def fail(self, what: str) -> SnapshotError:
+        return SnapshotError(f"not a usable snapshot: {what}")
+
+    def header(self) -> tuple[dict[str, Any], memoryview]:
+        data = self.data
+        if data.nbytes < _HEADER.size:
+            raise self.fail(f"{data.nbytes} bytes is shorter than the {_HEADER.size}-byte header")
+        magic, version, header_size, meta_len, payload_len, digest = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise self.fail(f"it starts with {bytes(magic)!r}, not the snapshot magic {MAGIC!r}")
+        if version != FORMAT_VERSION:
+            raise self.fail(f"format version {version}; this library reads version "
+                            f"{FORMAT_VERSION}")
+        if header_size != _HEADER.size:
+            raise self.fail(f"header size {header_size}, expected {_HEADER.size}")
+        start = _aligned(_HEADER.size + meta_len)
+        if data.nbytes < start + payload_len:
+            raise self.fail(f"truncated: {data.nbytes} bytes, but its header promises "
+                            f"{start + payload_len}")
+        text = data[_HEADER.size:_HEADER.size + meta_len]
+        if hashlib.sha256(text).digest() != digest:
+            raise self.fail("its metadata does not match its checksum (corrupted)")
+        try:
+            meta = json.loads(bytes(text))
+        except ValueError as e:
+            raise self.fail(f"its metadata is not JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise self.fail("its metadata is not a JSON object")
+        return meta, data[start:start + payload_len]
+
+    def check_host(self, meta: dict[str, Any]) -> None:
+        arch = meta.get("arch")
+        from . import abi
+        if arch not in abi.ARCHES:
+            raise self.fail(f"it is for arch {arch!r}; this library knows {', '.join(abi.ARCHES)}")
+        self.abi = import_module(f"{abi.__name__}.{arch}")
+        layouts = meta.get("layouts")
+        if not isinstance(layouts, dict):
+            raise self.fail("its metadata has no layouts")
+        differ = []
+        for name, digest in layouts.items():
+            ctype = getattr(self.abi, str(name), None)
+            if not isinstance(ctype, type) or not issubclass(ctype, (ctypes.Structure, ctypes.Union)):
+                differ.append(f"{name} (unknown to this library)")
+            elif layout_hash(ctype) != digest:
+                differ.append(f"{name} (this library's {name} is laid out differently)")
+        if differ:
+            raise SnapshotError(f"the snapshot was written with other ABI layouts than this "
+                                f"library's {arch} ones: {'; '.join(differ)}; restore it with "
+                                f"the kvm-bindings version that wrote it "
+                                f"({meta.get('host', {}).get('library', '?')})")
+
+    def blob(self, payload: memoryview, ref: Any, where: str) -> memoryview:
+        if not isinstance(ref, dict):
+            raise self.fail(f"{where}: a blob reference must be an object")
+        try:
+            offset, size, digest = int(ref["offset"]), int(ref["size"]), str(ref["sha256"])
+        except (KeyError, TypeError, ValueError):
+            raise self.fail(f"{where}: a blob reference needs offset, size and sha256") from None
+        source = payload
+        if ref.get("file") == "memory":
+            source = self.memory_file(where)
+        if offset < 0 or size < 0 or offset + size > source.nbytes:
+            raise self.fail(f"{where}: its blob ({size} bytes at {offset}) runs past the end "
+                            f"of the data ({source.nbytes} bytes): truncated?")
+        view = source[offset:offset + size]
+        if hashlib.sha256(view).hexdigest() != digest:
+            raise self.fail(f"{where}: its bytes do not match their checksum (corrupted)")
+        return view
+
+    def memory_file(self, where: str) -> memoryview:
+        if self.memory_view is None:
+            path = self.memory_path or self.meta_memory_file
+            if path is None:
+                raise self.fail(f"{where} is in a separate memory file, but none is named; pass "
+                                f"memory_path=")
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    self.memory_view = memoryview(
+                        mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) if size else b"")
+            except OSError as e:
+                raise SnapshotError(f"cannot read the snapshot's memory file {path}: "
+                                    f"{e.strerror}") from None
+            self.memory_file_path = os.fspath(path)
+        return self.memory_view
+
+    def struct(self, payload: memoryview, ref: Any, where: str) -> Any:
+        view = self.blob(payload, ref, where)
+        ctype = getattr(self.abi, str(ref.get("type")), None)
+        if ctype is None or str(ref.get("type")) not in self.layouts:
+            raise self.fail(f"{where}: type {ref.get('type')!r} is not among its layouts")
+        entries = ref.get("entries")
+        if entries is not None:
+            if not isinstance(entries, int) or entries < 0 or entries > 1 << 20:
+                raise self.fail(f"{where}: {entries!r} is not a number of entries")
+            obj = ctype.alloc(entries)
+            if view.nbytes != obj.flex_nbytes:
+                raise self.fail(f"{where}: {view.nbytes} bytes for a {ctype.__name__} with "
+                                f"{entries} entries ({obj.flex_nbytes} bytes)")
+            ctypes.memmove(ctypes.addressof(obj), bytes(view), view.nbytes)
+            return obj
+        if view.nbytes != ctypes.sizeof(ctype):
+            raise self.fail(f"{where}: {view.nbytes} bytes for a {ctype.__name__} "
+                            f"({ctypes.sizeof(ctype)} bytes)")
+        return ctype.from_buffer_copy(view)
+
+    def structs(self, payload: memoryview, refs: Any, where: str) -> dict[str, Any]:
+        if not isinstance(refs, dict):
+            raise self.fail(f"{where}: structs must be an object")
+        return {str(k): self.struct(payload, ref, f"{where}.{k}") for k, ref in refs.items()}
+
+    def slot(self, payload: memoryview, m: Any, i: int) -> MemorySlotState:
+        where = f"memory[{i}]"
+        try:
+            slot = MemorySlotState(int(m["slot"]), int(m["guest_phys_addr"]), int(m["size"]),
+                                   int(m["flags"]))
+        except (KeyError, TypeError, ValueError):
+            raise self.fail(f"{where}: a slot needs slot, guest_phys_addr, size and flags") from None
+        if m.get("data") is not None:
+            slot.data = self.blob(payload, m["data"], where)
+            if slot.data.nbytes != slot.size:
+                raise self.fail(f"{where}: {slot.data.nbytes} bytes of contents for a slot of "
+                                f"{slot.size}")
+            if m["data"].get("file") == "memory":
+                slot.source = (self.memory_file_path, int(m["data"]["offset"]))
+        if m.get("pages") is not None:
+            slot.pages = []
+            for j, ref in enumerate(m["pages"]):
+                view = self.blob(payload, ref, f"{where}.pages[{j}]")
+                at = ref.get("at")
+                if not isinstance(at, int) or at < 0 or at + view.nbytes > slot.size:
+                    raise self.fail(f"{where}.pages[{j}]: pages at {at!r} fall outside the slot")
+                slot.pages.append((at, view))
+        return slot
+
+    def state(self, base: VmState | None) -> VmState:
+        meta, payload = self.header()
+        self.check_host(meta)
+        self.layouts = meta["layouts"]
+        self.meta_memory_file = meta.get("memory_file")
+        try:
+            vm = meta["vm"]
+            state = VmState(
+                arch=str(meta["arch"]), host=dict(meta["host"]),
+                structs=self.structs(payload, vm["structs"], "vm"), values=dict(vm["values"]),
+                vcpus=tuple(VcpuState(int(v["id"]), self.structs(payload, v["structs"],
+                                                                 f"vcpu {v['id']}"),
+                                      dict(v["values"])) for v in meta["vcpus"]),
+                memory=tuple(self.slot(payload, m, i) for i, m in enumerate(meta["memory"])),
+                registrations={str(k): list(v) for k, v in dict(meta["registrations"]).items()},
+                id=str(meta["id"]), base=meta["base"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise self.fail(f"its metadata lacks or misspells {e}") from None
+        if state.base is None:
+            if base is not None:
+                raise SnapshotError("base= is for incremental snapshots; this one is full")
+            return state
+        return apply_increment(base, state)
+
+
+def apply_increment(base: VmState | None, inc: VmState) -> VmState:
+    """The full state an incremental snapshot describes: inc's vCPU and VM state, base's
+    memory with inc's pages written over it."""
+    if base is None:
+        raise SnapshotError(f"this snapshot is incremental: pass base=, the snapshot it was "
+                            f"taken against (id {inc.base})")
+    if base.id != inc.base:
+        raise SnapshotError(f"this snapshot was taken against snapshot {inc.base}, not "
+                            f"{base.id}")
+    if base.incremental:
+        raise SnapshotError("base= must be a full snapshot (apply its own base first)")
+    slots = {(m.slot, m.guest_phys_addr, m.size): m for m in base.memory}
+    memory = []
+    for m in inc.memory:
+        old = slots.get((m.slot, m.guest_phys_addr, m.size))
+        if old is None or old.data is None:
+            raise SnapshotError(f"slot {m.slot} at {m.guest_phys_addr:#x} is not in the base "
+                                f"snapshot with its contents")
+        data = bytearray(old.data)
+        for at, page in m.pages or ():
+            data[at:at + len(page)] = page
+        memory.append(replace(m, data=data, pages=None, source=None))
+    return replace(inc, memory=tuple(memory), base=None)
+
+
+def iter_runs(bits: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) for each run of consecutive numbers in a sorted iterable."""
+    first = last = -2
+    for n in bits:
+        if n != last + 1:
+            if first >= 0:
+                yield first, last - first + 1
+            first = n
+        last = n
+    if first >= 0:
+        yield first, last - first + 1
