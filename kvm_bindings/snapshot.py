@@ -19,7 +19,8 @@ offset size   what
 32     32     sha256 of the metadata
 64     M      metadata: UTF-8 JSON (below)
 ...           zeros up to the next 4096-byte boundary, where the payload starts
-...    P      the payload: blobs, each at a 4096-aligned offset the metadata names
+...    P      the payload: blobs at the offsets the metadata names (memory at multiples
+              of 4096 from the payload's start, structs at multiples of 64)
 ====== ====== ==============================================================
 
 The metadata says who wrote the snapshot (``host``: library version, kernel release, arch,
@@ -219,8 +220,8 @@ def host_facts(arch: str) -> dict[str, Any]:
 
 # ---- writing ------------------------------------------------------------------------------
 
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+def _aligned(n: int, align: int = _ALIGN) -> int:
+    return (n + align - 1) // align * align
 
 
 def _cdata_bytes(obj: Any) -> memoryview:
@@ -244,7 +245,9 @@ class _Writer:
         self.memory_size = 0
         self.layouts: dict[str, str] = {}
 
-    def _place(self, data: memoryview, ref: dict[str, Any], to_memory_file: bool = False) -> None:
+    def _place(self, data: memoryview, ref: dict[str, Any], memory: bool = False,
+               to_memory_file: bool = False) -> None:
+        """Memory goes at page boundaries (so that it can be mapped), structs at 64 bytes."""
         ref["size"] = data.nbytes
         ref["sha256"] = hashlib.sha256(data).hexdigest()
         if to_memory_file:
@@ -253,9 +256,17 @@ class _Writer:
             self.memory_blobs.append(data)
             self.memory_size = _aligned(self.memory_size + data.nbytes)
         else:
+            if memory:
+                self._pad_to(_aligned(self.size))
             ref["offset"] = self.size
             self.blobs.append(data)
-            self.size = _aligned(self.size + data.nbytes)
+            self.size += data.nbytes
+            self._pad_to(_aligned(self.size, 64))
+
+    def _pad_to(self, end: int) -> None:
+        if end > self.size:
+            self.blobs.append(memoryview(bytes(end - self.size)))
+            self.size = end
 
     def _struct(self, obj: Any) -> dict[str, Any]:
         ctype = type(obj)
@@ -277,12 +288,12 @@ class _Writer:
         separate = self.memory_out is not None
         if self.memory and m.data is not None:
             out["data"] = {}
-            self._place(memoryview(m.data).cast("B"), out["data"], separate)
+            self._place(memoryview(m.data).cast("B"), out["data"], True, separate)
         if self.memory and m.pages is not None:
             out["pages"] = []
             for offset, data in m.pages:
                 ref: dict[str, Any] = {"at": offset}
-                self._place(memoryview(data).cast("B"), ref, separate)
+                self._place(memoryview(data).cast("B"), ref, True, separate)
                 out["pages"].append(ref)
         return out
 
@@ -305,13 +316,13 @@ class _Writer:
         out.write(bytes(_aligned(_HEADER.size + len(text)) - _HEADER.size - len(text)))
         _write_blobs(out, self.blobs)
         if self.memory_out is not None:
-            _write_blobs(self.memory_out, self.memory_blobs)
+            _write_blobs(self.memory_out, self.memory_blobs, align=True)
 
 
-def _write_blobs(out: IO[bytes], blobs: Iterable[memoryview]) -> None:
+def _write_blobs(out: IO[bytes], blobs: Iterable[memoryview], align: bool = False) -> None:
     for data in blobs:
         out.write(data)
-        pad = _aligned(data.nbytes) - data.nbytes
+        pad = _aligned(data.nbytes) - data.nbytes if align else 0
         if pad:
             out.write(bytes(pad))
 

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..abi import x86_64 as abi
 from ..backing import Backing
-from ..errors import (KvmError, KvmUnsupported, PendingExitError, RestoreError, SnapshotError,
-                      StaleHandleError)
+from ..errors import KvmError, PendingExitError, RestoreError, SnapshotError, StaleHandleError
 from ..exits import InterruptedExit
 from ..memory import PAGE_SIZE
 from ..snapshot import MemorySlotState, VcpuState, VmState, host_facts, iter_runs
+from . import _msrs
 
 if TYPE_CHECKING:
     from .system import X86Kvm
@@ -254,8 +254,9 @@ def _increment(vm: X86Vm, regions: tuple[Any, ...], base: VmState,
     out = []
     for r in regions:
         view = r.view()
-        runs = [(first * PAGE_SIZE, bytes(view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]))
-                for first, n in iter_runs(_take_dirty(vm, r, manual))]
+        runs: list[tuple[int, bytes | memoryview]] = [
+            (first * PAGE_SIZE, bytes(view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]))
+            for first, n in iter_runs(_take_dirty(vm, r, manual))]
         out.append(MemorySlotState(r.slot, r.guest_phys_addr, r.size, r.flags, None, runs))
     return tuple(out)
 
@@ -373,9 +374,25 @@ def _restore_vcpu(vcpu: X86Vcpu, state: VcpuState) -> None:
 
 
 def _set_msrs(vcpu: X86Vcpu, msrs: dict[int, int], where: str) -> None:
-    items = list(msrs.items())
-    for start in range(0, len(items), _MSR_BATCH):
-        _step(f"{where}: KVM_SET_MSRS", vcpu.set_msrs, dict(items[start:start + _MSR_BATCH]))
+    """KVM_SET_MSRS in batches. KVM stops at the first MSR it refuses: one it lets the host
+    read but not write back for this guest (a paravirtual MSR its CPUID does not offer)
+    is stepped over if the new vCPU holds the saved value already; otherwise it is an error."""
+    todo = list(msrs.items())
+    while todo:
+        batch = todo[:_MSR_BATCH]
+        done = _step(f"{where}: KVM_SET_MSRS",
+                     lambda b=batch: vcpu.ioctl(abi.KVM_SET_MSRS, _msrs.msrs(
+                         [i for i, _ in b], [v for _, v in b])))
+        if done < len(batch):
+            index, value = batch[done]
+            now = vcpu.get_msrs([index]).get(index)
+            if now != value:
+                raise RestoreError(f"{where}: KVM_SET_MSRS", KvmError(
+                    "KVM_SET_MSRS", errno.EINVAL,
+                    f"MSR {index:#x} = {value:#x} was refused (the new vCPU has "
+                    f"{'no such MSR' if now is None else hex(now)})"))
+            done += 1
+        todo = todo[done:]
 
 
 def _check(state: VmState, check_cpu: bool) -> None:
@@ -424,7 +441,6 @@ def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> N
     # irqchip, the dirty ring) must come before any vCPU exists.
     _replay(vm, values.get("setup", ()), "vm")
     for m in state.memory:
-        flags = m.flags
         backing = memory.get(m.slot)
         if backing is None and m.source is not None and m.guest_phys_addr % PAGE_SIZE == 0:
             # Memory in a file of its own: map it copy-on-write instead of copying it.
@@ -438,8 +454,8 @@ def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> N
             region = _step(f"slot {m.slot}: KVM_SET_USER_MEMORY_REGION",
                            lambda b=backing, m=m: vm.add_memory(
                                m.guest_phys_addr, m.size, backing=b, slot=m.slot,
-                               readonly=bool(flags & abi.KVM_MEM_READONLY),
-                               log_dirty=bool(flags & abi.KVM_MEM_LOG_DIRTY_PAGES)))
+                               readonly=bool(m.flags & abi.KVM_MEM_READONLY),
+                               log_dirty=bool(m.flags & abi.KVM_MEM_LOG_DIRTY_PAGES)))
         except BaseException:
             if owned and backing is not None:
                 backing.close()
@@ -453,7 +469,7 @@ def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> N
         _restore_vcpu(vcpu, vs)
     # The interrupt controllers after the vCPUs and their LAPICs: an interrupt they hold
     # pending is delivered as soon as they are set, to LAPICs that must be ready for it.
-    for name, chip in _CHIPS:
+    for name, _ in _CHIPS:
         if name in structs:
             _step(f"{name}: KVM_SET_IRQCHIP", vm.set_irqchip, structs[name])
     # The PIT after them: it starts counting again as it is set, into IRQ0.

@@ -2,8 +2,10 @@
  * set up by kvm_bindings.x86; stack below 0x7000).
  *
  * The in-kernel PIC puts IRQ 0 at vector 0x20 (IDT at 0x2000, built here); the in-kernel
- * PIT (channel 0, rate generator) ticks at about 2 kHz; the handler counts ticks at
- * 0x3004 and sends EOI. The main loop halts until the tick count moves, then takes one
+ * PIT (channel 0, rate generator) ticks at about 2 kHz; its handler counts ticks at
+ * 0x3004 and sends EOI. The LAPIC's own timer (periodic, vector 0x30, about 2 kHz; the
+ * LAPIC page at 0xfee00000 must be identity-mapped) counts at 0x300c. The main loop
+ * halts until both counts move, then takes one
  * step and reports it with a 4-byte OUT to port 0xe9. The value mixes: ebx (a 32-bit LCG),
  * the MSR IA32_KERNEL_GS_BASE (kept only there, incremented each step) and a word at
  * fs:0 (FS base 0x3000, set through IA32_FS_BASE), rotated each step. So it depends on
@@ -26,6 +28,15 @@ _start:
     shr     $16, %rax
     mov     %eax, 0x2208
     movl    $0, 0x220c
+    lea     apic_tick(%rip), %rax   /* IDT gate 0x30: to apic_tick */
+    mov     %ax, 0x2300
+    mov     %cx, 0x2302
+    movw    $0x8e00, 0x2304
+    shr     $16, %rax
+    mov     %ax, 0x2306
+    shr     $16, %rax
+    mov     %eax, 0x2308
+    movl    $0, 0x230c
     lidt    idtr(%rip)
     /* master 8259: IRQ 0-7 at vectors 0x20-0x27, only IRQ 0 unmasked */
     mov     $0x11, %al
@@ -53,15 +64,29 @@ _start:
     mov     $0x5eed, %eax
     xor     %edx, %edx
     wrmsr
+    /* LAPIC: software-enabled (spurious vector 0xff), timer periodic at vector 0x30,
+     * divide by 1, 500000 bus cycles (KVM's LAPIC bus runs at 1 GHz) */
+    mov     $0xfee00000, %esi
+    movl    $0x1ff, 0xf0(%rsi)
+    movl    $0xb, 0x3e0(%rsi)
+    movl    $0x20030, 0x320(%rsi)
+    movl    $500000, 0x380(%rsi)
+    movl    $0, 0x300c
     movl    $0x9e3779b9, 0x3000     /* the word each step rotates */
     movl    $0, 0x3004              /* the tick count */
     mov     $12345, %ebx            /* the LCG's state */
     sti
 step:
     mov     0x3004, %ecx
+    mov     0x300c, %edi
 1:  hlt                             /* in-kernel: sleeps until the next interrupt */
     cmp     0x3004, %ecx
-    je      1b
+    je      1b                      /* until the PIT has ticked */
+2:  cmp     0x300c, %edi
+    jne     3f
+    hlt
+    jmp     2b                      /* and the LAPIC timer too */
+3:
     imul    $1103515245, %ebx, %ebx
     add     $12345, %ebx
     roll    $5, %fs:0
@@ -82,6 +107,14 @@ tick:
     push    %rax
     mov     $0x20, %al
     out     %al, $0x20              /* EOI */
+    pop     %rax
+    iretq
+
+apic_tick:
+    incl    0x300c
+    push    %rax
+    mov     $0xfee00000, %eax
+    movl    $0, 0xb0(%rax)          /* LAPIC EOI */
     pop     %rax
     iretq
 
