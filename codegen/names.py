@@ -25,7 +25,7 @@ from .model import Model, Record, RecordRef
 MODULE_RESERVED = frozenset({
     "annotations", "ctypes", "enum", "KERNEL_VERSION", "ARCH", "TYPE_CHECKING", "Any",
     "Ioctl", "IOCTLS", "EXIT_MEMBERS", "C_TYPES", "EMPTY_MACROS", "UNEXPRESSED", "RENAMED",
-    "_ENUMS", "_Structure", "_Union", "_FlexibleStructure", "_Bitfield",
+    "_ENUMS", "_Structure", "_Union", "_FlexibleStructure", "_Bitfield", "to_dict", "from_dict",
     "AttributeError", "bool", "bytes", "dict", "frozenset", "getattr", "globals", "int", "list",
     "object", "str", "tuple",
 })

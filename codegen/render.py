@@ -412,7 +412,7 @@ def render_module(model: Model, layout: Layout) -> str:
     public = ["KERNEL_VERSION", "ARCH", *(n for n, _ in constants), *(n for n, _ in enum_consts),
               *(fam["name"] for fam in families), *(e["name"] for e in c_enums), *declared,
               "Ioctl", "IOCTLS", "EXIT_MEMBERS", "C_TYPES", "EMPTY_MACROS", "UNEXPRESSED",
-              "RENAMED"]
+              "RENAMED", "to_dict", "from_dict"]
     return render_template("abi.py.j2",
         m=model, gen_version=GENERATOR_VERSION, records=[by_name[k] for k in declared],
         ordered=records, constants=constants, enum_consts=enum_consts,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 
 from ._support import Ioctl, _Bitfield, _FlexibleStructure, _Structure, _Union
+from ._support import from_dict, to_dict
 
 KERNEL_VERSION = "7.2.0"
 ARCH = "x86_64"
@@ -5081,5 +5082,5 @@ __all__ = [
     "kvm_s390_keyop", "kvm_enc_region", "kvm_dirty_gfn", "kvm_stats_header", "kvm_stats_desc",
     "kvm_stats_desc_s", "kvm_stats_desc___empty_name", "kvm_memory_attributes",
     "kvm_create_guest_memfd", "kvm_pre_fault_memory", "Ioctl", "IOCTLS", "EXIT_MEMBERS", "C_TYPES",
-    "EMPTY_MACROS", "UNEXPRESSED", "RENAMED",
+    "EMPTY_MACROS", "UNEXPRESSED", "RENAMED", "to_dict", "from_dict",
 ]
