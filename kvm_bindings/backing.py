@@ -190,11 +190,14 @@ class Backing(Unshareable):
             raise
 
     @classmethod
-    def anonymous(cls, size: int) -> Backing:
-        """size bytes of private anonymous memory (MAP_PRIVATE | MAP_ANONYMOUS), zero-filled."""
+    def anonymous(cls, size: int, *, populate: bool = False) -> Backing:
+        """size bytes of private anonymous memory (MAP_PRIVATE | MAP_ANONYMOUS), zero-filled.
+        populate=True: every page is allocated now (MAP_POPULATE), in one go, rather than at
+        its first touch; worth it for memory about to be written whole."""
         size = _positive(size, "size")
+        flags = mmap.MAP_PRIVATE | (mmap.MAP_POPULATE if populate else 0)
         try:
-            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=_READ_WRITE)
+            mapping = mmap.mmap(-1, size, flags=flags, prot=_READ_WRITE)
         except OverflowError:
             raise OverflowError(f"size={size:#x} is more than a mapping can be") from None
         except OSError as e:

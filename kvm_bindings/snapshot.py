@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import io
 import json
 import mmap
 import os
@@ -130,9 +129,8 @@ class VmState:
     def to_bytes(self, *, memory: bool = True) -> bytes:
         """The snapshot as bytes (see the module docstring for the format). memory=False
         leaves the memory contents out, keeping the slot table."""
-        out = io.BytesIO()
-        self._write(out, None, memory)
-        return out.getvalue()
+        # One copy: join() sizes the result first and copies each blob into it once.
+        return b"".join(_Writer(self, memory, None, None).pieces())
 
     def write(self, path: str | os.PathLike[str], *,
               memory_path: str | os.PathLike[str] | None = None) -> None:
@@ -298,6 +296,13 @@ class _Writer:
         return out
 
     def write(self, out: IO[bytes]) -> None:
+        for piece in self.pieces():
+            out.write(piece)
+        if self.memory_out is not None:
+            _write_blobs(self.memory_out, self.memory_blobs, align=True)
+
+    def pieces(self) -> list[bytes | memoryview]:
+        """The snapshot's bytes, in pieces: header, metadata, padding, blobs."""
         s = self.state
         meta: dict[str, Any] = {
             "format": FORMAT_VERSION, "id": s.id, "base": s.base, "arch": s.arch, "host": s.host,
@@ -310,13 +315,10 @@ class _Writer:
         }
         meta["layouts"] = dict(sorted(self.layouts.items()))
         text = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
-        out.write(_HEADER.pack(MAGIC, FORMAT_VERSION, _HEADER.size, len(text), self.size,
-                               hashlib.sha256(text).digest()))
-        out.write(text)
-        out.write(bytes(_aligned(_HEADER.size + len(text)) - _HEADER.size - len(text)))
-        _write_blobs(out, self.blobs)
-        if self.memory_out is not None:
-            _write_blobs(self.memory_out, self.memory_blobs, align=True)
+        return [_HEADER.pack(MAGIC, FORMAT_VERSION, _HEADER.size, len(text), self.size,
+                             hashlib.sha256(text).digest()),
+                text, bytes(_aligned(_HEADER.size + len(text)) - _HEADER.size - len(text)),
+                *self.blobs]
 
 
 def _write_blobs(out: IO[bytes], blobs: Iterable[memoryview], align: bool = False) -> None:

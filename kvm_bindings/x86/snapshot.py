@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -218,9 +219,18 @@ def _slot_states(vm: X86Vm, memory: bool, base: VmState | None, track: bool,
             if not r.flags & abi.KVM_MEM_LOG_DIRTY_PAGES:
                 vm.set_dirty_logging(r, True)
             _take_dirty(vm, r, manual)     # the log now starts at this snapshot
-        data = bytearray(r.view()) if memory else None
+        data = _copy(r.view()) if memory else None
         out.append(MemorySlotState(r.slot, r.guest_phys_addr, r.size, r.flags, data))
     return tuple(out)
+
+
+def _copy(view: memoryview) -> memoryview:
+    """A copy of guest memory, in memory allocated in one go (MAP_POPULATE): page-by-page
+    first-touch faults would cost more than the copy itself."""
+    copy = mmap.mmap(-1, view.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE)
+    out = memoryview(copy)
+    out[:] = view
+    return out
 
 
 def _manual_protect(vm: X86Vm) -> bool:
@@ -441,15 +451,20 @@ def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> N
     # irqchip, the dirty ring) must come before any vCPU exists.
     _replay(vm, values.get("setup", ()), "vm")
     for m in state.memory:
-        backing = memory.get(m.slot)
-        if backing is None and m.source is not None and m.guest_phys_addr % PAGE_SIZE == 0:
-            # Memory in a file of its own: map it copy-on-write instead of copying it.
-            backing = _step(f"slot {m.slot}: mapping {m.source[0]}",
-                            lambda src=m.source, m=m: Backing.file(src[0], m.size, src[1],
-                                                                   shared=False))
+        backing, owned = memory.get(m.slot), False
+        if backing is None:
             owned = True
-        else:
-            owned = False
+            if m.source is not None and m.source[1] % PAGE_SIZE == 0:
+                # Memory in a file of its own: mapped copy-on-write, nothing copied.
+                backing = _step(f"slot {m.slot}: mapping {m.source[0]}",
+                                lambda src=m.source, m=m: Backing.file(src[0], m.size, src[1],
+                                                                       shared=False))
+            else:
+                # Allocated in one go and filled before KVM has the slot: page by page
+                # first-touch faults cost more than the copy itself.
+                backing = Backing.anonymous(m.size, populate=m.data is not None)
+                if m.data is not None:
+                    backing.view()[:] = m.data
         try:
             region = _step(f"slot {m.slot}: KVM_SET_USER_MEMORY_REGION",
                            lambda b=backing, m=m: vm.add_memory(
@@ -457,13 +472,11 @@ def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> N
                                readonly=bool(m.flags & abi.KVM_MEM_READONLY),
                                log_dirty=bool(m.flags & abi.KVM_MEM_LOG_DIRTY_PAGES)))
         except BaseException:
-            if owned and backing is not None:
+            if owned:
                 backing.close()
             raise
-        if owned and backing is not None:
+        if owned:
             region._owns_backing = True     # the restored VM unmaps it with the slot
-        elif m.data is not None and m.slot not in memory:
-            region.view()[:] = m.data
     for vs in state.vcpus:
         vcpu = _step(f"vcpu {vs.id}: KVM_CREATE_VCPU", vm.create_vcpu, vs.id)
         _restore_vcpu(vcpu, vs)
