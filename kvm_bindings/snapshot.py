@@ -61,7 +61,8 @@ from .errors import SnapshotError
 if TYPE_CHECKING:
     from ctypes import _CData
 
-__all__ = ["FORMAT_VERSION", "MemorySlotState", "VcpuState", "VmState", "layout_hash"]
+__all__ = ["FORMAT_VERSION", "MemorySlotState", "VcpuState", "VmState", "apply_increment", "host_facts",
+           "iter_runs", "layout_hash"]
 
 MAGIC = b"KVMSNAP\x00"
 FORMAT_VERSION = 1

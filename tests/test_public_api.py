@@ -74,7 +74,8 @@ NAMING = re.compile(
     r"mark|move|run|kick|close|require|translate|signal|capabilities|max|recommended|vm_types|"
     r"fileno|from|setup|write|read|load|view|host|region|overlapping|preferred|vcpu_init|"
     r"finalize|core|sysreg|csr|isa|timer|config|fpr|vector|reg|dump|disable|"
-    r"encrypt|memory|interrupt|ioctl|init|notify)")
+    r"encrypt|memory|interrupt|ioctl|init|notify|"
+    r"save|restore)")      # save_/restore_: snapshots (vm.save_state(), kvm.restore_vm())
 
 
 def test_method_names_follow_one_scheme():
