@@ -49,13 +49,17 @@ import json
 import mmap
 import os
 import platform
+import stat
 import struct
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import import_module
 from typing import IO, TYPE_CHECKING, Any
 
+from ._layout import capacity
 from .errors import SnapshotError
 
 if TYPE_CHECKING:
@@ -136,12 +140,14 @@ class VmState:
     def write(self, path: str | os.PathLike[str], *,
               memory_path: str | os.PathLike[str] | None = None) -> None:
         """Write the snapshot to path; with memory_path, the memory goes to that file
-        instead, page-aligned, so that VmState.read() can map it rather than copy it."""
-        with open(path, "wb") as f:
+        instead, page-aligned, so that VmState.read(map_memory=True) can map it rather than
+        copy it. Each file is written beside its target and renamed over it: a VM still
+        mapping an older snapshot's memory file keeps the old file, never a cut one."""
+        with _replacing(path) as f:
             if memory_path is None:
                 self._write(f, None, True)
             else:
-                with open(memory_path, "wb") as m:
+                with _replacing(memory_path) as m:
                     self._write(f, m, True, os.path.abspath(memory_path))
 
     @classmethod
@@ -155,15 +161,19 @@ class VmState:
 
     @classmethod
     def read(cls, path: str | os.PathLike[str], *, base: VmState | None = None,
-             memory_path: str | os.PathLike[str] | None = None) -> VmState:
-        """VmState.from_bytes() of a file, mapped rather than read; memory_path is where a
-        snapshot written with write(memory_path=) keeps its memory, if it has moved."""
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise SnapshotError(f"{os.fspath(path)} is empty, not a snapshot")
-            view = memoryview(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ))
-        return _Reader(view, memory_path).state(base)
+             memory_path: str | os.PathLike[str] | None = None,
+             map_memory: bool = False) -> VmState:
+        """VmState.from_bytes() of a file (read whole: nothing stays open or mapped).
+
+        A snapshot written with write(memory_path=) has its memory in that file, found
+        where it was written unless memory_path says where it is now. It is read in too,
+        unless map_memory=True: then restore_vm() maps it copy-on-write and copies
+        nothing. The file must then stay as it is while a VM uses it: truncating it
+        kills the process with SIGBUS at the next touch of a page gone, and the
+        checksums were checked when read() ran, not when a page is faulted in.
+        """
+        return _Reader(memoryview(_read_file(path, "snapshot")), memory_path,
+                       map_memory).state(base)
 
     def _write(self, out: IO[bytes], memory_out: IO[bytes] | None, memory: bool,
                memory_name: str | None = None) -> None:
@@ -224,8 +234,11 @@ def _aligned(n: int, align: int = _ALIGN) -> int:
 
 
 def _cdata_bytes(obj: Any) -> memoryview:
-    """The bytes a struct's blob holds: the whole object, trailing entries included."""
-    nbytes = getattr(obj, "flex_nbytes", ctypes.sizeof(obj))
+    """The bytes a struct's blob holds: the whole object, trailing entries included, or
+    for one made over a larger buffer (kvm_nested_state), all of that buffer from it."""
+    if not isinstance(obj, (ctypes.Structure, ctypes.Union)):
+        raise SnapshotError(f"a snapshot holds ABI structs, not {type(obj).__name__}")
+    nbytes = getattr(obj, "flex_nbytes", None) or capacity(obj)
     return memoryview((ctypes.c_uint8 * nbytes).from_address(ctypes.addressof(obj))).cast("B")
 
 
@@ -275,7 +288,10 @@ class _Writer:
         ref: dict[str, Any] = {"type": name}
         if hasattr(obj, "flex_capacity"):
             ref["entries"] = obj.flex_capacity
-        self._place(_cdata_bytes(obj), ref)
+        data = _cdata_bytes(obj)
+        if "entries" not in ref and data.nbytes != ctypes.sizeof(ctype):
+            ref["nbytes"] = data.nbytes
+        self._place(data, ref)
         return ref
 
     def _structs(self, structs: Mapping[str, Any]) -> dict[str, Any]:
@@ -315,11 +331,31 @@ class _Writer:
             "registrations": s.registrations,
         }
         meta["layouts"] = dict(sorted(self.layouts.items()))
-        text = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+        try:
+            text = json.dumps(meta, separators=(",", ":"), sort_keys=True,
+                              allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise SnapshotError(f"this state holds a value a snapshot cannot: {e}") from None
         return [_HEADER.pack(MAGIC, FORMAT_VERSION, _HEADER.size, len(text), self.size,
                              hashlib.sha256(text).digest()),
                 text, bytes(_aligned(_HEADER.size + len(text)) - _HEADER.size - len(text)),
                 *self.blobs]
+
+
+@contextmanager
+def _replacing(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A new file that takes path's name once it is whole (rename), or is removed."""
+    target = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(target)),
+                               prefix=f".{os.path.basename(target)}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _write_blobs(out: IO[bytes], blobs: Iterable[memoryview], align: bool = False) -> None:
@@ -332,13 +368,58 @@ def _write_blobs(out: IO[bytes], blobs: Iterable[memoryview], align: bool = Fals
 
 # ---- reading ------------------------------------------------------------------------------
 
+def _open_regular(path: str | os.PathLike[str], what: str) -> int:
+    """An fd of a regular file (not a FIFO that would block, not a device), or SnapshotError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, TypeError, ValueError) as e:
+        raise SnapshotError(f"cannot open the {what} file {path!r}: "
+                            f"{getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError(f"the {what} file {path!r} is not a regular file")
+    return fd
+
+
+def _read_file(path: str | os.PathLike[str], what: str) -> bytes:
+    fd = _open_regular(path, what)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError as e:
+        raise SnapshotError(f"cannot read the {what} file {path!r}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if not data:
+        raise SnapshotError(f"{os.fspath(path)} is empty, not a {what} file")
+    return data
+
+
+def _map_file(path: str | os.PathLike[str]) -> mmap.mmap | bytes:
+    fd = _open_regular(path, "memory")
+    try:
+        size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) if size else b""
+    finally:
+        os.close(fd)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a snapshot holds")
+
+
 class _Reader:
     """Checks everything before it builds anything: a VmState comes back whole or not at all."""
 
-    def __init__(self, data: memoryview, memory_path: str | os.PathLike[str] | None) -> None:
+    def __init__(self, data: memoryview, memory_path: str | os.PathLike[str] | None,
+                 map_memory: bool = False) -> None:
         self.data = data
         self.memory_path = memory_path
+        self.map_memory = map_memory
         self.memory_view: memoryview | None = None
+        self.memory_file_path = ""
+        self.meta_memory_file: Any = None
+        self.layouts: dict[str, Any] = {}
         self.abi: Any = None
 
     def fail(self, what: str) -> SnapshotError:
@@ -364,7 +445,7 @@ class _Reader:
         if hashlib.sha256(text).digest() != digest:
             raise self.fail("its metadata does not match its checksum (corrupted)")
         try:
-            meta = json.loads(bytes(text))
+            meta = json.loads(bytes(text), parse_constant=_no_constant)
         except ValueError as e:
             raise self.fail(f"its metadata is not JSON ({e})") from None
         if not isinstance(meta, dict):
@@ -413,19 +494,19 @@ class _Reader:
 
     def memory_file(self, where: str) -> memoryview:
         if self.memory_view is None:
-            path = self.memory_path or self.meta_memory_file
+            path = self.memory_path
             if path is None:
-                raise self.fail(f"{where} is in a separate memory file, but none is named; pass "
-                                f"memory_path=")
-            try:
-                with open(path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    self.memory_view = memoryview(
-                        mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) if size else b"")
-            except OSError as e:
-                raise SnapshotError(f"cannot read the snapshot's memory file {path}: "
-                                    f"{e.strerror}") from None
-            self.memory_file_path = os.fspath(path)
+                path = self.meta_memory_file
+                # A path from the metadata, never anything else: an int would be taken by
+                # open() as a descriptor of this process.
+                if not isinstance(path, str) or not path:
+                    raise self.fail(f"{where} is in a separate memory file, but none is "
+                                    f"named; pass memory_path=")
+            if self.map_memory:
+                self.memory_view = memoryview(_map_file(path))
+            else:
+                self.memory_view = memoryview(_read_file(path, "memory"))
+            self.memory_file_path = os.path.abspath(path)
         return self.memory_view
 
     def struct(self, payload: memoryview, ref: Any, where: str) -> Any:
@@ -435,14 +516,25 @@ class _Reader:
             raise self.fail(f"{where}: type {ref.get('type')!r} is not among its layouts")
         entries = ref.get("entries")
         if entries is not None:
-            if not isinstance(entries, int) or entries < 0 or entries > 1 << 20:
-                raise self.fail(f"{where}: {entries!r} is not a number of entries")
-            obj = ctype.alloc(entries)
-            if view.nbytes != obj.flex_nbytes:
+            if (type(entries) is not int or entries < 0 or entries > 1 << 20
+                    or not hasattr(ctype, "_flex_field_")):
+                raise self.fail(f"{where}: {entries!r} entries of a {ctype.__name__}")
+            offset = getattr(ctype, ctype._flex_field_).offset
+            nbytes = max(ctypes.sizeof(ctype), offset + entries * ctypes.sizeof(ctype._flex_type_))
+            if view.nbytes != nbytes:
                 raise self.fail(f"{where}: {view.nbytes} bytes for a {ctype.__name__} with "
-                                f"{entries} entries ({obj.flex_nbytes} bytes)")
+                                f"{entries} entries ({nbytes} bytes)")
+            obj = ctype.alloc(entries)
             ctypes.memmove(ctypes.addressof(obj), bytes(view), view.nbytes)
             return obj
+        if "nbytes" in ref:
+            # A struct the kernel sizes itself (kvm_nested_state: its size member says how
+            # much follows the header), kept with everything the kernel wrote.
+            if view.nbytes < ctypes.sizeof(ctype) or view.nbytes > 1 << 24 or \
+                    ref["nbytes"] != view.nbytes:
+                raise self.fail(f"{where}: {view.nbytes} bytes for a {ctype.__name__}")
+            buf = (ctypes.c_uint8 * view.nbytes).from_buffer_copy(view)
+            return ctype.from_buffer(buf)
         if view.nbytes != ctypes.sizeof(ctype):
             raise self.fail(f"{where}: {view.nbytes} bytes for a {ctype.__name__} "
                             f"({ctypes.sizeof(ctype)} bytes)")
@@ -465,7 +557,7 @@ class _Reader:
             if slot.data.nbytes != slot.size:
                 raise self.fail(f"{where}: {slot.data.nbytes} bytes of contents for a slot of "
                                 f"{slot.size}")
-            if m["data"].get("file") == "memory":
+            if m["data"].get("file") == "memory" and self.map_memory:
                 slot.source = (self.memory_file_path, int(m["data"]["offset"]))
         if m.get("pages") is not None:
             slot.pages = []
@@ -478,28 +570,43 @@ class _Reader:
         return slot
 
     def state(self, base: VmState | None) -> VmState:
-        meta, payload = self.header()
-        self.check_host(meta)
-        self.layouts = meta["layouts"]
-        self.meta_memory_file = meta.get("memory_file")
         try:
-            vm = meta["vm"]
-            state = VmState(
-                arch=str(meta["arch"]), host=dict(meta["host"]),
-                structs=self.structs(payload, vm["structs"], "vm"), values=dict(vm["values"]),
-                vcpus=tuple(VcpuState(int(v["id"]), self.structs(payload, v["structs"],
-                                                                 f"vcpu {v['id']}"),
-                                      dict(v["values"])) for v in meta["vcpus"]),
-                memory=tuple(self.slot(payload, m, i) for i, m in enumerate(meta["memory"])),
-                registrations={str(k): list(v) for k, v in dict(meta["registrations"]).items()},
-                id=str(meta["id"]), base=meta["base"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise self.fail(f"its metadata lacks or misspells {e}") from None
+            state = self._state()
+        except SnapshotError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
+                IndexError) as e:
+            raise self.fail(f"its metadata lacks or misspells {e!r}") from None
         if state.base is None:
             if base is not None:
                 raise SnapshotError("base= is for incremental snapshots; this one is full")
             return state
         return apply_increment(base, state)
+
+    def _state(self) -> VmState:
+        meta, payload = self.header()
+        self.check_host(meta)
+        self.layouts = meta["layouts"]
+        self.meta_memory_file = meta.get("memory_file")
+        ids = [v["id"] for v in meta["vcpus"]]
+        if not all(type(i) is int and i >= 0 for i in ids) or len(set(ids)) != len(ids):
+            raise self.fail(f"vCPU ids {ids!r} are not distinct numbers")
+        if meta["base"] is not None and not isinstance(meta["base"], str):
+            raise self.fail("its base is not a snapshot id")
+        for name in ("host", "registrations"):
+            if not isinstance(meta[name], dict):
+                raise self.fail(f"its {name} is not an object")
+        vm = meta["vm"]
+        state = VmState(
+            arch=str(meta["arch"]), host=dict(meta["host"]),
+            structs=self.structs(payload, vm["structs"], "vm"), values=dict(vm["values"]),
+            vcpus=tuple(VcpuState(int(v["id"]), self.structs(payload, v["structs"],
+                                                             f"vcpu {v['id']}"),
+                                  dict(v["values"])) for v in meta["vcpus"]),
+            memory=tuple(self.slot(payload, m, i) for i, m in enumerate(meta["memory"])),
+            registrations={str(k): list(v) for k, v in dict(meta["registrations"]).items()},
+            id=str(meta["id"]), base=meta["base"])
+        return state
 
 
 def apply_increment(base: VmState | None, inc: VmState) -> VmState:

@@ -173,18 +173,26 @@ def test_a_snapshot_file_restores_in_a_fresh_process(kvm, code, reference, tmp_p
     assert head + json.loads(child.stdout) == reference
 
 
-def test_memory_in_a_separate_file_is_mapped_copy_on_write(kvm, code, reference, tmp_path):
+@pytest.mark.parametrize("map_memory", [False, True])
+def test_memory_in_a_separate_file_is_read_or_mapped_copy_on_write(kvm, code, reference,
+                                                                   tmp_path, map_memory):
     with make_vm(kvm, code) as vm:
         head = collect(vm.vcpus[0], 100)
         vm.save_state().write(tmp_path / "s.snap", memory_path=tmp_path / "s.mem")
     assert os.path.getsize(tmp_path / "s.snap") < MEMORY      # the memory went elsewhere
     saved = (tmp_path / "s.mem").read_bytes()
-    state = VmState.read(tmp_path / "s.snap")
+    state = VmState.read(tmp_path / "s.snap", map_memory=map_memory)
     with kvm.restore_vm(state) as vm2:
         region = vm2.memory.regions[0]
-        assert region.backing.kind == "private file"
+        assert region.backing.kind == ("private file" if map_memory else "anonymous")
         assert head + collect(vm2.vcpus[0], 300) == reference
-    assert (tmp_path / "s.mem").read_bytes() == saved         # the guest's writes stayed private
+        # A later snapshot to the same files replaces them (rename): the restored VM's
+        # mapping keeps the old file, its pages are never cut from under it.
+        vm2.save_state().write(tmp_path / "s.snap", memory_path=tmp_path / "s.mem")
+        assert collect(vm2.vcpus[0], 1)
+    if map_memory:
+        assert (tmp_path / "s.mem").read_bytes() != saved     # the second snapshot's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.mem", "s.snap"]   # no temp files
 
 
 # ---- (b) live migration: pre-copy with the dirty log while A runs -------------------------

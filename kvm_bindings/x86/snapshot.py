@@ -17,11 +17,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
+from .._layout import expect, fill
 from ..abi import x86_64 as abi
 from ..backing import Backing
 from ..errors import KvmError, PendingExitError, RestoreError, SnapshotError, StaleHandleError
@@ -198,18 +200,21 @@ def _all_stopped(vm: X86Vm) -> Iterator[tuple[X86Vcpu, ...]]:
 def _slot_states(vm: X86Vm, memory: bool, base: VmState | None, track: bool,
                  epoch: str | None) -> tuple[MemorySlotState, ...]:
     regions = vm.memory.regions
-    backings: dict[int, list[tuple[int, int, int]]] = {}
+    backings: dict[object, list[tuple[int, int, int]]] = {}
     for r in regions:
         if r.guest_memfd is not None:
             raise SnapshotError(f"{r!r} is backed by a guest_memfd, whose private memory the "
                                 f"host cannot read: such a VM cannot be saved")
-        spans = backings.setdefault(id(r.backing), [])
+        # Two backings over one file (or memfd) share bytes as one backing does.
+        key, base_offset = _backing_identity(r.backing)
+        spans = backings.setdefault(key, [])
+        offset = base_offset + r.offset
         for start, end, slot in spans:
-            if r.offset < end and start < r.offset + r.size:
+            if offset < end and start < offset + r.size:
                 raise SnapshotError(f"memory slots {slot} and {r.slot} map the same bytes of one "
                                     f"backing (an alias): saving them as two copies would "
                                     f"break what the guest sees, so this VM is refused")
-        spans.append((r.offset, r.offset + r.size, r.slot))
+        spans.append((offset, offset + r.size, r.slot))
     if base is not None:
         return _increment(vm, regions, base, epoch)
     out = []
@@ -222,6 +227,16 @@ def _slot_states(vm: X86Vm, memory: bool, base: VmState | None, track: bool,
         data = _copy(r.view()) if memory else None
         out.append(MemorySlotState(r.slot, r.guest_phys_addr, r.size, r.flags, data))
     return tuple(out)
+
+
+def _backing_identity(backing: Backing) -> tuple[object, int]:
+    """What a backing maps: the file (device, inode) and where in it, for a shared file or
+    memfd; else the backing itself (a private mapping shares nothing with another one)."""
+    fd = backing._fd
+    if fd is not None and backing.kind in ("memfd", "file"):
+        st = os.fstat(fd)
+        return ("file", st.st_dev, st.st_ino), backing.file_offset
+    return ("backing", id(backing)), 0
 
 
 def _copy(view: memoryview) -> memoryview:
@@ -274,6 +289,7 @@ def _increment(vm: X86Vm, regions: tuple[Any, ...], base: VmState,
 def save_state(vm: X86Vm, *, memory: bool = True, track_dirty: bool = False,
                base: VmState | None = None) -> VmState:
     """See X86Vm.save_state."""
+    vm.fd  # noqa: B018 - a closed VM refuses before anything else
     if vm.dirty_ring_entries and (track_dirty or base is not None):
         raise SnapshotError("incremental snapshots use the dirty log, and this VM tracks dirty "
                             "pages with the dirty ring instead")
@@ -285,6 +301,11 @@ def save_state(vm: X86Vm, *, memory: bool = True, track_dirty: bool = False,
     setup = _calls(vm._setup)
     irqchip = any(c == "create_irqchip" for c, _ in setup)
     split = any(c == "enable_cap" and a["cap"] == abi.Capability.SPLIT_IRQCHIP for c, a in setup)
+    closed = sorted(i for i, v in vm._vcpus.items() if v.closed)
+    if closed:
+        raise SnapshotError(f"vCPU {closed[0]} was closed: KVM keeps a vCPU for as long as "
+                            f"its VM lives, but its state can no longer be read, so this VM "
+                            f"cannot be saved whole")
     for vcpu in vm.vcpus:
         _complete_pending(vcpu)
     with _all_stopped(vm) as vcpus:
@@ -314,15 +335,22 @@ def save_state(vm: X86Vm, *, memory: bool = True, track_dirty: bool = False,
 def _step(what: str, call: Callable[..., Any], *args: Any) -> Any:
     try:
         return call(*args)
-    except (KvmError, ValueError, TypeError) as e:
+    except SnapshotError:
+        raise
+    except (KvmError, ValueError, TypeError, OverflowError, KeyError, AttributeError) as e:
         raise RestoreError(what, e) from e
 
 
 def _replay(target: Any, calls: Any, where: str) -> None:
-    for call, kwargs in calls:
-        if call not in _REPLAYED:
+    for entry in calls:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise SnapshotError(f"{where}: {entry!r} is not a setup call")
+        call, kwargs = entry
+        if call not in _REPLAYED or not callable(getattr(target, call, None)):
             raise SnapshotError(f"{where}: {call!r} is not a setup call a restore makes")
         kwargs = _from_json(kwargs)
+        if not isinstance(kwargs, dict):
+            raise SnapshotError(f"{where}: {call}() takes its arguments by name")
         if call == "enable_cap":
             _step(f"{where}: KVM_ENABLE_CAP {kwargs['cap']}",
                   lambda k=kwargs: target.enable_cap(k["cap"], *k["args"], flags=k["flags"]))
@@ -340,6 +368,8 @@ def _restore_vcpu(vcpu: X86Vcpu, state: VcpuState) -> None:
     _step(f"{where}: KVM_SET_CPUID2", vcpu.set_cpuid2, s["cpuid"])
     # The TSC frequency before the MSRs: IA32_TSC is written in guest cycles at that rate.
     khz = v.get("tsc_khz")
+    if khz is not None and type(khz) is not int:
+        raise SnapshotError(f"{where}: tsc_khz {khz!r} is not a frequency")
     if khz and has(abi.Capability.TSC_CONTROL) and vcpu.get_tsc_khz() != khz:
         _step(f"{where}: KVM_SET_TSC_KHZ", vcpu.set_tsc_khz, khz)
     # Special registers before the MSRs and the LAPIC: EFER (which MSRs and modes are
@@ -377,8 +407,8 @@ def _restore_vcpu(vcpu: X86Vcpu, state: VcpuState) -> None:
     if "nested_state" in s and has(abi.Capability.NESTED_STATE):
         _step(f"{where}: KVM_SET_NESTED_STATE", vcpu.set_nested_state, s["nested_state"])
     run = v.get("run", {})
-    vcpu.kvm_run.request_interrupt_window = int(run.get("request_interrupt_window", 0))
-    valid = int(run.get("kvm_valid_regs", 0))
+    fill(vcpu.kvm_run, request_interrupt_window=run.get("request_interrupt_window", 0))
+    valid = run.get("kvm_valid_regs", 0)
     if valid:
         _step(f"{where}: sync regs", vcpu.enable_sync_regs, valid)
 
@@ -429,16 +459,29 @@ def restore_vm(kvm: X86Kvm, state: VmState, *, memory: Mapping[int, Backing] | N
     _check(state, check_cpu)
     memory = dict(memory or {})
     for slot in memory:
-        if not any(m.slot == slot for m in state.memory):
-            raise ValueError(f"memory= names slot {slot}, which the snapshot does not have")
+        held = [m for m in state.memory if m.slot == slot]
+        if not held:
+            raise ValueError(f"memory= names slot {slot!r}, which the snapshot does not have "
+                             f"(its slots: {[m.slot for m in state.memory]})")
+        if held[0].data is not None:
+            raise ValueError(f"memory= gives slot {slot}'s memory, but the snapshot holds it "
+                             f"too: save with memory=False, or leave slot {slot} out")
     for m in state.memory:
         if m.data is None and m.slot not in memory:
             raise SnapshotError(f"the snapshot does not hold slot {m.slot}'s memory "
                                 f"({m.guest_phys_addr:#x}, {m.size:#x} bytes): pass it in "
                                 f"memory={{{m.slot}: backing}}")
-    vm = kvm.create_vm(int(state.values.get("type", 0)))
+    vm: X86Vm = _step("KVM_CREATE_VM", lambda: kvm.create_vm(state.values.get("type", 0)))
     try:
         _restore_into(vm, state, memory)
+    except SnapshotError:
+        vm.close()
+        raise
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError, IndexError) as e:
+        # What a snapshot that passed its checksums but was built wrong (by hand, or by
+        # another program) trips over: the same promise, a closed VM and one error type.
+        vm.close()
+        raise RestoreError("the snapshot's state", e) from e
     except BaseException:
         vm.close()
         raise
@@ -491,6 +534,7 @@ def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> N
     # kvmclock last, and without KVM_CLOCK_REALTIME: the guest's clock goes on from where
     # it stopped, not from where the host's wall clock is now.
     if "clock" in structs:
-        clock = abi.kvm_clock_data.from_buffer_copy(structs["clock"])
+        clock = abi.kvm_clock_data.from_buffer_copy(
+            expect(structs["clock"], abi.kvm_clock_data, "the snapshot's clock"))
         clock.flags = 0
         _step("KVM_SET_CLOCK", vm.set_clock, clock)
