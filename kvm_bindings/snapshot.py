@@ -44,6 +44,7 @@ base=...)``) holds only the pages written since its base, found with the dirty l
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import mmap
@@ -208,7 +209,12 @@ def layout_hash(ctype: type) -> str:
 
 
 def host_facts(arch: str) -> dict[str, Any]:
-    """Who is writing a snapshot: the library, the kernel, the arch, the CPU."""
+    """Who is writing a snapshot: the library, the kernel, the arch, the CPU (a copy)."""
+    return dict(_host_facts(arch))
+
+
+@functools.cache
+def _host_facts(arch: str) -> dict[str, Any]:
     facts: dict[str, Any] = {"library": _LIBRARY_VERSION, "kernel": platform.release(),
                              "arch": arch, "machine": platform.machine(),
                              "python": platform.python_version()}

@@ -262,3 +262,18 @@ def test_a_thousand_restores_of_one_snapshot_each_run_identically(kvm, code, ref
             runs.add(tuple(collect(vm2.vcpus[0], 3)))
     assert runs == {tuple(reference[50:53])}
     assert _open_fds() == before
+
+
+def test_a_thousand_in_place_loads_of_one_snapshot_each_run_identically(kvm, code, reference):
+    """load_state(): the fuzzer's reset without a new VM. Each run writes memory and MSRs and
+    moves the PIT and LAPIC timers on; every load puts all of that back."""
+    with make_vm(kvm, code) as vm:
+        collect(vm.vcpus[0], 50)
+        state = vm.save_state()
+        before = _open_fds()
+        runs = set()
+        for i in range(1000):
+            vm.load_state(state)
+            runs.add(tuple(collect(vm.vcpus[0], 3 + i % 3)[:3]))
+        assert _open_fds() == before
+    assert runs == {tuple(reference[50:53])}

@@ -369,3 +369,42 @@ def test_a_refused_restore_closes_the_half_made_vm_and_names_the_step(kvm, snaps
         kvm.restore_vm(state)
     assert info.value.step == "vcpu 0: KVM_SET_MSRS"
     assert _open_fds() == before
+
+
+def test_load_state_refuses_a_vm_of_another_shape_before_changing_anything(kvm, code):
+    with make_vm(kvm, code) as vm:
+        collect(vm.vcpus[0], 5)
+        state = vm.save_state()
+        with make_vm(kvm, code) as other:
+            other.add_memory(0x100000, 0x1000)
+            regs = bytes(other.vcpus[0].get_regs())
+            memory = other.memory.read(0, 0x10000)
+            with pytest.raises(SnapshotError, match="memory slots"):
+                other.load_state(state)
+            assert bytes(other.vcpus[0].get_regs()) == regs
+            assert other.memory.read(0, 0x10000) == memory
+        with kvm.create_vm() as bare:
+            bare.add_memory(0, 0x10000)
+            with pytest.raises(SnapshotError, match="setup calls"):
+                bare.load_state(state)
+
+
+def test_load_state_finishes_a_pending_in_before_overwriting_it(kvm, assemble):
+    """Stopped at an IN, with KVM waiting to write the answer into AL on the next run: the
+    load must not let that write land on the loaded registers."""
+    with kvm.create_vm() as vm:
+        vm.set_tss_addr(0xFFFBD000)
+        vm.add_memory(0, 0x10000)
+        vm.memory.write(LOAD_ADDR, assemble("in_then_out"))
+        vcpu = vm.create_vcpu(0)
+        x86.setup_real_mode(vcpu, LOAD_ADDR)
+        state = vm.save_state()                  # before the IN
+        e = vcpu.run()
+        assert isinstance(e, IoExit) and not e.is_write
+        e.data = b"Z"                            # an answer that must not reach the guest
+        vm.load_state(state)
+        e = vcpu.run()
+        assert isinstance(e, IoExit) and not e.is_write     # the IN again, from the start
+        e.data = b"A"
+        e = vcpu.run()
+        assert e.is_write and e.data == b"A"

@@ -362,7 +362,6 @@ def _restore_vcpu(vcpu: X86Vcpu, state: VcpuState) -> None:
     s, v = state.structs, state.values
     where = f"vcpu {vcpu.id}"
     has = vcpu.vm.check_extension
-    _replay(vcpu, v.get("setup", ()), where)
     # CPUID first: KVM checks CR4 bits, XCR0 and XSAVE components, and which MSRs exist,
     # against the guest's CPUID, and refuses a different CPUID once the vCPU has run.
     _step(f"{where}: KVM_SET_CPUID2", vcpu.set_cpuid2, s["cpuid"])
@@ -489,7 +488,7 @@ def restore_vm(kvm: X86Kvm, state: VmState, *, memory: Mapping[int, Backing] | N
 
 
 def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> None:
-    values, structs = state.values, state.structs
+    values = state.values
     # Setup calls first, in the order they were made: several (the irqchip, a split
     # irqchip, the dirty ring) must come before any vCPU exists.
     _replay(vm, values.get("setup", ()), "vm")
@@ -520,8 +519,18 @@ def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> N
             raise
         if owned:
             region._owns_backing = True     # the restored VM unmaps it with the slot
+    vcpus = []
     for vs in state.vcpus:
         vcpu = _step(f"vcpu {vs.id}: KVM_CREATE_VCPU", vm.create_vcpu, vs.id)
+        _replay(vcpu, vs.values.get("setup", ()), f"vcpu {vs.id}")
+        vcpus.append(vcpu)
+    _load(vm, vcpus, state)
+
+
+def _load(vm: X86Vm, vcpus: list[X86Vcpu], state: VmState) -> None:
+    """Every vCPU's state, then the VM-wide state, into vCPUs made for it."""
+    structs = state.structs
+    for vcpu, vs in zip(vcpus, state.vcpus):
         _restore_vcpu(vcpu, vs)
     # The interrupt controllers after the vCPUs and their LAPICs: an interrupt they hold
     # pending is delivered as soon as they are set, to LAPICs that must be ready for it.
@@ -538,3 +547,53 @@ def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> N
             expect(structs["clock"], abi.kvm_clock_data, "the snapshot's clock"))
         clock.flags = 0
         _step("KVM_SET_CLOCK", vm.set_clock, clock)
+
+
+# ---- loading into the VM the snapshot came from --------------------------------------------
+
+def _stop_pending(vcpu: X86Vcpu) -> None:
+    """Finish whatever exit the vCPU stopped at (its result is about to be overwritten),
+    so that no half-done instruction completes on top of the loaded state."""
+    for _ in range(16):
+        try:
+            _complete_pending(vcpu)
+            return
+        except PendingExitError:
+            continue            # a string I/O going on: finish that too
+    raise SnapshotError(f"vCPU {vcpu.id} keeps exiting while its pending I/O is finished")
+
+
+def load_state(vm: X86Vm, state: VmState, *, check_cpu: bool = True) -> None:
+    """See X86Vm.load_state."""
+    vm.fd  # noqa: B018 - a closed VM refuses before anything else
+    _check(state, check_cpu)
+    # Everything that can be checked is checked before anything changes.
+    setup = [list(c) for c in _calls(vm._setup)]
+    if setup != [list(c) for c in state.values.get("setup", ())]:
+        raise SnapshotError("this VM was not set up as the snapshot's was (its setup calls "
+                            "differ): load_state() is for the VM a snapshot came from, or one "
+                            "restore_vm() made from it")
+    regions = {r.slot: r for r in vm.memory.regions}
+    if sorted((r.slot, r.guest_phys_addr, r.size) for r in regions.values()) != sorted(
+            (m.slot, m.guest_phys_addr, m.size) for m in state.memory):
+        raise SnapshotError("this VM's memory slots are not the snapshot's")
+    for m in state.memory:
+        if m.data is None:
+            raise SnapshotError(f"the snapshot does not hold slot {m.slot}'s memory")
+    vcpus = vm.vcpus
+    if [v.id for v in vcpus] != [vs.id for vs in state.vcpus]:
+        raise SnapshotError(f"this VM's vCPUs {[v.id for v in vcpus]} are not the snapshot's "
+                            f"{[vs.id for vs in state.vcpus]}")
+    for vcpu in vcpus:
+        _stop_pending(vcpu)
+    with _all_stopped(vm):
+        for m in state.memory:
+            region = regions[m.slot]
+            view = region.view()
+            view[:] = memoryview(m.data).cast("B")     # type: ignore[arg-type]
+        try:
+            _load(vm, list(vcpus), state)
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+            if isinstance(e, SnapshotError):
+                raise
+            raise RestoreError("the snapshot's state", e) from e
