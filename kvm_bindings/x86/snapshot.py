@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .vcpu import X86Vcpu
     from .vm import X86Vm
 
-__all__ = ["restore_vm", "save_state"]
+__all__ = ["load_state", "restore_vm", "save_state"]
 
 ARCH = "x86_64"
 _MSR_BATCH = 64
