@@ -27,6 +27,9 @@ EXPECTED = {
     "mmio_device.py": ("read  0xa000 (2 bytes) -> 0x1234\n"
                        "write 0xa004 (2 bytes) <- 0x1235\n"
                        "guest halted\n"),
+    "snapshot_counter.py": ("ran: [1, 2, 3], then [4, 5]\n"
+                            "restored in a new VM: [4, 5, 6]\n"
+                            "loaded back in place: [4, 5, 6], count in memory 6\n"),
 }
 
 
