@@ -27,12 +27,10 @@ from kvm_bindings import (
     StaleHandleError,
     VcpuBusyError,
     VmState,
-    x86,
 )
 from kvm_bindings.abi import x86_64 as abi
 from kvm_bindings.snapshot import MAGIC
 
-from .conftest import LOAD_ADDR
 from .test_snapshot import collect, make_vm
 
 
@@ -77,6 +75,7 @@ def test_every_saved_struct_reads_back_from_the_restored_vcpu(kvm, code):
     with make_vm(kvm, code) as vm:
         collect(vm.vcpus[0], 20)
         _distinctive(vm)
+        vm.vcpus[0].kvm_run.request_interrupt_window = 1     # kvm_run state a VMM set
         state = VmState.from_bytes(vm.save_state().to_bytes())
         old = vm.vcpus[0]
         before = {"regs": bytes(old.get_regs()), "sregs2": bytes(old.get_sregs2()),
@@ -88,6 +87,7 @@ def test_every_saved_struct_reads_back_from_the_restored_vcpu(kvm, code):
         chips = {c: bytes(vm.get_irqchip(c)) for c in (0, 1, 2)}
     with kvm.restore_vm(state) as vm2:
         new = vm2.vcpus[0]
+        assert new.kvm_run.request_interrupt_window == 1
         assert bytes(new.get_regs()) == before["regs"]
         assert bytes(new.get_sregs2()) == before["sregs2"]
         assert _xsave_bytes(new) == before["xsave"]
@@ -144,20 +144,15 @@ def test_the_setup_calls_are_made_again_and_eventfd_wiring_is_listed(kvm, code):
 
 # ---- pending exits ------------------------------------------------------------------------
 
-def test_an_answered_in_exit_is_completed_before_saving(kvm, assemble):
+def test_an_answered_in_exit_is_completed_before_saving(kvm, vm, real_mode):
     """in_then_out.S: IN from 0x3f8, then OUT of what it read. Saved at the IN exit with an
     answer given, the restored guest OUTs that answer (KVM wrote it into AL on the
     completing KVM_RUN); without the completion it would ask again."""
-    with kvm.create_vm() as vm:
-        vm.set_tss_addr(0xFFFBD000)
-        vm.add_memory(0, 0x10000)
-        vm.memory.write(LOAD_ADDR, assemble("in_then_out"))
-        vcpu = vm.create_vcpu(0)
-        x86.setup_real_mode(vcpu, LOAD_ADDR)
-        e = vcpu.run()
-        assert isinstance(e, IoExit) and not e.is_write
-        e.data = b"Q"
-        state = vm.save_state()
+    vcpu = real_mode("in_then_out")
+    e = vcpu.run()
+    assert isinstance(e, IoExit) and not e.is_write
+    e.data = b"Q"
+    state = vm.save_state()
     with kvm.restore_vm(state) as vm2:
         e = vm2.vcpus[0].run()
         assert isinstance(e, IoExit) and e.is_write and e.data == b"Q"
@@ -389,22 +384,17 @@ def test_load_state_refuses_a_vm_of_another_shape_before_changing_anything(kvm, 
                 bare.load_state(state)
 
 
-def test_load_state_finishes_a_pending_in_before_overwriting_it(kvm, assemble):
+def test_load_state_finishes_a_pending_in_before_overwriting_it(vm, real_mode):
     """Stopped at an IN, with KVM waiting to write the answer into AL on the next run: the
     load must not let that write land on the loaded registers."""
-    with kvm.create_vm() as vm:
-        vm.set_tss_addr(0xFFFBD000)
-        vm.add_memory(0, 0x10000)
-        vm.memory.write(LOAD_ADDR, assemble("in_then_out"))
-        vcpu = vm.create_vcpu(0)
-        x86.setup_real_mode(vcpu, LOAD_ADDR)
-        state = vm.save_state()                  # before the IN
-        e = vcpu.run()
-        assert isinstance(e, IoExit) and not e.is_write
-        e.data = b"Z"                            # an answer that must not reach the guest
-        vm.load_state(state)
-        e = vcpu.run()
-        assert isinstance(e, IoExit) and not e.is_write     # the IN again, from the start
-        e.data = b"A"
-        e = vcpu.run()
-        assert e.is_write and e.data == b"A"
+    vcpu = real_mode("in_then_out")
+    state = vm.save_state()                  # before the IN
+    e = vcpu.run()
+    assert isinstance(e, IoExit) and not e.is_write
+    e.data = b"Z"                            # an answer that must not reach the guest
+    vm.load_state(state)
+    e = vcpu.run()
+    assert isinstance(e, IoExit) and not e.is_write     # the IN again, from the start
+    e.data = b"A"
+    e = vcpu.run()
+    assert e.is_write and e.data == b"A"
