@@ -12,8 +12,10 @@ Big guest (--mib MiB, every page written first). Each round times:
     to_bytes    state.to_bytes(): the snapshot as bytes (sha256 of every blob)
     from_bytes  VmState.from_bytes(): every checksum checked, memory left in place
     restore     kvm.restore_vm(state): a new VM, memory copied in
+    load_state  vm.load_state(state) on the restored VM: memory copied over in place
     save+write  vm.save_state().write(path, memory_path=) to /dev/shm
-    read+restore cow  VmState.read() + restore_vm() of that: memory mapped copy-on-write
+    read+restore      VmState.read() + restore_vm() of that: both files read in
+    read+restore cow  the same with read(map_memory=True): memory mapped copy-on-write
                 from the file, nothing copied
 
 and prints each as a ratio to the raw copy (best of the rounds). Reset loop: a small
@@ -100,12 +102,17 @@ def big_guest(kvm: Kvm, mib: int, rounds: int, tmp: Path) -> None:
         add("from_bytes", seconds)
         seconds, vm2 = timed(lambda b=back: kvm.restore_vm(b))
         add("restore", seconds)
+        seconds, _ = timed(lambda v=vm2, b=back: v.load_state(b))   # type: ignore[attr-defined]
+        add("load_state", seconds)
         vm2.close()                                  # type: ignore[attr-defined]
         del state, data, back
         snap, mem = tmp / "big.snap", tmp / "big.mem"
         seconds, _ = timed(lambda s=snap, m=mem: vm.save_state().write(s, memory_path=m))
         add("save+write", seconds)
         seconds, vm3 = timed(lambda s=snap: kvm.restore_vm(VmState.read(s)))
+        add("read+restore", seconds)
+        vm3.close()                                  # type: ignore[attr-defined]
+        seconds, vm3 = timed(lambda s=snap: kvm.restore_vm(VmState.read(s, map_memory=True)))
         add("read+restore cow", seconds)
         vm3.close()                                  # type: ignore[attr-defined]
         snap.unlink()
