@@ -277,3 +277,62 @@ def test_a_thousand_in_place_loads_of_one_snapshot_each_run_identically(kvm, cod
             runs.add(tuple(collect(vm.vcpus[0], 3 + i % 3)[:3]))
         assert _open_fds() == before
     assert runs == {tuple(reference[50:53])}
+
+
+# ---- several vCPUs ------------------------------------------------------------------------
+
+IDS = (0, 3)        # not 0..n-1: ids are kept, not renumbered
+
+
+def make_smp_vm(kvm, code: bytes):
+    vm = kvm.create_vm()
+    try:
+        vm.set_tss_addr(0xFFFBD000)
+        vm.create_irqchip()
+        vm.add_memory(0, MEMORY)
+        vm.memory.write(LOAD_ADDR, code)
+        for i in IDS:
+            vcpu = vm.create_vcpu(i)
+            x86.setup_long_mode(vcpu, vm.memory, LOAD_ADDR, page_tables=0x8000,
+                                gdt_addr=0x500, identity_gib=4)
+            # An AP starts waiting for INIT/SIPI; run it straight away instead.
+            vcpu.set_mp_state(abi.MpState.RUNNABLE)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def take(vcpu, n: int) -> list[tuple[int, int]]:
+    out = []
+    for _ in range(n):
+        e = vcpu.run()
+        assert isinstance(e, IoExit) and e.size == 4, e
+        out.append((e.port, int.from_bytes(e.data, "little")))
+    return out
+
+
+def test_several_vcpus_are_saved_apart_and_go_on_each_with_its_own_stream(kvm, assemble):
+    code = assemble("two_counters")
+    with make_smp_vm(kvm, code) as vm:
+        reference = {i: take(vm.vcpus[k], 60) for k, i in enumerate(IDS)}
+    assert {p for p, _ in reference[0]} == {0xE9} and {p for p, _ in reference[3]} == {0xEC}
+    rng = random.Random(303)
+    done = {i: 0 for i in IDS}
+    out: dict[int, list[tuple[int, int]]] = {i: [] for i in IDS}
+    vm = make_smp_vm(kvm, code)
+    try:
+        for _ in range(6):
+            for k, i in enumerate(IDS):         # each vCPU a different number of steps
+                n = rng.randrange(0, 8)
+                out[i] += take(vm.vcpus[k], n)
+                done[i] += n
+            data = vm.save_state().to_bytes()
+            vm.close()
+            vm = kvm.restore_vm(VmState.from_bytes(data))
+            assert tuple(v.id for v in vm.vcpus) == IDS
+        for k, i in enumerate(IDS):
+            out[i] += take(vm.vcpus[k], 60 - done[i])
+    finally:
+        vm.close()
+    assert out == reference
