@@ -14,6 +14,7 @@ import os
 import random
 import struct
 import threading
+import time
 
 import pytest
 
@@ -398,3 +399,16 @@ def test_load_state_finishes_a_pending_in_before_overwriting_it(vm, real_mode):
     e.data = b"A"
     e = vcpu.run()
     assert e.is_write and e.data == b"A"
+
+
+def test_the_clock_goes_on_from_where_it_stopped_or_by_the_time_since(kvm, vm, real_mode):
+    """The oracle is KVM_GET_CLOCK on the restored VM, against the saved value and the
+    wall-clock time between the save and the restore."""
+    real_mode("hlt")
+    state = vm.save_state()
+    saved = state.structs["clock"].clock
+    time.sleep(0.3)
+    with kvm.restore_vm(state) as still:
+        assert saved <= still.get_clock().clock < saved + 100_000_000
+    with kvm.restore_vm(state, advance_clock=True) as moved:
+        assert moved.get_clock().clock >= saved + 300_000_000

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import mmap
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -319,6 +320,7 @@ def save_state(vm: X86Vm, *, memory: bool = True, track_dirty: bool = False,
             structs["pit2"] = vm.get_pit2()
         if vm.check_extension(abi.Capability.ADJUST_CLOCK):
             structs["clock"] = vm.get_clock()
+            values["clock_saved_at_ns"] = time.time_ns()
         states = tuple(_save_vcpu(v, msr_indices, irqchip or split) for v in vcpus)
         slots = _slot_states(vm, memory, base, track_dirty, epoch)
         wiring: dict[str, list[dict[str, Any]]] = {"irqfd": [], "ioeventfd": []}
@@ -453,7 +455,7 @@ def _check(state: VmState, check_cpu: bool) -> None:
 
 
 def restore_vm(kvm: X86Kvm, state: VmState, *, memory: Mapping[int, Backing] | None = None,
-               check_cpu: bool = True) -> X86Vm:
+               check_cpu: bool = True, advance_clock: bool = False) -> X86Vm:
     """See X86Kvm.restore_vm."""
     _check(state, check_cpu)
     memory = dict(memory or {})
@@ -472,7 +474,7 @@ def restore_vm(kvm: X86Kvm, state: VmState, *, memory: Mapping[int, Backing] | N
                                 f"memory={{{m.slot}: backing}}")
     vm: X86Vm = _step("KVM_CREATE_VM", lambda: kvm.create_vm(state.values.get("type", 0)))
     try:
-        _restore_into(vm, state, memory)
+        _restore_into(vm, state, memory, advance_clock)
     except SnapshotError:
         vm.close()
         raise
@@ -487,7 +489,8 @@ def restore_vm(kvm: X86Kvm, state: VmState, *, memory: Mapping[int, Backing] | N
     return vm
 
 
-def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> None:
+def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing],
+                  advance_clock: bool = False) -> None:
     values = state.values
     # Setup calls first, in the order they were made: several (the irqchip, a split
     # irqchip, the dirty ring) must come before any vCPU exists.
@@ -524,10 +527,10 @@ def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing]) -> N
         vcpu = _step(f"vcpu {vs.id}: KVM_CREATE_VCPU", vm.create_vcpu, vs.id)
         _replay(vcpu, vs.values.get("setup", ()), f"vcpu {vs.id}")
         vcpus.append(vcpu)
-    _load(vm, vcpus, state)
+    _load(vm, vcpus, state, advance_clock)
 
 
-def _load(vm: X86Vm, vcpus: list[X86Vcpu], state: VmState) -> None:
+def _load(vm: X86Vm, vcpus: list[X86Vcpu], state: VmState, advance_clock: bool = False) -> None:
     """Every vCPU's state, then the VM-wide state, into vCPUs made for it."""
     structs = state.structs
     for vcpu, vs in zip(vcpus, state.vcpus):
@@ -540,12 +543,25 @@ def _load(vm: X86Vm, vcpus: list[X86Vcpu], state: VmState) -> None:
     # The PIT after them: it starts counting again as it is set, into IRQ0.
     if "pit2" in structs:
         _step("KVM_SET_PIT2", vm.set_pit2, structs["pit2"])
-    # kvmclock last, and without KVM_CLOCK_REALTIME: the guest's clock goes on from where
-    # it stopped, not from where the host's wall clock is now.
+    # kvmclock last. By default without KVM_CLOCK_REALTIME: the guest's clock goes on from
+    # where it stopped. advance_clock: on by the wall-clock time since the save (a
+    # migration), through the kernel's KVM_CLOCK_REALTIME where the snapshot has it (the
+    # saving host's clock was TSC-based), else by the time the save recorded.
     if "clock" in structs:
         clock = abi.kvm_clock_data.from_buffer_copy(
             expect(structs["clock"], abi.kvm_clock_data, "the snapshot's clock"))
+        realtime = clock.flags & abi.KVM_CLOCK_REALTIME
         clock.flags = 0
+        if advance_clock:
+            supported = vm.check_extension(abi.Capability.ADJUST_CLOCK)
+            if realtime and supported & abi.KVM_CLOCK_REALTIME:
+                clock.flags = abi.KVM_CLOCK_REALTIME
+            else:
+                saved_at = state.values.get("clock_saved_at_ns")
+                if type(saved_at) is not int:
+                    raise SnapshotError("advance_clock: the snapshot does not say when it was "
+                                        "taken")
+                clock.clock += max(0, time.time_ns() - saved_at)
         _step("KVM_SET_CLOCK", vm.set_clock, clock)
 
 

@@ -30,19 +30,22 @@ class X86Kvm(Kvm):
         return cast(X86Vm, super().create_vm(vm_type))    # _vm_class made it
 
     def restore_vm(self, state: VmState, *, memory: Mapping[int, Backing] | None = None,
-                   check_cpu: bool = True) -> X86Vm:
+                   check_cpu: bool = True, advance_clock: bool = False) -> X86Vm:
         """A new VM made from a snapshot (vm.save_state(), VmState.from_bytes()): its setup
         calls, memory slots and contents, vCPUs with their state, irqchip, PIT and clock,
         restored in the order KVM needs (kvm_bindings.x86.snapshot says why); ready to run.
 
         memory: {slot: Backing} for slots whose contents the caller carries (the backing
         is used as it is, holding the guest's memory). check_cpu: refuse a snapshot taken
-        on another CPU vendor. The irqfds and ioeventfds in state.registrations are left to
-        the caller. SnapshotError if the snapshot cannot be restored here; RestoreError
-        (naming the step) if the kernel refuses part of it: the new VM is closed then.
+        on another CPU vendor. advance_clock: the guest's kvmclock goes on by the wall-clock
+        time since the save (a migration), not from where it stopped. The irqfds and
+        ioeventfds in state.registrations are left to the caller. SnapshotError if the
+        snapshot cannot be restored here; RestoreError (naming the step) if the kernel
+        refuses part of it: the new VM is closed then.
         """
         from . import snapshot
-        return snapshot.restore_vm(self, state, memory=memory, check_cpu=check_cpu)
+        return snapshot.restore_vm(self, state, memory=memory, check_cpu=check_cpu,
+                                   advance_clock=advance_clock)
 
     # -- CPUID and MSRs
     def _cpuid(self, number: int, name: str, cap: int, start: int = 64) -> abi.kvm_cpuid2:
