@@ -66,8 +66,8 @@ from .errors import SnapshotError
 if TYPE_CHECKING:
     from ctypes import _CData
 
-__all__ = ["FORMAT_VERSION", "MemorySlotState", "VcpuState", "VmState", "apply_increment", "host_facts",
-           "iter_runs", "layout_hash"]
+__all__ = ["FORMAT_VERSION", "MemorySlotState", "VcpuState", "VmState", "apply_increment",
+           "file_identity", "host_facts", "iter_runs", "layout_hash"]
 
 MAGIC = b"KVMSNAP\x00"
 FORMAT_VERSION = 1
@@ -105,6 +105,7 @@ class MemorySlotState:
     data: bytes | bytearray | memoryview | None = None
     pages: list[tuple[int, bytes | memoryview]] | None = None
     source: tuple[str, int] | None = None
+    source_id: tuple[int, int, int, int] | None = None
 
 
 @dataclass(eq=False)
@@ -168,10 +169,13 @@ class VmState:
 
         A snapshot written with write(memory_path=) has its memory in that file, found
         where it was written unless memory_path says where it is now. It is read in too,
-        unless map_memory=True: then restore_vm() maps it copy-on-write and copies
-        nothing. The file must then stay as it is while a VM uses it: truncating it
-        kills the process with SIGBUS at the next touch of a page gone, and the
-        checksums were checked when read() ran, not when a page is faulted in.
+        unless map_memory=True: then the VmState maps it for as long as it lives, and
+        restore_vm() maps it copy-on-write and copies nothing (refusing a file changed or
+        replaced since: write() replaces). The file must then stay as it is: truncating it
+        kills the process with SIGBUS at the next host touch of a page gone (the
+        VmState's memory, load_state(), a restored VM's memory read from the host; a
+        guest touching it gets an exit instead), and what is written into it in place
+        reaches the VM unchecked: the checksums were checked when read() ran.
         """
         return _Reader(memoryview(_read_file(path, "snapshot")), memory_path,
                        map_memory).state(base)
@@ -262,6 +266,12 @@ class _Writer:
         self.size = 0
         self.memory_size = 0
         self.layouts: dict[str, str] = {}
+        from . import abi
+        if state.arch not in abi.ARCHES:
+            raise SnapshotError(f"arch {state.arch!r} is not one this library knows")
+        self.abi = import_module(f"{abi.__name__}.{state.arch}")
+        if any(type(v.id) is not int for v in state.vcpus) or not isinstance(state.id, str):
+            raise SnapshotError("vCPU ids must be numbers and the snapshot id a string")
 
     def _place(self, data: memoryview, ref: dict[str, Any], memory: bool = False,
                to_memory_file: bool = False) -> None:
@@ -289,6 +299,9 @@ class _Writer:
     def _struct(self, obj: Any) -> dict[str, Any]:
         ctype = type(obj)
         name = ctype.__name__
+        if getattr(self.abi, name, None) is not ctype:
+            raise SnapshotError(f"a {ctype.__module__}.{name} is not one of the "
+                                f"{self.state.arch} ABI's structs this snapshot can hold")
         if name not in self.layouts:
             self.layouts[name] = layout_hash(ctype)
         ref: dict[str, Any] = {"type": name}
@@ -304,6 +317,9 @@ class _Writer:
         return {name: self._struct(obj) for name, obj in structs.items()}
 
     def _slot(self, m: MemorySlotState) -> dict[str, Any]:
+        if m.data is not None and memoryview(m.data).nbytes != m.size:
+            raise SnapshotError(f"slot {m.slot} holds {memoryview(m.data).nbytes} bytes, not "
+                                f"its size {m.size}")
         out: dict[str, Any] = {"slot": m.slot, "guest_phys_addr": m.guest_phys_addr,
                                "size": m.size, "flags": m.flags, "data": None, "pages": None}
         separate = self.memory_out is not None
@@ -401,11 +417,19 @@ def _read_file(path: str | os.PathLike[str], what: str) -> bytes:
     return data
 
 
-def _map_file(path: str | os.PathLike[str]) -> mmap.mmap | bytes:
+def file_identity(fd: int) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime in ns): what tells a file from a changed or replaced one."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _map_file(path: str | os.PathLike[str]) -> tuple[mmap.mmap | bytes, tuple[int, int, int, int]]:
     fd = _open_regular(path, "memory")
     try:
         size = os.fstat(fd).st_size
-        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) if size else b""
+        mapping = (mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+                   if size else b"")
+        return mapping, file_identity(fd)
     finally:
         os.close(fd)
 
@@ -424,6 +448,7 @@ class _Reader:
         self.map_memory = map_memory
         self.memory_view: memoryview | None = None
         self.memory_file_path = ""
+        self.memory_file_id: tuple[int, int, int, int] | None = None
         self.meta_memory_file: Any = None
         self.layouts: dict[str, Any] = {}
         self.abi: Any = None
@@ -509,7 +534,8 @@ class _Reader:
                     raise self.fail(f"{where} is in a separate memory file, but none is "
                                     f"named; pass memory_path=")
             if self.map_memory:
-                self.memory_view = memoryview(_map_file(path))
+                mapping, self.memory_file_id = _map_file(path)
+                self.memory_view = memoryview(mapping)
             else:
                 self.memory_view = memoryview(_read_file(path, "memory"))
             self.memory_file_path = os.path.abspath(path)
@@ -565,6 +591,7 @@ class _Reader:
                                 f"{slot.size}")
             if m["data"].get("file") == "memory" and self.map_memory:
                 slot.source = (self.memory_file_path, int(m["data"]["offset"]))
+                slot.source_id = self.memory_file_id
         if m.get("pages") is not None:
             slot.pages = []
             for j, ref in enumerate(m["pages"]):

@@ -58,6 +58,7 @@ class Vm(MemorySlots, DeviceAttributes):
         self._setup: dict[object, tuple[str, dict[str, Any]]] = {}
         self._wiring: dict[tuple[object, ...], tuple[str, dict[str, Any]]] = {}
         self._snapshot_epoch: str | None = None
+        self._snapshot_lock = threading.Lock()      # save_state() and load_state() in turn
         _LIVE_VMS.add(self)
         try:
             # What the VM needs from /dev/kvm later, asked now: the VM outlives a closed Kvm.

@@ -226,5 +226,109 @@ def test_a_state_that_cannot_be_written_says_so(good):
         state.to_bytes()
     state = VmState.from_bytes(good)
     state.structs["junk"] = (ctypes.c_uint8 * 4)()
-    with pytest.raises(SnapshotError, match="ABI structs"):
+    with pytest.raises(SnapshotError, match="ABI.s structs"):
         state.to_bytes()
+
+
+# ---- found by the second pass -----------------------------------------------------------
+
+def test_a_mapped_memory_file_replaced_since_read_is_refused(kvm, code, tmp_path):
+    """read(map_memory=True) checked one file; a checkpoint loop writing the same paths
+    again replaces it. Restoring must not map the new memory under the old registers."""
+    with make_vm(kvm, code) as vm:
+        collect(vm.vcpus[0], 3)
+        vm.save_state().write(tmp_path / "s.snap", memory_path=tmp_path / "s.mem")
+        old = VmState.read(tmp_path / "s.snap", map_memory=True)
+        collect(vm.vcpus[0], 3)
+        vm.save_state().write(tmp_path / "s.snap", memory_path=tmp_path / "s.mem")
+    before = _fds()
+    with pytest.raises(SnapshotError, match="changed"):
+        kvm.restore_vm(old)
+    assert _fds() == before
+    kvm.restore_vm(VmState.read(tmp_path / "s.snap", map_memory=True)).close()
+
+
+def test_after_a_load_an_increment_needs_a_new_base(kvm, code):
+    with make_vm(kvm, code) as vm:
+        collect(vm.vcpus[0], 3)
+        reset = vm.save_state()
+        base = vm.save_state(track_dirty=True)
+        collect(vm.vcpus[0], 3)
+        inc = vm.save_state(base=base)
+        vm.load_state(reset)                    # rewrites pages the dirty log never sees
+        collect(vm.vcpus[0], 1)
+        with pytest.raises(SnapshotError, match="track_dirty"):
+            vm.save_state(base=inc)
+
+
+def test_load_state_refuses_a_slot_read_only_where_the_snapshot_had_it_writable(kvm, code):
+    with make_vm(kvm, code) as vm:
+        state = vm.save_state()
+        vm.set_dirty_logging(vm.memory.regions[0], True)
+        vm.load_state(state)                   # dirty logging is the VMM's: not compared
+        vm.set_readonly(vm.memory.regions[0], True)
+        with pytest.raises(SnapshotError, match="flags"):
+            vm.load_state(state)
+
+
+def test_a_busy_vcpu_refuses_a_load_before_any_other_vcpu_changes(kvm, vm, assemble):
+    """vCPU 0 waits at an IN (its completion would move RIP and write AL); vCPU 1 spins in
+    another thread. The load is refused, and vCPU 0 is exactly as it was."""
+    from kvm_bindings import VcpuBusyError, x86
+    vm.memory.write(0x1000, assemble("in_then_out"))
+    vm.memory.write(0x2000, assemble("spin", 0x2000))
+    first, second = vm.create_vcpu(0), vm.create_vcpu(1)
+    x86.setup_real_mode(first, 0x1000)
+    x86.setup_real_mode(second, 0x2000)
+    state = vm.save_state()
+    assert not first.run().is_write            # stopped at the IN
+    regs = bytes(first.get_regs())
+    started = threading.Event()
+
+    def spin() -> None:
+        started.set()
+        second.run()                           # until kicked
+
+    t = threading.Thread(target=spin)
+    t.start()
+    started.wait()
+    try:
+        for _ in range(200):
+            if second._runner is not None:
+                break
+            threading.Event().wait(0.001)
+        with pytest.raises(VcpuBusyError):
+            vm.load_state(state)
+        assert bytes(first.get_regs()) == regs
+    finally:
+        second.kick()
+        t.join()
+    vm.load_state(state)                       # once it stopped, the load goes through
+
+
+def test_saves_and_loads_from_several_threads_take_turns_and_never_run_the_guest(kvm, code):
+    with make_vm(kvm, code) as vm:
+        collect(vm.vcpus[0], 3)                # stopped at an OUT: a completion is due
+        state = vm.save_state()
+        count = vm.memory.read(0x3004, 4)      # the tick count moves only if the guest runs
+        word = vm.memory.read(0x3000, 4)
+        errors: list[BaseException] = []
+
+        def work(load: bool) -> None:
+            try:
+                for _ in range(40):
+                    if load:
+                        vm.load_state(state)
+                    else:
+                        vm.save_state(memory=False)
+            except BaseException as e:         # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i == 0,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert vm.memory.read(0x3000, 4) == word
+        assert vm.memory.read(0x3004, 4) == count

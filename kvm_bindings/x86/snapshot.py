@@ -30,7 +30,7 @@ from ..backing import Backing
 from ..errors import KvmError, PendingExitError, RestoreError, SnapshotError, StaleHandleError
 from ..exits import InterruptedExit
 from ..memory import PAGE_SIZE
-from ..snapshot import MemorySlotState, VcpuState, VmState, host_facts, iter_runs
+from ..snapshot import MemorySlotState, VcpuState, VmState, file_identity, host_facts, iter_runs
 from . import _msrs
 
 if TYPE_CHECKING:
@@ -307,8 +307,18 @@ def save_state(vm: X86Vm, *, memory: bool = True, track_dirty: bool = False,
         raise SnapshotError(f"vCPU {closed[0]} was closed: KVM keeps a vCPU for as long as "
                             f"its VM lives, but its state can no longer be read, so this VM "
                             f"cannot be saved whole")
-    for vcpu in vm.vcpus:
-        _complete_pending(vcpu)
+    with vm._snapshot_lock:
+        with _all_stopped(vm):
+            pass        # a busy vCPU refuses before a pending exit is finished anywhere
+        for vcpu in vm.vcpus:
+            _complete_pending(vcpu)
+        return _save_stopped(vm, memory, track_dirty, base, setup, msr_indices, irqchip, split)
+
+
+def _save_stopped(vm: X86Vm, memory: bool, track_dirty: bool, base: VmState | None,
+                  setup: list[list[Any]], msr_indices: list[int], irqchip: bool,
+                  split: bool) -> VmState:
+    """save_state() once no exit is pending: every vCPU's gate held throughout."""
     with _all_stopped(vm) as vcpus:
         epoch = vm._snapshot_epoch
         values: dict[str, Any] = {"type": vm.vm_type, "setup": setup}
@@ -436,9 +446,9 @@ def _set_msrs(vcpu: X86Vcpu, msrs: dict[int, int], where: str) -> None:
         todo = todo[done:]
 
 
-def _check(state: VmState, check_cpu: bool) -> None:
+def _check(state: VmState, check_cpu: bool, call: str = "restore_vm") -> None:
     if not isinstance(state, VmState):
-        raise TypeError(f"restore_vm() takes a VmState, not {type(state).__name__}")
+        raise TypeError(f"{call}() takes a VmState, not {type(state).__name__}")
     if state.arch != ARCH:
         raise SnapshotError(f"this snapshot is of an {state.arch} VM, not {ARCH}")
     if state.incremental:
@@ -504,6 +514,10 @@ def _restore_into(vm: X86Vm, state: VmState, memory: Mapping[int, Backing],
                 backing = _step(f"slot {m.slot}: mapping {m.source[0]}",
                                 lambda src=m.source, m=m: Backing.file(src[0], m.size, src[1],
                                                                        shared=False))
+                if file_identity(backing.fileno()) != m.source_id:
+                    backing.close()
+                    raise SnapshotError(f"the memory file {m.source[0]} changed (or was "
+                                        f"replaced) since VmState.read() checked it")
             else:
                 # Allocated in one go and filled before KVM has the slot: page by page
                 # first-touch faults cost more than the copy itself.
@@ -582,7 +596,7 @@ def _stop_pending(vcpu: X86Vcpu) -> None:
 def load_state(vm: X86Vm, state: VmState, *, check_cpu: bool = True) -> None:
     """See X86Vm.load_state."""
     vm.fd  # noqa: B018 - a closed VM refuses before anything else
-    _check(state, check_cpu)
+    _check(state, check_cpu, "load_state")
     # Everything that can be checked is checked before anything changes.
     setup = [list(c) for c in _calls(vm._setup)]
     if setup != [list(c) for c in state.values.get("setup", ())]:
@@ -590,9 +604,13 @@ def load_state(vm: X86Vm, state: VmState, *, check_cpu: bool = True) -> None:
                             "differ): load_state() is for the VM a snapshot came from, or one "
                             "restore_vm() made from it")
     regions = {r.slot: r for r in vm.memory.regions}
-    if sorted((r.slot, r.guest_phys_addr, r.size) for r in regions.values()) != sorted(
-            (m.slot, m.guest_phys_addr, m.size) for m in state.memory):
-        raise SnapshotError("this VM's memory slots are not the snapshot's")
+    # Read-only decides what a guest write does; dirty logging is the VMM's own business.
+    seen = ~abi.KVM_MEM_LOG_DIRTY_PAGES
+    if sorted((r.slot, r.guest_phys_addr, r.size, r.flags & seen)
+              for r in regions.values()) != sorted(
+            (m.slot, m.guest_phys_addr, m.size, m.flags & seen) for m in state.memory):
+        raise SnapshotError("this VM's memory slots (addresses, sizes, flags) are not the "
+                            "snapshot's")
     for m in state.memory:
         if m.data is None:
             raise SnapshotError(f"the snapshot does not hold slot {m.slot}'s memory")
@@ -600,16 +618,20 @@ def load_state(vm: X86Vm, state: VmState, *, check_cpu: bool = True) -> None:
     if [v.id for v in vcpus] != [vs.id for vs in state.vcpus]:
         raise SnapshotError(f"this VM's vCPUs {[v.id for v in vcpus]} are not the snapshot's "
                             f"{[vs.id for vs in state.vcpus]}")
-    for vcpu in vcpus:
-        _stop_pending(vcpu)
-    with _all_stopped(vm):
-        for m in state.memory:
-            region = regions[m.slot]
-            view = region.view()
-            view[:] = memoryview(m.data).cast("B")     # type: ignore[arg-type]
-        try:
-            _load(vm, list(vcpus), state)
-        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
-            if isinstance(e, SnapshotError):
-                raise
-            raise RestoreError("the snapshot's state", e) from e
+    with vm._snapshot_lock:
+        with _all_stopped(vm):
+            pass        # a busy vCPU refuses before a pending exit is finished anywhere
+        for vcpu in vcpus:
+            _stop_pending(vcpu)
+        with _all_stopped(vm):
+            # Every page may differ from what a tracked snapshot last saw.
+            vm._snapshot_epoch = None
+            try:
+                _load(vm, list(vcpus), state)
+            except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+                if isinstance(e, SnapshotError):
+                    raise
+                raise RestoreError("the snapshot's state", e) from e
+            # Memory last: a state the kernel refuses leaves it as it was.
+            for m in state.memory:
+                regions[m.slot].view()[:] = memoryview(m.data).cast("B")  # type: ignore[arg-type]

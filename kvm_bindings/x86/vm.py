@@ -55,14 +55,15 @@ class X86Vm(Vm):
         return snapshot.save_state(self, memory=memory, track_dirty=track_dirty, base=base)
 
     def load_state(self, state: VmState, *, check_cpu: bool = True) -> None:
-        """Put this VM back into a snapshot's state, in place: guest memory (copied over
-        every slot), every vCPU, irqchip, PIT and clock, in restore_vm()'s order. For the
+        """Put this VM back into a snapshot's state, in place: every vCPU, irqchip, PIT and
+        clock in restore_vm()'s order, then guest memory, copied over every slot. For the
         VM the snapshot came from, or one restore_vm() made from it: the same setup calls,
-        memory slots and vCPU ids, else SnapshotError before anything changes. No new VM,
+        memory slots (with their flags) and vCPU ids, else SnapshotError before anything
+        changes; VcpuBusyError, also before anything changes, if a vCPU is running. No new VM,
         vCPU or mapping: what a fuzzer's reset loop wants. A vCPU stopped at an exit has
-        that instruction finished first (its result is then overwritten). If the kernel
-        refuses part of the state midway (RestoreError) the VM is left between states:
-        close it."""
+        that instruction finished first (its result is then overwritten). Saves and loads
+        of one VM take turns. If the kernel refuses part of the state midway
+        (RestoreError) the VM is left between states (its memory as it was): close it."""
         from . import snapshot
         snapshot.load_state(self, state, check_cpu=check_cpu)
 
