@@ -24,11 +24,18 @@ from .stats import Stats
 from .vcpu import Vcpu, map_run_page
 
 if TYPE_CHECKING:
+    from .snapshot import VmState
     from .system import Kvm
 
 __all__ = ["Vm"]
 
 _V = TypeVar("_V", bound="Vm")
+
+
+def _no_snapshots(vm_class: type) -> NotImplementedError:
+    return NotImplementedError(
+        f"snapshots are implemented for x86_64 VMs; {vm_class.__name__}'s state (its "
+        f"KVM_GET_REG_LIST registers and interrupt controller) is not saved by this version")
 
 
 class Vm(MemorySlots, DeviceAttributes):
@@ -123,6 +130,18 @@ class Vm(MemorySlots, DeviceAttributes):
         one per key, in the order they were last made)."""
         self._setup.pop(key, None)
         self._setup[key] = (call, kwargs)
+
+    # -- snapshots (an arch's Vm saves and loads its own state)
+    def save_state(self, *, memory: bool = True, track_dirty: bool = False,
+                   base: VmState | None = None) -> VmState:
+        """Every vCPU's and the VM's state and guest memory (kvm_bindings.snapshot): x86_64
+        VMs only in this version; NotImplementedError naming what is missing elsewhere."""
+        raise _no_snapshots(type(self))
+
+    def load_state(self, state: VmState, *, check_cpu: bool = True) -> None:
+        """Put this VM back into a snapshot's state in place: x86_64 VMs only (see
+        save_state)."""
+        raise _no_snapshots(type(self))
 
     # -- vCPUs
     def create_vcpu(self, vcpu_id: int) -> Vcpu:

@@ -420,3 +420,12 @@ def test_the_core_calls_use_the_same_numbers_as_arm64s_table(kernel, vcpu):
         only(kernel, name, "vcpu")
     assert {c.number for c in kernel.calls_to("KVM_GET_REG_LIST")} == \
         {abi.IOCTLS["KVM_GET_REG_LIST"].number}
+
+
+def test_snapshots_are_refused_naming_what_is_not_saved(kvm, vm):
+    with pytest.raises(NotImplementedError, match="x86_64 VMs; Arm64Vm's state"):
+        vm.save_state()
+    with pytest.raises(NotImplementedError, match="Arm64Vm"):
+        vm.load_state(None)
+    with pytest.raises(NotImplementedError, match="Arm64Vm"):
+        kvm.restore_vm(None)

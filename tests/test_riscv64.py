@@ -214,3 +214,8 @@ def test_mp_state_uses_the_same_numbers_as_riscv64s_table(kernel, vcpu):
     vcpu.set_mp_state(abi.MpState.STOPPED)
     only(kernel, "KVM_GET_MP_STATE", "vcpu")
     assert only(kernel, "KVM_SET_MP_STATE", "vcpu").data == struct.pack("<I", abi.KVM_MP_STATE_STOPPED)
+
+
+def test_snapshots_are_refused_naming_what_is_not_saved(vm):
+    with pytest.raises(NotImplementedError, match="x86_64 VMs; Riscv64Vm's state"):
+        vm.save_state()
