@@ -26,15 +26,18 @@ offset size   what
 The metadata says who wrote the snapshot (``host``: library version, kernel release, arch,
 CPU vendor and model), lists every struct type a blob holds with a hash of its layout
 (``layouts``: names, offsets, sizes and types of every member, recursively, as this
-library's generated classes have them), and describes the state: ``vm``, ``vcpus`` and
-``memory``. Every blob is named by a reference ``{"type", "offset", "size", "sha256"}``
-(``"entries"`` too for a struct with a flexible array; ``"file": "memory"`` for memory
-kept in a separate file). A snapshot whose arch or layouts differ from this library's,
-or whose bytes are cut short or altered, is refused with a SnapshotError naming what
-differs; nothing is restored from it.
+library's generated classes have them; ``layout_hash`` is one hash over all of them),
+and describes the state: ``vm``, ``vcpus`` and ``memory``. Every blob is named by a
+reference ``{"type", "offset", "size", "sha256"}`` (``"entries"`` too for a struct with
+a flexible array, ``"nbytes"`` for one the kernel sizes itself such as
+``kvm_nested_state``; ``"file": "memory"`` for memory kept in a separate file). A
+snapshot whose arch or layouts differ from this library's, or whose bytes are cut short
+or altered, is refused with a SnapshotError naming what differs; nothing is restored
+from it.
 
 Memory can be kept out of the snapshot: ``write(path, memory_path=...)`` puts it in a
-file of its own (page-aligned, so a restore can map it copy-on-write instead of copying),
+file of its own (page-aligned, so that ``read(map_memory=True)`` and a restore can map
+it copy-on-write instead of copying),
 and ``vm.save_state(memory=False)`` records only the slot table, for memory the caller
 carries itself (a file or memfd backing). An incremental snapshot (``vm.save_state(
 base=...)``) holds only the pages written since its base, found with the dirty log;
@@ -353,6 +356,9 @@ class _Writer:
             "registrations": s.registrations,
         }
         meta["layouts"] = dict(sorted(self.layouts.items()))
+        # One hash over all of them, to compare snapshots (and libraries) at a glance.
+        meta["layout_hash"] = hashlib.sha256(
+            json.dumps(meta["layouts"], sort_keys=True).encode()).hexdigest()[:32]
         try:
             text = json.dumps(meta, separators=(",", ":"), sort_keys=True,
                               allow_nan=False).encode()
