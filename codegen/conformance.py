@@ -266,13 +266,13 @@ def check_membership(mod: ModuleType, facts: dict, text: str, macros: dict[str, 
 
 def load_generated(files: dict[str, str], arch: Arch) -> ModuleType:
     """Import a freshly generated set of files as a throwaway package."""
-    from .pipeline import SUPPORT_MODULE
+    from .pipeline import PLAIN_MODULE, SUPPORT_MODULE
     tmp = Path(tempfile.mkdtemp(prefix="kvmgen-"))
     pkg = f"kvmgen_check_{next(_counter)}"
     (tmp / pkg).mkdir()
     (tmp / pkg / "__init__.py").write_text("")
     for name, text in files.items():
-        if name.startswith(arch.name) or name == SUPPORT_MODULE:
+        if name.startswith(arch.name) or name in (SUPPORT_MODULE, PLAIN_MODULE):
             (tmp / pkg / name).write_text(text)
     sys.path.insert(0, str(tmp))
     try:

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from .families import FAMILIES
 from .model import Model, Record, RecordRef
 
-# Names the generated modules define or import (the helpers from _support among them),
-# and the builtins their code calls or annotates with. _support's own code is its own
-# namespace: C names never reach it.
+# Names the generated modules define or import (the helpers from _support and _plain among
+# them), and the builtins their code calls or annotates with. _support's and _plain's own
+# code are namespaces of their own: C names never reach them.
 MODULE_RESERVED = frozenset({
     "annotations", "ctypes", "enum", "KERNEL_VERSION", "ARCH", "TYPE_CHECKING", "Any",
     "Ioctl", "IOCTLS", "EXIT_MEMBERS", "C_TYPES", "EMPTY_MACROS", "UNEXPRESSED", "RENAMED",

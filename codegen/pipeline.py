@@ -20,8 +20,9 @@ from .model import Builder, Constant, Ioctl, Model, Skipped
 
 ABI_DIR = ROOT / "kvm_bindings" / "abi"
 # The helpers every arch module imports (relatively, so an --out package carries its own):
-# part of every arch's files, so each generated folder has it and `check` compares it.
-SUPPORT_MODULE = "_support.py"
+# part of every arch's files, so each generated folder has them and `check` compares them.
+SUPPORT_MODULE = "_support.py"   # struct bases, flexible arrays, bitfields, Ioctl
+PLAIN_MODULE = "_plain.py"       # to_dict() and from_dict(), built on _support
 
 
 class _EvalTypes:
@@ -195,7 +196,8 @@ def _generate(hs: HeaderSet, arch: Arch, with_facts: bool) -> dict[str, str]:
     model, layout = build_model(hs, arch)
     files = {f"{arch.name}.py": render.render_module(model, layout),
              f"{arch.name}_enums.py": render.render_enums(model),
-             SUPPORT_MODULE: render.render_support()}
+             SUPPORT_MODULE: render.render_support(),
+             PLAIN_MODULE: render.render_plain()}
     if with_facts:
         from . import probe
         files[f"{arch.name}_facts.json"] = probe.facts_json(probe.run_probe(model, layout, hs))

@@ -441,6 +441,12 @@ def render_support() -> str:
     return render_template("support.py.j2", gen_version=GENERATOR_VERSION)
 
 
+def render_plain() -> str:
+    """to_dict() and from_dict(), which every arch module imports: the same file for every
+    arch and kernel."""
+    return render_template("plain.py.j2", gen_version=GENERATOR_VERSION)
+
+
 def typing_flag(arch: str) -> str:
     """The constant a type checker is told is true to see `arch` as kvm_bindings.abi."""
     return f"KVM_BINDINGS_TYPING_{arch.upper()}"

@@ -25,7 +25,7 @@ import pytest
 
 from codegen import names
 from kvm_bindings import abi
-from kvm_bindings.abi import _support, from_dict, to_dict
+from kvm_bindings.abi import _plain, _support, from_dict, to_dict
 from kvm_bindings.abi import x86_64 as x86
 
 from .test_abi_types import _generated, _pinned, _records, corners  # noqa: F401 (a fixture)
@@ -206,7 +206,7 @@ BROKEN = {
 @pytest.mark.parametrize("broken", BROKEN)
 def test_the_round_trip_check_catches_a_broken_to_dict(monkeypatch, broken):
     name, make, must_catch = BROKEN[broken]
-    monkeypatch.setattr(_support, name, make(getattr(_support, name)))
+    monkeypatch.setattr(_plain, name, make(getattr(_plain, name)))
     rng = random.Random(broken)
     caught = set()
     for cls in _records(x86):
@@ -492,16 +492,16 @@ def test_no_c_name_can_take_the_functions_names_in_a_generated_module():
     for name in ("to_dict", "from_dict"):
         assert name in names.MODULE_RESERVED
         assert names.python_name(name, "module") == name + "_"
-    for arch in ARCHES:    # whatever an arch module takes from _support is reserved
+    for arch in ARCHES:    # whatever an arch module takes from _support or _plain is reserved
         mod = importlib.import_module(f"kvm_bindings.abi.{arch}")
         shared = {n for n, v in vars(mod).items() if isinstance(v, (type, types.FunctionType))
-                  and v.__module__ == _support.__name__}
+                  and v.__module__ in (_support.__name__, _plain.__name__)}
         assert {"to_dict", "from_dict"} <= shared <= names.MODULE_RESERVED
 
 
 def test_the_abi_package_and_every_arch_module_give_the_one_pair_of_functions():
-    assert abi.to_dict is to_dict is _support.to_dict
-    assert abi.from_dict is from_dict is _support.from_dict
+    assert abi.to_dict is to_dict is _plain.to_dict
+    assert abi.from_dict is from_dict is _plain.from_dict
     for arch in ARCHES:
         mod = importlib.import_module(f"kvm_bindings.abi.{arch}")
         assert mod.to_dict is to_dict and mod.from_dict is from_dict

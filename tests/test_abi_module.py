@@ -116,9 +116,10 @@ def _arch(name: str):
 
 
 def test_the_shared_helpers_are_one_set_of_objects_from_the_support_module():
-    from kvm_bindings.abi import _support
+    from kvm_bindings.abi import _plain, _support
     for name in ARCH_MODULES:
         m = _arch(name)
+        assert m.to_dict is _plain.to_dict and m.from_dict is _plain.from_dict
         assert m._Structure is _support._Structure and m._Union is _support._Union
         assert m._FlexibleStructure is _support._FlexibleStructure
         assert m._Bitfield is _support._Bitfield
@@ -135,9 +136,10 @@ def test_an_arch_module_does_not_repeat_the_helpers_source(name):
     text = resources.files("kvm_bindings.abi").joinpath(f"{name}.py").read_text()
     for definition in ("class _Structure", "class _Union", "class _FlexibleStructure",
                        "class _Bitfield", "class Ioctl", "def alloc", "def flex_array",
-                       "def __reduce__"):
+                       "def __reduce__", "def to_dict", "def from_dict"):
         assert definition not in text
     assert "from ._support import Ioctl, _Bitfield, _FlexibleStructure, _Structure, _Union" in text
+    assert "from ._plain import from_dict, to_dict" in text
 
 
 def test_dir_of_abi_is_its_all_and_shows_no_imports():
@@ -220,18 +222,20 @@ def test_a_generated_out_package_has_its_own_support_module(tmp_path, gcc):
                            "/usr/include", "--arch", host.name, "--no-facts", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "_support.py").exists()
+    assert (out / "_support.py").exists() and (out / "_plain.py").exists()
     # a fresh interpreter with only the output's parent on the path: the package's structs use
-    # its own _support, not kvm_bindings'
+    # its own _support and _plain, not kvm_bindings'
     check = ("import sys\n"
              f"sys.path.insert(0, {str(tmp_path)!r})\n"
              f"import mybindings, mybindings.{host.name} as m\n"
              "assert m._FlexibleStructure.__module__ == 'mybindings._support'\n"
+             "assert m.to_dict.__module__ == m.from_dict.__module__ == 'mybindings._plain'\n"
              "assert 'kvm_bindings' not in sys.modules\n"
              "msrs = mybindings.kvm_msrs.alloc(3)\n"
              "assert msrs.nmsrs == 3 and len(msrs.flex_array()) == 3\n"
              "msrs.flex_array()[2].data = 7\n"
              "assert msrs.flex_array()[2].data == 7\n"
+             "assert m.to_dict(m.from_dict(m.kvm_msrs, m.to_dict(msrs))) == m.to_dict(msrs)\n"
              "assert 'ctypes' not in dir(mybindings) and 'KVM_RUN' in mybindings.__all__\n"
              "print('ok')\n")
     imp = subprocess.run([sys.executable, "-I", "-c", check], cwd=tmp_path, capture_output=True,

@@ -48,7 +48,7 @@ def test_generate_without_arch_writes_the_hosts_arch_as_an_importable_package(sy
     assert f"/usr/include has asm/kvm.h for {system_arch} only: generating {system_arch}" \
         in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["__init__.py", "_support.py", f"{system_arch}.py", f"{system_arch}_enums.py",
+        ["__init__.py", "_plain.py", "_support.py", f"{system_arch}.py", f"{system_arch}_enums.py",
          f"{system_arch}_facts.json"])
     # a fresh interpreter with only the output's parent on the path: the package, the host
     # re-export, the arch module by name, and every enum class built from its _enums module
@@ -87,7 +87,8 @@ def test_generate_for_a_version_without_riscv64_does_its_pinned_arches(header_se
     assert proc.returncode == 0, proc.stderr
     assert "kernel 4.19.26 is pinned for x86_64, arm64 only: generating x86_64, arm64" in proc.stdout
     assert sorted(p.name for p in out.glob("*.py")) == [
-        "__init__.py", "_support.py", "arm64.py", "arm64_enums.py", "x86_64.py", "x86_64_enums.py"]
+        "__init__.py", "_plain.py", "_support.py", "arm64.py", "arm64_enums.py", "x86_64.py",
+        "x86_64_enums.py"]
     asked = _codegen("generate", "--version", "4.19.26", "--arch", "riscv64", "--out", str(out))
     assert asked.returncode == 1 and "4.19.26 in the manifest has no headers for riscv64" in asked.stderr
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import ctypes
 
+from ._plain import from_dict, to_dict
 from ._support import Ioctl, _Bitfield, _FlexibleStructure, _Structure, _Union
-from ._support import from_dict, to_dict
 
 KERNEL_VERSION = "7.2.0"
 ARCH = "x86_64"
@@ -4780,7 +4780,7 @@ RENAMED: dict[str, str] = {
 }
 
 # What `from kvm_bindings.abi.x86_64 import *` and dir() give: the ABI, not the
-# names this module's own code uses (ctypes, the helpers from _support).
+# names this module's own code uses (ctypes, the helpers from _support and _plain).
 __all__ = [
     "KERNEL_VERSION", "ARCH", "__BITS_PER_LONG", "__BITS_PER_LONG_LONG", "__FD_SETSIZE",
     "_IOC_NRBITS", "_IOC_TYPEBITS", "_IOC_SIZEBITS", "_IOC_DIRBITS", "_IOC_NRMASK", "_IOC_TYPEMASK",
