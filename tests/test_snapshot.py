@@ -220,8 +220,13 @@ def test_live_migration_pre_copies_dirty_pages_while_the_guest_runs(kvm, code, r
         copied_while_running = 0
         try:
             dest[:] = region.view()             # round 0: all of it, while A runs
-            for _ in range(5):                  # rounds 1..5: what A wrote meanwhile
+            rounds, give_up = 0, time.monotonic() + DEADLINE
+            # Rounds 1..: what A wrote meanwhile; at least five, and until A has really run
+            # during them (a loaded machine may not schedule it at once).
+            while rounds < 5 or not (out and copied_while_running):
+                assert time.monotonic() < give_up, "A never ran during the pre-copy"
                 time.sleep(0.01)
+                rounds += 1
                 for gpa, pages in vm_a.get_dirty_log(region).runs():
                     dest[gpa:gpa + pages * 4096] = region.view()[gpa:gpa + pages * 4096]
                     copied_while_running += pages
