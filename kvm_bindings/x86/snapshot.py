@@ -1,7 +1,8 @@
-"""Saving and restoring an x86 VM: which ioctls hold its state, and the order they go back in.
+"""Saving an x86 VM: which ioctls hold its state.
 
-X86Vm.save_state() and X86Kvm.restore_vm() are these functions; the format they write is
-kvm_bindings.snapshot's. What is saved, per vCPU: regs, sregs2 (else sregs), the XSAVE
+X86Vm.save_state() is save_state() here; restore_vm() and load_state(), which put the
+state back in the order the kernel needs (with the reasons), are kvm_bindings.x86._restore's,
+named here too. The format is kvm_bindings.snapshot's. What is saved, per vCPU: regs, sregs2 (else sregs), the XSAVE
 area sized by KVM_CAP_XSAVE2 (else xsave, else fpu), xcrs, debugregs, the LAPIC (with an
 in-kernel irqchip), mp_state, vcpu_events, CPUID, every MSR KVM_GET_MSR_INDEX_LIST names
 that KVM lets us read, the TSC frequency, nested state (KVM_CAP_NESTED_STATE), the
