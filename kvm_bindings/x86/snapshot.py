@@ -2,8 +2,10 @@
 
 X86Vm.save_state() is save_state() here; restore_vm() and load_state(), which put the
 state back in the order the kernel needs (with the reasons), are kvm_bindings.x86._restore's,
-named here too. The format is kvm_bindings.snapshot's. What is saved, per vCPU: regs, sregs2 (else sregs), the XSAVE
-area sized by KVM_CAP_XSAVE2 (else xsave, else fpu), xcrs, debugregs, the LAPIC (with an
+named here too. The format is kvm_bindings.snapshot's.
+
+What is saved, per vCPU: regs, sregs2 (else sregs), the XSAVE area sized by
+KVM_CAP_XSAVE2 (else xsave, else fpu), xcrs, debugregs, the LAPIC (with an
 in-kernel irqchip), mp_state, vcpu_events, CPUID, every MSR KVM_GET_MSR_INDEX_LIST names
 that KVM lets us read, the TSC frequency, nested state (KVM_CAP_NESTED_STATE), the
 kvm_run fields a VMM sets (request_interrupt_window, kvm_valid_regs) and the vCPU's
