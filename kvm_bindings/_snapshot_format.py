@@ -67,6 +67,9 @@ class Writer:
         self.abi = import_module(f"{abi.__name__}.{state.arch}")
         if any(type(v.id) is not int for v in state.vcpus) or not isinstance(state.id, str):
             raise SnapshotError("vCPU ids must be numbers and the snapshot id a string")
+        if not isinstance(state.registrations, dict) or not all(
+                isinstance(v, list) for v in state.registrations.values()):
+            raise SnapshotError("registrations must map each kind to a list")
 
     def _place(self, data: memoryview, ref: dict[str, Any], memory: bool = False,
                to_memory_file: bool = False) -> None:
@@ -224,6 +227,12 @@ def _map_file(path: str | os.PathLike[str]) -> tuple[mmap.mmap | bytes, tuple[in
         return mapping, file_identity(fd)
     finally:
         os.close(fd)
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise SnapshotError(f"not a usable snapshot: its {what} is not a string")
+    return value
 
 
 def _no_constant(name: str) -> Any:
@@ -430,7 +439,7 @@ class Reader:
                                   dict(v["values"])) for v in meta["vcpus"]),
             memory=tuple(self.slot(payload, m, i) for i, m in enumerate(meta["memory"])),
             registrations={str(k): list(v) for k, v in dict(meta["registrations"]).items()},
-            id=str(meta["id"]), base=meta["base"])
+            id=_text(meta["id"], "id"), base=meta["base"])
         return state
 
 

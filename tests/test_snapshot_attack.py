@@ -116,6 +116,7 @@ EDITS = {
     "entries on a fixed struct": _set(["vcpus", 0, "structs", "regs", "entries"], 3),
     "entries 2**20 of cpuid": _set(["vcpus", 0, "structs", "cpuid", "entries"], 2**20),
     "base a number": _set(["base"], 5),
+    "id an object": _set(["id"], {"a": 1}),
 }
 
 
@@ -332,3 +333,18 @@ def test_saves_and_loads_from_several_threads_take_turns_and_never_run_the_guest
         assert not errors
         assert vm.memory.read(0x3000, 4) == word
         assert vm.memory.read(0x3004, 4) == count
+
+
+@pytest.mark.parametrize("field, value", [("host", None), ("memory", None), ("vcpus", 5),
+                                          ("values", []), ("structs", None),
+                                          ("registrations", [])])
+def test_a_state_edited_out_of_shape_in_python_is_refused(kvm, good, field, value):
+    state = VmState.from_bytes(good)
+    setattr(state, field, value)
+    before = _fds()
+    with pytest.raises(SnapshotError):
+        if field == "registrations":
+            state.to_bytes()
+        else:
+            kvm.restore_vm(state)
+    assert _fds() == before

@@ -13,7 +13,7 @@ from ..abi import x86_64 as abi
 from ..backing import Backing
 from ..errors import KvmError, PendingExitError, RestoreError, SnapshotError
 from ..memory import PAGE_SIZE
-from ..snapshot import VcpuState, VmState, file_identity, host_facts
+from ..snapshot import MemorySlotState, VcpuState, VmState, file_identity, host_facts
 from . import _msrs
 from ._snapshot_common import (
     _CHIPS,
@@ -147,6 +147,17 @@ def _check(state: VmState, check_cpu: bool, call: str = "restore_vm") -> None:
         raise TypeError(f"{call}() takes a VmState, not {type(state).__name__}")
     if state.arch != ARCH:
         raise SnapshotError(f"this snapshot is of an {state.arch} VM, not {ARCH}")
+    # A VmState is plain data a caller may have edited: its shape is checked like a file's.
+    shapes = ((state.host, dict, "host"), (state.values, dict, "values"),
+              (state.structs, dict, "structs"), (state.vcpus, (tuple, list), "vcpus"),
+              (state.memory, (tuple, list), "memory"))
+    for value, kind, name in shapes:
+        if not isinstance(value, kind):
+            raise SnapshotError(f"the state's {name} is a {type(value).__name__}")
+    if not all(isinstance(v, VcpuState) for v in state.vcpus) or not all(
+            isinstance(m, MemorySlotState) for m in state.memory):
+        raise SnapshotError("the state's vcpus and memory must be VcpuState and "
+                            "MemorySlotState objects")
     if state.incremental:
         raise SnapshotError("this snapshot is incremental: VmState.from_bytes(data, base=...) "
                             "puts it together with its base first")
