@@ -418,11 +418,30 @@ class DcrExit(PayloadExit[abi.kvm_run_dcr], reason=ExitReason.DCR):
 
 
 class InternalErrorExit(PayloadExit[abi.kvm_run_internal], reason=ExitReason.INTERNAL_ERROR):
-    """KVM_EXIT_INTERNAL_ERROR, kvm_run.internal: suberror (abi.InternalError) and ndata words."""
+    """KVM_EXIT_INTERNAL_ERROR, kvm_run.internal: suberror (abi.InternalError) and ndata words.
+
+    For an emulation failure, instruction is what KVM could not emulate."""
     __slots__ = ()
     suberror: _Field[abi.InternalError | int] = _Field(convert=_enum("InternalError"))
     ndata: _Field[int] = _Field()
     data: _Field[list[int]] = _Field(convert=list, count="ndata")
+
+    @property
+    def instruction(self) -> bytes | None:
+        """The bytes at the guest's RIP that KVM failed to emulate: kvm_run.emulation_failure
+        insn_bytes[:insn_size], where the suberror is KVM_INTERNAL_ERROR_EMULATION and KVM
+        set KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES; else None. KVM hands over
+        as many bytes as it fetched (up to 15), which may run past the one instruction."""
+        payload = self._payload
+        if payload.suberror != abi.KVM_INTERNAL_ERROR_EMULATION:
+            return None
+        # The same kvm_run union member seen as the emulation_failure struct KVM filled.
+        view = abi.kvm_run_emulation_failure.from_buffer_copy(
+            bytes(payload)[:ctypes.sizeof(abi.kvm_run_emulation_failure)])
+        if not view.flags & abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            return None
+        size = min(view.insn_size, len(view.insn_bytes))
+        return bytes(view.insn_bytes[:size])
 
 
 class OsiExit(PayloadExit[abi.kvm_run_osi], reason=ExitReason.OSI):

@@ -20,8 +20,9 @@ def test_protected_mode_has_pe_set_and_reaches_past_1mib(vm, protected_mode):
     vcpu = protected_mode("protected")
     report = vcpu.run()
     assert isinstance(report, IoExit)
-    cr0 = int.from_bytes(report.data, "little")
+    cr0 = int.from_bytes(report.data, "little")      # as the guest reads it
     assert cr0 & x86.CR0_PE and not cr0 & x86.CR0_PG
+    assert not cr0 & (x86.CR0_CD | x86.CR0_NW)         # caches on, as a loader leaves them
     assert isinstance(vcpu.run(), HltExit)
     assert vm.memory.read(0x100000, 4) == b"2222"
 

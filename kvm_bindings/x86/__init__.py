@@ -8,8 +8,10 @@ is already an X86Vm; import the classes from here to name them in type annotatio
 from __future__ import annotations
 
 from .modes import (
+    CR0_CD,
     CR0_ET,
     CR0_NE,
+    CR0_NW,
     CR0_PE,
     CR0_PG,
     CR4_PAE,
@@ -36,8 +38,8 @@ from .vcpu import X86Vcpu
 from .vm import X86Vm
 
 __all__ = [
-    "CR0_ET", "CR0_NE", "CR0_PE", "CR0_PG", "CR4_PAE", "EFER_LMA", "EFER_LME", "GDT_SIZE", "PAGE",
-    "PTE_LARGE", "PTE_PRESENT", "PTE_WRITE",
+    "CR0_CD", "CR0_ET", "CR0_NE", "CR0_NW", "CR0_PE", "CR0_PG", "CR4_PAE", "EFER_LMA",
+    "EFER_LME", "GDT_SIZE", "PAGE", "PTE_LARGE", "PTE_PRESENT", "PTE_WRITE",
     "SEL_CODE32", "SEL_CODE64", "SEL_DATA", "X86Kvm", "X86Vcpu", "X86Vm", "page_table_size",
     "set_supported_cpuid", "setup_long_mode", "setup_protected_mode", "setup_real_mode",
     "write_gdt", "write_identity_page_tables",

@@ -14,7 +14,8 @@ from ..memory import GuestMemory
 from .vcpu import X86Vcpu
 
 __all__ = [
-    "CR0_ET", "CR0_NE", "CR0_PE", "CR0_PG", "CR4_PAE", "EFER_LMA", "EFER_LME", "GDT_SIZE", "PAGE",
+    "CR0_CD", "CR0_ET", "CR0_NE", "CR0_NW", "CR0_PE", "CR0_PG", "CR4_PAE", "EFER_LMA",
+    "EFER_LME", "GDT_SIZE", "PAGE",
     "PTE_LARGE", "PTE_PRESENT", "PTE_WRITE", "SEL_CODE32", "SEL_CODE64", "SEL_DATA",
     "page_table_size", "set_supported_cpuid", "setup_long_mode", "setup_protected_mode",
     "setup_real_mode", "write_gdt", "write_identity_page_tables",
@@ -24,7 +25,11 @@ __all__ = [
 CR0_PE = 1 << 0      # protected mode
 CR0_ET = 1 << 4
 CR0_NE = 1 << 5
+CR0_NW = 1 << 29     # not write-through  } both set at reset: caches off, until
+CR0_CD = 1 << 30     # cache disable      } firmware or a loader clears them
 CR0_PG = 1 << 31     # paging
+# What firmware or a boot loader leaves in CR0 besides the mode bits: caches on.
+_CACHES_OFF = CR0_CD | CR0_NW
 CR4_PAE = 1 << 5
 EFER_LME = 1 << 8    # long mode enable
 EFER_LMA = 1 << 10   # long mode active
@@ -90,7 +95,7 @@ def setup_protected_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, gdt_
     _segment(sregs.cs, SEL_CODE32, code=True)
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
         _segment(seg, SEL_DATA, code=False)
-    sregs.cr0 |= CR0_PE | CR0_ET | CR0_NE
+    sregs.cr0 = (sregs.cr0 & ~_CACHES_OFF) | CR0_PE | CR0_ET | CR0_NE
     vcpu.set_sregs(sregs)
     _start_at(vcpu, entry, stack)
 
@@ -140,7 +145,7 @@ def setup_long_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, page_tabl
     sregs.cr3 = cr3
     sregs.cr4 |= CR4_PAE
     sregs.efer |= EFER_LME | EFER_LMA
-    sregs.cr0 |= CR0_PE | CR0_PG | CR0_ET | CR0_NE
+    sregs.cr0 = (sregs.cr0 & ~_CACHES_OFF) | CR0_PE | CR0_PG | CR0_ET | CR0_NE
     vcpu.set_sregs(sregs)
     _start_at(vcpu, entry, stack)
 
