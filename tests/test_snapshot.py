@@ -124,11 +124,14 @@ def test_snapshots_at_random_moments_restore_a_halted_vcpu_that_wakes_on_its_tim
     rng = random.Random(2511)
     vm = make_vm(kvm, code)
     out: list[int] = []
-    halted = 0
+    halted = taken = 0
     try:
-        for _ in range(10):
+        # At least ten snapshots, and on until one caught the vCPU halted (a loaded machine
+        # can leave ticks pending, and the vCPU runnable, for a while).
+        while (taken < 10 or not halted) and len(out) < 350:
+            taken += 1
             vcpu = vm.vcpus[0]
-            kicker = threading.Timer(rng.uniform(0.0005, 0.01), vcpu.kick)
+            kicker = threading.Timer(rng.uniform(0.0005, 0.005), vcpu.kick)
             kicker.start()
             while True:
                 e = vcpu.run()
@@ -140,7 +143,6 @@ def test_snapshots_at_random_moments_restore_a_halted_vcpu_that_wakes_on_its_tim
             data = vm.save_state().to_bytes()
             vm.close()
             vm = kvm.restore_vm(VmState.from_bytes(data))
-            assert len(out) < 300
         out += collect(vm.vcpus[0], 400 - len(out))
     finally:
         vm.close()

@@ -67,6 +67,16 @@ def _distinctive(vm) -> None:
     vcpu.inject_nmi()
 
 
+def _chip_settings(chip) -> dict:
+    """An irqchip's state but for what the running PIT changes at each tick (the request
+    registers), as plain data."""
+    d = abi.to_dict(chip)
+    views = d["chip"]
+    del views["dummy"]                  # the union's raw view holds those bytes too
+    del views["pic"]["irr"], views["pic"]["last_irr"], views["ioapic"]["irr"]
+    return d
+
+
 def _xsave_bytes(vcpu) -> bytes:
     xsave = vcpu.get_xsave2()
     return ctypes.string_at(ctypes.addressof(xsave), xsave.flex_nbytes)
@@ -85,7 +95,7 @@ def test_every_saved_struct_reads_back_from_the_restored_vcpu(kvm, code):
                   "mp_state": old.get_mp_state(), "cpuid": state.vcpus[0].structs["cpuid"]}
         msr_list = kvm.get_msr_index_list()
         old_msrs = old.get_msrs(msr_list)
-        chips = {c: bytes(vm.get_irqchip(c)) for c in (0, 1, 2)}
+        chips = {c: _chip_settings(vm.get_irqchip(c)) for c in (0, 1, 2)}
     with kvm.restore_vm(state) as vm2:
         new = vm2.vcpus[0]
         assert new.kvm_run.request_interrupt_window == 1
@@ -109,8 +119,8 @@ def test_every_saved_struct_reads_back_from_the_restored_vcpu(kvm, code):
         differ = {hex(i) for i in old_msrs if i not in ticking and old_msrs[i] != new_msrs.get(i)}
         assert not differ
         assert new_msrs[0xC0000102] == old_msrs[0xC0000102] != 0    # the guest's counter
-        for c, data in chips.items():
-            assert bytes(vm2.get_irqchip(c)) == data
+        for c, settings in chips.items():
+            assert _chip_settings(vm2.get_irqchip(c)) == settings
 
 
 def test_the_setup_calls_are_made_again_and_eventfd_wiring_is_listed(kvm, code):
