@@ -1000,7 +1000,7 @@ X86_NR_SUBARCHS = 5
 
 # ---- enum classes: in x86_64_enums, imported on first use (they cost more to build
 # than everything else here) ----
-_ENUMS = frozenset({"ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", "X86HardwareSubarch", })
+_ENUMS = frozenset({"ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", "HardwareSubarch", })
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .x86_64_enums import *  # noqa: F403
@@ -6145,7 +6145,7 @@ __all__ = [
     "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag",
     "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag",
     "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId",
-    "TdxCmdId", "X86HardwareSubarch", "__kernel_fd_set", "__kernel_fsid_t", "kvm_pic_state",
+    "TdxCmdId", "HardwareSubarch", "__kernel_fd_set", "__kernel_fsid_t", "kvm_pic_state",
     "kvm_ioapic_state", "kvm_ioapic_state_redirtbl", "kvm_ioapic_state_fields", "kvm_regs",
     "kvm_lapic_state", "kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_sregs2", "kvm_fpu",
     "kvm_msr_entry", "kvm_msrs", "kvm_msrs_s", "kvm_msrs___empty_entries", "kvm_msr_list",

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", "X86HardwareSubarch", ]
+__all__ = ["ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", "HardwareSubarch", ]
 
 
 
@@ -578,14 +578,16 @@ class TdxCmdId(enum.IntEnum):
     GET_CPUID = 5
 
 
-class X86HardwareSubarch(enum.IntEnum):
-    """enum x86_hardware_subarch (asm/bootparam.h:204)."""
+class HardwareSubarch(enum.IntEnum):
+    """The x86 platform a kernel boots on: setup_header.hardware_subarch.
 
-    X86_SUBARCH_PC = 0
-    X86_SUBARCH_LGUEST = 1
-    X86_SUBARCH_XEN = 2
-    X86_SUBARCH_INTEL_MID = 3
-    X86_SUBARCH_CE4100 = 4
-    X86_NR_SUBARCHS = 5
+    enum x86_hardware_subarch (asm/bootparam.h:204).
+    """
+
+    PC = 0
+    LGUEST = 1
+    XEN = 2
+    INTEL_MID = 3
+    CE4100 = 4
 
 
