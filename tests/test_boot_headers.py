@@ -69,7 +69,7 @@ def test_shipped_module_has_the_zero_page_gcc_laid_out():
     assert {f"struct {n}" for n in BOOT_TYPES} <= set(abi.C_TYPES)
     assert abi.LOADED_HIGH == 1 and abi.XLF_KERNEL_64 == 1 == facts["constants"]["XLF_KERNEL_64"]
     # enum x86_hardware_subarch is a declared family; its sentinel is not a member
-    assert abi.HardwareSubarch.XEN == facts["constants"]["X86_SUBARCH_XEN"] == 2
+    assert abi.HardwareSubarch.SUBARCH_XEN == facts["constants"]["X86_SUBARCH_XEN"] == 2
     assert "X86_NR_SUBARCHS" not in abi.HardwareSubarch.__members__ and abi.X86_NR_SUBARCHS == 5
 
 

@@ -584,10 +584,10 @@ class HardwareSubarch(enum.IntEnum):
     enum x86_hardware_subarch (asm/bootparam.h:204).
     """
 
-    PC = 0
-    LGUEST = 1
-    XEN = 2
-    INTEL_MID = 3
-    CE4100 = 4
+    SUBARCH_PC = 0
+    SUBARCH_LGUEST = 1
+    SUBARCH_XEN = 2
+    SUBARCH_INTEL_MID = 3
+    SUBARCH_CE4100 = 4
 
 
