@@ -45,9 +45,13 @@ def _header_sets(args: argparse.Namespace, arch_names: list[str]):
     for name in arch_names:
         arch = get_arch(name)
         if args.include_dir:
-            yield arch, headers.from_include_dir(Path(args.include_dir), arch)
+            hs = headers.from_include_dir(Path(args.include_dir), arch)
         else:
-            yield arch, headers.from_manifest(args.version or headers.shipped_version(), arch)
+            hs = headers.from_manifest(args.version or headers.shipped_version(), arch)
+        for header, why in hs.left_out:
+            print(f"{arch.name} {hs.version}: left out {header}, whose types and constants the "
+                  f"module lacks: {why}")
+        yield arch, hs
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:

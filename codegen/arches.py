@@ -32,6 +32,10 @@ class Arch:
     zig_dirs: tuple[str, ...] = ()
     kvm_since: tuple[int, int] = (0, 0)   # the first kernel whose uapi has asm/kvm.h for this arch
     byteorder: str = "little"
+    # uapi headers beyond linux/kvm.h whose types and constants this arch's module also
+    # carries (x86: the boot protocol a loader fills in); a header set that lacks one, or
+    # something it includes, leaves it out and says why
+    extra_headers: tuple[str, ...] = ()
 
     def has_kvm(self, version: str) -> bool:
         """Whether kernel `version` has KVM (an asm/kvm.h) on this arch."""
@@ -57,7 +61,8 @@ ARCHES: dict[str, Arch] = {
     a.name: a
     for a in (
         Arch("x86_64", "x86_64", "x86_64-linux-gnu", ("x86_64", "amd64"),
-             ("x86_64-linux-gnu-gcc",), True, ("x86-linux-any", "x86_64-linux-any")),
+             ("x86_64-linux-gnu-gcc",), True, ("x86-linux-any", "x86_64-linux-any"),
+             extra_headers=("asm/bootparam.h",)),
         Arch("arm64", "arm64", "aarch64-linux-gnu", ("aarch64", "arm64"),
              ("aarch64-linux-gnu-gcc",), False,
              ("aarch64-linux-any", "arm64-linux-any"), kvm_since=(3, 11)),

@@ -21,7 +21,7 @@ from types import ModuleType
 
 from .arches import Arch
 from .headers import HeaderSet
-from .preprocess import DEFINES, TOP_HEADER, compiler_for
+from .preprocess import DEFINES, compiler_for
 
 _counter = itertools.count()
 
@@ -195,7 +195,7 @@ def check_coverage(mod: ModuleType, facts: dict, hs: HeaderSet, arch: Arch, repo
         return out
 
     base = macros(run("", "-dM"))
-    mine = macros(run(f"#include <{TOP_HEADER}>\n", "-dM"))
+    mine = macros(run(hs.includes, "-dM"))
     unexpressed = {u[0]: u[1] for u in mod.UNEXPRESSED}
     n = 0
     for name, body in mine.items():
@@ -215,7 +215,7 @@ def check_coverage(mod: ModuleType, facts: dict, hs: HeaderSet, arch: Arch, repo
         if kind == "macro" and name not in rejected:
             report.mismatches.append(f"{name} is listed as unevaluable but gcc evaluates it")
     report.counts["header macros"] = n
-    text = run(f"#include <{TOP_HEADER}>\n")
+    text = run(hs.includes)
     tags = set(re.findall(r"\b((?:struct|union)\s+\w+)\s*\{", text))
     for tag in sorted(tags):
         if re.sub(r"\s+", " ", tag) not in mod.C_TYPES:

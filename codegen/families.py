@@ -99,6 +99,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("TdxCmdId", "KVM_TDX_", "TDX commands for KVM_MEMORY_ENCRYPT_OP: kvm_tdx_cmd.id.",
            enum="kvm_tdx_cmd_id", unique=True,
            exclude=(_x(r"KVM_TDX_CMD_NR_MAX", "sentinel: one past the last command"),)),
+    Family("HardwareSubarch", "X86_", "The x86 platform a kernel boots on: "
+           "setup_header.hardware_subarch.", enum="x86_hardware_subarch", unique=True,
+           exclude=(_x(r"X86_NR_SUBARCHS", "sentinel: one past the last subarch"),)),
     Family("PvCmdId", "KVM_PV_", "s390 protected-virtualization commands: kvm_pv_cmd.cmd.",
            enum="pv_cmd_id", unique=True),
     Family("PvCmdDumpId", "KVM_PV_DUMP_", "KVM_PV_DUMP subcommands: kvm_s390_pv_dmp.subcmd.",

@@ -23,8 +23,11 @@ from .arches import ARCHES, Arch, get_arch
 from .errors import GeneratorError
 from .headers import (
     HEADERS_DIR,
+    KVM_HEADER,
     MANIFEST,
     STAMP,
+    MissingInclude,
+    closure,
     describe_source,
     load_manifest,
     read_version,
@@ -36,6 +39,8 @@ from .headers import (
 WHEEL_PLATFORM = "manylinux_2_12_x86_64"  # headers are the same in every platform's wheel
 ZIG_INCLUDE = "ziglang/lib/libc/include/"
 ZIG_COMMON = "any-linux-any"
+# the arch-neutral folders taken into common/ (video/ for x86's asm/bootparam.h)
+COMMON_SUBDIRS = ("linux", "asm-generic", "video")
 
 
 class Unfetchable(GeneratorError):
@@ -102,7 +107,7 @@ def _extract_deb(deb: Path, dest: Path, with_common: bool, seen: set[str] | None
             sub = parts[3]
             if sub == "asm":
                 out = dest / arch.header_dir / Path(*parts[3:])
-            elif sub in ("linux", "asm-generic") and with_common:
+            elif sub in COMMON_SUBDIRS and with_common:
                 out = dest / "common" / Path(*parts[3:])
             else:
                 continue
@@ -170,7 +175,7 @@ def _extract_tree(wheel: Path, dest: Path) -> list[str]:
 
     Returns the wheel's folders that have an asm/, for messages about a missing arch.
     """
-    wanted = {f"{ZIG_COMMON}/{sub}/": f"common/{sub}/" for sub in ("linux", "asm-generic", "asm")}
+    wanted = {f"{ZIG_COMMON}/{sub}/": f"common/{sub}/" for sub in COMMON_SUBDIRS + ("asm",)}
     with zipfile.ZipFile(wheel) as z:
         folders = _zig_folders(z)
         for arch, zdir in zig_arch_dirs(folders).items():
@@ -187,20 +192,39 @@ def _extract_tree(wheel: Path, dest: Path) -> list[str]:
     return sorted(folders)
 
 
-def _closure(tree: Path, arch_dir: str) -> set[str]:
-    """Every header file linux/kvm.h (and linux/version.h) includes for one arch."""
-    src = "#include <linux/kvm.h>\n#include <linux/version.h>\n"
-    dirs = [tree / arch_dir, tree / "common"]
-    cmd = ["gcc", "-M", "-nostdinc", "-x", "c", "-"] + [f"-I{d}" for d in dirs]
-    proc = subprocess.run(cmd, input=src, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise GeneratorError(f"gcc could not follow the includes for {arch_dir}: "
-                             f"{proc.stderr.strip()}")
-    out = set()
-    for tok in proc.stdout.replace("\\\n", " ").split()[1:]:
-        p = Path(tok).resolve()
-        out.add(str(p.relative_to(tree.resolve())))
-    return out
+def _closure(tree: Path, arch_dir: str, tops: tuple[str, ...]) -> set[str]:
+    """Every header file `tops` include for one arch, relative to the tree."""
+    paths = closure([tree / arch_dir, tree / "common"], tops)
+    return {str(p.resolve().relative_to(tree.resolve())) for p in paths}
+
+
+def _source_name(source: dict) -> str:
+    if source["kind"] == "pypi-wheel":
+        return f"PyPI {source['package']}=={source['version']}"
+    return "Debian " + ", ".join(f"{p['package']}={p['version']}" for p in source["packages"])
+
+
+def _pin_files(tree: Path, wanted: list[Arch], source: dict) -> tuple[set[str], dict[str, dict[str, str]]]:
+    """The files to pin for each arch, and {arch: {extra header: why}} for those left out.
+
+    linux/kvm.h (with linux/version.h) must be complete; an arch's extra header the
+    source lacks, or one that includes a header the source lacks, is left out with why.
+    """
+    files: set[str] = set()
+    left_out: dict[str, dict[str, str]] = {}
+    for arch in wanted:
+        try:
+            files |= _closure(tree, arch.header_dir, (KVM_HEADER, "linux/version.h"))
+        except MissingInclude as e:
+            raise GeneratorError(f"the KVM headers for {arch.name} are incomplete: {e.message}") \
+                from None
+        for header in arch.extra_headers:
+            try:
+                files |= _closure(tree, arch.header_dir, (header,))
+            except MissingInclude as e:
+                left_out.setdefault(arch.name, {})[header] = \
+                    f"{_source_name(source)}: {e.message}"
+    return files, left_out
 
 
 def pin(version: str, pypi: str | None = None, debian: list[str] | None = None,
@@ -261,11 +285,11 @@ def pin(version: str, pypi: str | None = None, debian: list[str] | None = None,
                 f"{'; '.join(f'{a.name}: {looked(a)}' for a in missing)}); the folders it has: "
                 f"{', '.join(folders) or 'none'}. Pin another source, or only the arches it "
                 f"has with --arch")
-        files: set[str] = set()
-        for arch in wanted:
-            files |= _closure(tree, arch.header_dir)
+        files, left_out = _pin_files(tree, wanted, source)
         entry = {"source": source, "arches": [a.name for a in wanted],
                  "files": {f: sha256_file(tree / f) for f in sorted(files)}}
+        if left_out:
+            entry["left_out"] = left_out
     manifest = load_manifest(MANIFEST)
     manifest["versions"][version] = entry
     manifest["versions"] = dict(sorted(manifest["versions"].items(), key=lambda kv: version_key(kv[0])))

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ MANIFEST = (CHECKOUT / "headers" if CHECKOUT else Path(__file__).resolve().paren
     / "manifest.json"
 HEADERS_DIR = _headers_dir()
 STAMP = "SOURCE.json"
+KVM_HEADER = "linux/kvm.h"
 
 
 def load_manifest(path: Path = MANIFEST) -> dict:
@@ -80,6 +82,15 @@ class HeaderSet:
     version: str
     include_dirs: tuple[Path, ...]
     source: str
+    # the headers the bindings are made from: linux/kvm.h, then the arch's extra headers
+    tops: tuple[str, ...] = (KVM_HEADER,)
+    # (header, why) for each of the arch's extra headers these headers cannot provide
+    left_out: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def includes(self) -> str:
+        """C source that includes every top header, one line each."""
+        return "".join(f"#include <{h}>\n" for h in self.tops)
 
     def relpath(self, path: str) -> str:
         """A header path relative to its include dir, for provenance and messages."""
@@ -90,6 +101,52 @@ class HeaderSet:
             except ValueError:
                 continue
         return path
+
+
+class MissingInclude(GeneratorError):
+    """A header, or one it includes, is not in the include directories."""
+
+
+def closure(dirs: tuple[Path, ...] | list[Path], tops: tuple[str, ...] | list[str],
+            cc: str = "gcc") -> list[Path]:
+    """Every header file that including `tops` reads, as gcc -M finds them."""
+    src = "".join(f"#include <{h}>\n" for h in tops)
+    cmd = [cc, "-M", "-nostdinc", "-x", "c", "-"] + [f"-I{d}" for d in dirs]
+    proc = subprocess.run(cmd, input=src, capture_output=True, text=True)
+    if proc.returncode != 0:
+        m = re.search(r"^(.*?):(\d+):\d+: fatal error: (.*?): No such file or directory",
+                      proc.stderr, re.M)
+        if m is None:
+            raise GeneratorError(f"gcc could not follow the includes of {', '.join(tops)}: "
+                                 f"{proc.stderr.strip()}")
+        includer, line, missing = m.groups()
+        if includer == "<stdin>":
+            raise MissingInclude(f"{missing} is missing")
+        rel = _relative(Path(includer), dirs)
+        raise MissingInclude(f"{missing} is missing ({rel}:{line} includes it)")
+    return [Path(tok) for tok in proc.stdout.replace("\\\n", " ").split()[1:]]
+
+
+def _relative(p: Path, dirs: tuple[Path, ...] | list[Path]) -> str:
+    for d in dirs:
+        try:
+            return str(p.resolve().relative_to(Path(d).resolve()))
+        except ValueError:
+            continue
+    return str(p)
+
+
+def _with_extras(hs: HeaderSet, arch: Arch, reasons: dict[str, str] | None = None) -> HeaderSet:
+    """hs with the arch's extra headers it can provide as tops, the others left out with why."""
+    tops, left_out = list(hs.tops), []
+    for header in arch.extra_headers:
+        try:
+            closure(hs.include_dirs, [header], arch.compiler() or "gcc")
+        except MissingInclude as e:
+            left_out.append((header, (reasons or {}).get(header) or e.message))
+            continue
+        tops.append(header)
+    return HeaderSet(hs.version, hs.include_dirs, hs.source, tuple(tops), tuple(left_out))
 
 
 def version_dir(version: str) -> Path:
@@ -113,11 +170,14 @@ def from_manifest(version: str, arch: Arch) -> HeaderSet:
                              f"manifest pins; run `python -m codegen fetch-headers {version}` again")
     if arch.name not in entry["arches"]:
         raise GeneratorError(f"kernel {version} in the manifest has no headers for {arch.name}")
-    return from_version_folder(folder, arch, version, describe_source(entry["source"]))
+    return from_version_folder(folder, arch, version, describe_source(entry["source"]),
+                               entry.get("left_out", {}).get(arch.name))
 
 
 def from_version_folder(folder: Path, arch: Arch, version: str | None = None,
-                        source: str | None = None) -> HeaderSet:
+                        source: str | None = None,
+                        reasons: dict[str, str] | None = None) -> HeaderSet:
+    """reasons: why the manifest left out some of the arch's extra headers, to say so again."""
     arch_dir, common = folder / arch.header_dir, folder / "common"
     if not (common / "linux" / "kvm.h").exists():
         raise GeneratorError("no common/linux/kvm.h in this header folder", str(folder))
@@ -125,7 +185,8 @@ def from_version_folder(folder: Path, arch: Arch, version: str | None = None,
         raise GeneratorError(f"this header folder has no {arch.header_dir}/ for {arch.name}",
                              str(folder))
     dirs = (arch_dir, common)
-    return HeaderSet(version or read_version(dirs), dirs, source or f"folder {folder}")
+    return _with_extras(HeaderSet(version or read_version(dirs), dirs, source or f"folder {folder}"),
+                        arch, reasons)
 
 
 def from_include_dir(path: Path, arch: Arch) -> HeaderSet:
@@ -138,14 +199,14 @@ def from_include_dir(path: Path, arch: Arch) -> HeaderSet:
     asm = _system_asm_dirs(path)
     if not asm:     # no asm/ for any arch: the headers may need none (gcc names what is missing)
         dirs = tuple(d for d in (path / arch.multiarch, path) if d.is_dir())
-        return HeaderSet(read_version(dirs), dirs, f"include directory {path}")
+        return _with_extras(HeaderSet(read_version(dirs), dirs, f"include directory {path}"), arch)
     if arch.name not in asm:
         found = ", ".join(f"{name} ({d / 'asm'})" for name, d in asm.items()) or "none"
         raise GeneratorError(f"no asm/kvm.h for {arch.name} under this include directory "
                              f"(looked in {path / arch.multiarch / 'asm'}); the arches it has: "
                              f"{found}", str(path))
     dirs = tuple(dict.fromkeys((asm[arch.name], path)))
-    return HeaderSet(read_version(dirs), dirs, f"include directory {path}")
+    return _with_extras(HeaderSet(read_version(dirs), dirs, f"include directory {path}"), arch)
 
 
 def include_dir_arches(path: Path) -> list[str]:

@@ -64,6 +64,9 @@ def build_model(hs: HeaderSet, arch: Arch) -> tuple[Model, Layout]:
 
     parsed = parse.parse(pp, source_line)
     model = Model(arch, hs.version, hs.source)
+    for header, why in hs.left_out:
+        # an extra header these headers cannot provide: no type or constant from it, and why
+        model.skipped.append(Skipped(header, "header", f"left out: {why}", header, 0))
     for rel in pp.files:
         for d in hs.include_dirs:
             if (d / rel).exists():

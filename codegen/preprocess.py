@@ -88,7 +88,7 @@ def compiler_for(arch: Arch) -> str:
 
 def preprocess(hs: HeaderSet, arch: Arch) -> Preprocessed:
     cc = compiler_for(arch)
-    raw = _run(cc, f"#include <{TOP_HEADER}>\n", ["-dD"], hs)
+    raw = _run(cc, hs.includes, ["-dD"], hs)
     tu_lines: list[str] = []
     macros: dict[str, MacroDef] = {}
     files: list[str] = []
@@ -124,7 +124,7 @@ def preprocess(hs: HeaderSet, arch: Arch) -> Preprocessed:
 
 def _expand(cc: str, hs: HeaderSet, names: list[str]) -> dict[str, str]:
     """Let the preprocessor expand each object-like macro on a line of its own."""
-    src = [f"#include <{TOP_HEADER}>",
+    src = [hs.includes,
            "#undef _IOC",
            f"#define _IOC(dir, type, nr, size) {IOC_MARKER}(dir, type, nr, size)"]
     src += [f"{_EXPAND_PREFIX}{i} {name}" for i, name in enumerate(names)]

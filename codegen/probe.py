@@ -18,7 +18,7 @@ from .errors import GeneratorError
 from .headers import HeaderSet
 from .layout import Layout
 from .model import Array, Model, RecordRef, strip_aligned
-from .preprocess import TOP_HEADER, compiler_for
+from .preprocess import compiler_for
 
 
 def members(model: Model, layout: Layout):
@@ -76,7 +76,7 @@ class _Source:
         self.keys.append(key)
         self.values.append(f"(unsigned long long)({expr})")
 
-    def render(self) -> str:
+    def render(self, includes: str) -> str:
         bits_members = "".join(f"    {root} b{i};\n" for i, (root, _) in enumerate(self.bit_objects))
         bits_init = ", ".join(f".b{i} = {{ .{path} = -1 }}" for i, (_, path) in
                               enumerate(self.bit_objects))
@@ -90,7 +90,7 @@ class _Source:
         values = self.values + extra
         return "\n".join([
             "#include <stddef.h>",
-            f"#include <{TOP_HEADER}>",
+            includes.rstrip("\n"),
             '#define KVMGEN_DATA(name) __attribute__((used, section(".kvmgen." name)))',
             "struct kvmgen_bits {\n" + bits_members + "};",
             "struct kvmgen_strings {\n" + str_members + "};",
@@ -168,7 +168,7 @@ def run_probe(model: Model, layout: Layout, hs: HeaderSet) -> dict:
     src = probe_source(model, layout)
     with tempfile.TemporaryDirectory() as tmp:
         c_file = Path(tmp) / "probe.c"
-        c_file.write_text(src.render())
+        c_file.write_text(src.render(hs.includes))
         if arch.is_host:
             exe = Path(tmp) / "probe"
             _compile(cc, hs, ["-DKVMGEN_MAIN", "-o", str(exe), str(c_file)])
@@ -269,7 +269,7 @@ def rejected_macros(model: Model, hs: HeaderSet) -> list[str]:
     flags = _compile_flags(hs)
 
     def rejected(name: str) -> bool:
-        src = f"#include <{TOP_HEADER}>\nlong long kvmgen_value = (long long)({name});\n"
+        src = f"{hs.includes}long long kvmgen_value = (long long)({name});\n"
         proc = subprocess.run([cc, *flags, "-fsyntax-only", "-x", "c", "-"], input=src,
                               capture_output=True, encoding="utf-8", errors="replace")
         return proc.returncode != 0

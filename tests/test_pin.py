@@ -20,10 +20,16 @@ INC = fetch.ZIG_INCLUDE
 VERSION_H = "#define LINUX_VERSION_CODE 267034\n"
 
 
-def _fake_wheel(tmp_path: Path, arch_dirs: list[str], version_h: str = VERSION_H) -> Path:
-    """A ziglang-like wheel: any-linux-any/ plus an asm/kvm.h in each of arch_dirs."""
+def _fake_wheel(tmp_path: Path, arch_dirs: list[str], version_h: str = VERSION_H,
+                extra: dict[str, str] | None = None) -> Path:
+    """A ziglang-like wheel: any-linux-any/ plus an asm/kvm.h in each of arch_dirs.
+
+    extra: more files, {path under lib/libc/include: text}.
+    """
     wheel = tmp_path / "ziglang-0.0.1-py3-none-manylinux_2_12_x86_64.whl"
     with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in (extra or {}).items():
+            z.writestr(f"{INC}{name}", text)
         z.writestr(f"{INC}any-linux-any/linux/version.h", version_h)
         z.writestr(f"{INC}any-linux-any/linux/kvm.h",
                    "#include <linux/types.h>\n#include <asm/kvm.h>\nstruct kvm_x { int a; };\n")
@@ -47,10 +53,11 @@ def manifest(tmp_path, monkeypatch):
 @pytest.fixture
 def wheel_source(tmp_path, monkeypatch):
     """use(arch_dirs): make pin's PyPI download hand over a fake wheel with those folders."""
-    def use(arch_dirs: list[str], version_h: str = VERSION_H) -> Path:
+    def use(arch_dirs: list[str], version_h: str = VERSION_H,
+            extra: dict[str, str] | None = None) -> Path:
         src = tmp_path / "src"
         src.mkdir(exist_ok=True)
-        wheel = _fake_wheel(src, arch_dirs, version_h)
+        wheel = _fake_wheel(src, arch_dirs, version_h, extra)
 
         def download(package: str, version: str, dest: Path) -> Path:
             return wheel
@@ -103,6 +110,27 @@ def test_pin_records_the_arches_the_kernel_has_with_old_zig_names(manifest, whee
     assert entry["source"]["sha256"] == hashlib.sha256(wheel.read_bytes()).hexdigest()
     assert {"x86_64/asm/kvm.h", "arm64/asm/kvm.h", "common/linux/kvm.h"} <= entry["files"].keys()
     assert json.loads(manifest.read_text())["versions"]["4.19.26"] == entry
+
+
+BOOTPARAM = {"x86-linux-any/asm/bootparam.h":
+             "#include <linux/types.h>\n#include <video/edid.h>\nstruct boot_params { int x; };\n"}
+
+
+def test_pin_takes_the_x86_boot_headers_and_everything_they_include(manifest, wheel_source, gcc):
+    wheel_source(["x86-linux-any"], extra={**BOOTPARAM, "any-linux-any/video/edid.h": "\n"})
+    entry = fetch.pin("4.19.26", pypi="ziglang==0.0.1", arches=["x86_64"], force=True)
+    assert {"x86_64/asm/bootparam.h", "common/video/edid.h"} <= entry["files"].keys()
+    assert "left_out" not in entry
+
+
+def test_pin_leaves_out_a_boot_header_whose_include_the_source_lacks_and_says_why(
+        manifest, wheel_source, gcc):
+    wheel_source(["x86-linux-any"], extra=BOOTPARAM)
+    entry = fetch.pin("4.19.26", pypi="ziglang==0.0.1", arches=["x86_64"], force=True)
+    assert not any("bootparam" in f for f in entry["files"])
+    assert entry["left_out"] == {"x86_64": {"asm/bootparam.h": "PyPI ziglang==0.0.1: video/edid.h "
+                                            "is missing (asm/bootparam.h:2 includes it)"}}
+    assert "common/linux/kvm.h" in entry["files"]        # the KVM headers are pinned all the same
 
 
 def test_pin_takes_only_the_arches_asked_for(manifest, wheel_source, gcc):

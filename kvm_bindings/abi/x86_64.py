@@ -8,18 +8,25 @@
 #   asm-generic/posix_types.h 957b2b837b6ec807afbc9c11dd1e3e7264774d43ce2b809f66aa67862cb7392b
 #   asm-generic/types.h bffcfc284dbf825e02ccced40f373e48b2133d9577618b1d565f890663215111
 #   asm/bitsperlong.h ed67773342451d609a92b09047b43884004e6eb7f744a2eaeed88bba2fb89a42
+#   asm/bootparam.h f3e213da9ad2710cc425a88bcfc5c105919af98c67d94befe20ed20fe22080ed
 #   asm/ioctl.h 9c92167343af104f80782523cf2e2c569e9114fb0ceaaae8d9bb767125ce00bc
+#   asm/ist.h 550360755e0d0f10b6a1dd63afe069663d43916a19171dc95a68e497f9c16ffd
 #   asm/kvm.h 6d85f582adb636a2fc8782fec2767243be761f5ac181fa45bcc74fb74d91d916
 #   asm/posix_types.h 91d6fdcbbef57358c249baf921a65b2b6699fc5bd7d0427486828d49bfa2ff89
 #   asm/posix_types_64.h 13467711a4dcd1ab73e3163ee8a2eb02680d431d5f300e469968ab105d856b4f
+#   asm/setup_data.h 991caad2c1a75cff2665b9541ab7b6b2913516ddec630396b9491911a64dab28
 #   asm/types.h 5de61fb83f5409cdae537e5adcbf27dfb2ea144a732d96c0c6ab7c63293dfe5b
+#   linux/apm_bios.h f795863398ab258bb7054bf1087ebf57c6e545566da98ccc061067924b825ddf
 #   linux/bits.h 6cac82fe6b682291a39edcc18f47a3e4b08e04244bd0904ae332b4dae86b8d7a
 #   linux/const.h dc222e0a3dc843175d47a07057254b11f9c5b5c074fa1829d0848da1bfbcf60d
+#   linux/edd.h af6e44a54146393f3ae91ec977b9daa4fc5e0c5406a22dc7d01a640dd05cc713
 #   linux/ioctl.h 3fbcc017be85c6647ce5ef3e1e548b276a69969a02ab9cc1aa04d0b102811ea0
 #   linux/kvm.h 59c97369637aae6ee148bfdc7d633e5ddb3da6f75c22810496ade72117b5887e
 #   linux/posix_types.h 0260d74b6f04f43e9a232602c287d8cd84e5de1847b862e6028258e3d3ae86ec
+#   linux/screen_info.h 480041c281d2122000736a4e46849eb47b6849db6f0990efc92953989f286973
 #   linux/stddef.h edd6a6ddcb8768eb9470e732409ff14b4c31a50d88da440039e6c18c377cd2ab
 #   linux/types.h d7fa8f21d6a5f8d26c3056d0e8e1befaea3b26280d255dc3c71c56d2fe19567c
+#   video/edid.h 6b03f161ebceb7ab5344c8d407be8163ba79e01091ae3a1971a310da3f815881
 """KVM ABI for x86_64 from Linux 7.2.0: constants, enums, ctypes types, ioctls."""
 
 # ruff: noqa
@@ -797,6 +804,149 @@ KVM_CREATE_GUEST_MEMFD = 0xc040aed4
 GUEST_MEMFD_FLAG_MMAP = 1
 GUEST_MEMFD_FLAG_INIT_SHARED = 2
 KVM_PRE_FAULT_MEMORY = 0xc040aed5
+SETUP_NONE = 0
+SETUP_E820_EXT = 1
+SETUP_DTB = 2
+SETUP_PCI = 3
+SETUP_EFI = 4
+SETUP_APPLE_PROPERTIES = 5
+SETUP_JAILHOUSE = 6
+SETUP_CC_BLOB = 7
+SETUP_IMA = 8
+SETUP_RNG_SEED = 9
+SETUP_KEXEC_KHO = 10
+SETUP_ENUM_MAX = 10
+SETUP_INDIRECT = -2147483648
+SETUP_TYPE_MAX = -2147483638
+RAMDISK_IMAGE_START_MASK = 0x7ff
+RAMDISK_PROMPT_FLAG = 0x8000
+RAMDISK_LOAD_FLAG = 0x4000
+LOADED_HIGH = 1
+KASLR_FLAG = 2
+QUIET_FLAG = 32
+KEEP_SEGMENTS = 64
+CAN_USE_HEAP = 128
+XLF_KERNEL_64 = 1
+XLF_CAN_BE_LOADED_ABOVE_4G = 2
+XLF_EFI_HANDOVER_32 = 4
+XLF_EFI_HANDOVER_64 = 8
+XLF_EFI_KEXEC = 16
+XLF_5LEVEL = 32
+XLF_5LEVEL_ENABLED = 64
+XLF_MEM_ENCRYPTION = 128
+VIDEO_TYPE_MDA = 0x10
+VIDEO_TYPE_CGA = 0x11
+VIDEO_TYPE_EGAM = 0x20
+VIDEO_TYPE_EGAC = 0x21
+VIDEO_TYPE_VGAC = 0x22
+VIDEO_TYPE_VLFB = 0x23
+VIDEO_TYPE_PICA_S3 = 0x30
+VIDEO_TYPE_MIPS_G364 = 0x31
+VIDEO_TYPE_SGI = 0x33
+VIDEO_TYPE_TGAC = 0x40
+VIDEO_TYPE_SUN = 0x50
+VIDEO_TYPE_SUNPCI = 0x51
+VIDEO_TYPE_PMAC = 0x60
+VIDEO_TYPE_EFI = 0x70
+VIDEO_FLAGS_NOCURSOR = 1
+VIDEO_CAPABILITY_SKIP_QUIRKS = 1
+VIDEO_CAPABILITY_64BIT_BASE = 2
+APM_STATE_READY = 0
+APM_STATE_STANDBY = 1
+APM_STATE_SUSPEND = 2
+APM_STATE_OFF = 3
+APM_STATE_BUSY = 4
+APM_STATE_REJECT = 5
+APM_STATE_OEM_SYS = 0x20
+APM_STATE_OEM_DEV = 0x40
+APM_STATE_DISABLE = 0
+APM_STATE_ENABLE = 1
+APM_STATE_DISENGAGE = 0
+APM_STATE_ENGAGE = 1
+APM_SYS_STANDBY = 1
+APM_SYS_SUSPEND = 2
+APM_NORMAL_RESUME = 3
+APM_CRITICAL_RESUME = 4
+APM_LOW_BATTERY = 5
+APM_POWER_STATUS_CHANGE = 6
+APM_UPDATE_TIME = 7
+APM_CRITICAL_SUSPEND = 8
+APM_USER_STANDBY = 9
+APM_USER_SUSPEND = 0xa
+APM_STANDBY_RESUME = 0xb
+APM_CAPABILITY_CHANGE = 0xc
+APM_USER_HIBERNATION = 0xd
+APM_HIBERNATION_RESUME = 0xe
+APM_SUCCESS = 0
+APM_DISABLED = 1
+APM_CONNECTED = 2
+APM_NOT_CONNECTED = 3
+APM_16_CONNECTED = 5
+APM_16_UNSUPPORTED = 6
+APM_32_CONNECTED = 7
+APM_32_UNSUPPORTED = 8
+APM_BAD_DEVICE = 9
+APM_BAD_PARAM = 0xa
+APM_NOT_ENGAGED = 0xb
+APM_BAD_FUNCTION = 0xc
+APM_RESUME_DISABLED = 0xd
+APM_NO_ERROR = 0x53
+APM_BAD_STATE = 0x60
+APM_NO_EVENTS = 0x80
+APM_NOT_PRESENT = 0x86
+APM_DEVICE_BIOS = 0
+APM_DEVICE_ALL = 1
+APM_DEVICE_DISPLAY = 0x100
+APM_DEVICE_STORAGE = 0x200
+APM_DEVICE_PARALLEL = 0x300
+APM_DEVICE_SERIAL = 0x400
+APM_DEVICE_NETWORK = 0x500
+APM_DEVICE_PCMCIA = 0x600
+APM_DEVICE_BATTERY = 0x8000
+APM_DEVICE_OEM = 0xe000
+APM_DEVICE_OLD_ALL = 0xffff
+APM_DEVICE_CLASS = 0xff
+APM_DEVICE_MASK = 0xff00
+APM_MAX_BATTERIES = 2
+APM_CAP_GLOBAL_STANDBY = 1
+APM_CAP_GLOBAL_SUSPEND = 2
+APM_CAP_RESUME_STANDBY_TIMER = 4
+APM_CAP_RESUME_SUSPEND_TIMER = 8
+APM_CAP_RESUME_STANDBY_RING = 0x10
+APM_CAP_RESUME_SUSPEND_RING = 0x20
+APM_CAP_RESUME_STANDBY_PCMCIA = 0x40
+APM_CAP_RESUME_SUSPEND_PCMCIA = 0x80
+APM_IOC_STANDBY = 0x4101
+APM_IOC_SUSPEND = 0x4102
+EDDNR = 0x1e9
+EDDBUF = 0xd00
+EDDMAXNR = 6
+EDDEXTSIZE = 8
+EDDPARMSIZE = 74
+CHECKEXTENSIONSPRESENT = 0x41
+GETDEVICEPARAMETERS = 0x48
+LEGACYGETDEVICEPARAMETERS = 8
+EDDMAGIC1 = 0x55aa
+EDDMAGIC2 = 0xaa55
+READ_SECTORS = 2
+EDD_MBR_SIG_OFFSET = 0x1b8
+EDD_MBR_SIG_BUF = 0x290
+EDD_MBR_SIG_MAX = 16
+EDD_MBR_SIG_NR_BUF = 0x1ea
+EDD_EXT_FIXED_DISK_ACCESS = 1
+EDD_EXT_DEVICE_LOCKING_AND_EJECTING = 2
+EDD_EXT_ENHANCED_DISK_DRIVE_SUPPORT = 4
+EDD_EXT_64BIT_EXTENSIONS = 8
+EDD_INFO_DMA_BOUNDARY_ERROR_TRANSPARENT = 1
+EDD_INFO_GEOMETRY_VALID = 2
+EDD_INFO_REMOVABLE = 4
+EDD_INFO_WRITE_VERIFY = 8
+EDD_INFO_MEDIA_CHANGE_NOTIFICATION = 16
+EDD_INFO_LOCKABLE = 32
+EDD_INFO_NO_MEDIA_PRESENT = 64
+EDD_INFO_USE_INT13_FN50 = 128
+E820_MAX_ENTRIES_ZEROPAGE = 128
+JAILHOUSE_SETUP_REQUIRED_VERSION = 1
 
 # ---- members of C enums ----
 KVM_SEV_INIT = 0
@@ -841,10 +991,16 @@ kvm_ioeventfd_flag_nr_virtio_ccw_notify = 3
 kvm_ioeventfd_flag_nr_fast_mmio = 4
 kvm_ioeventfd_flag_nr_max = 5
 KVM_DEV_TYPE_MAX = 17
+X86_SUBARCH_PC = 0
+X86_SUBARCH_LGUEST = 1
+X86_SUBARCH_XEN = 2
+X86_SUBARCH_INTEL_MID = 3
+X86_SUBARCH_CE4100 = 4
+X86_NR_SUBARCHS = 5
 
 # ---- enum classes: in x86_64_enums, imported on first use (they cost more to build
 # than everything else here) ----
-_ENUMS = frozenset({"ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", })
+_ENUMS = frozenset({"ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", "HardwareSubarch", })
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .x86_64_enums import *  # noqa: F403
@@ -3097,6 +3253,557 @@ class kvm_pre_fault_memory(_Structure):
     padding: ctypes.Array[ctypes.c_uint64]
 
 
+class setup_data(_FlexibleStructure[ctypes.c_uint8]):
+    """struct setup_data (asm/setup_data.h:27), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _flex_field_ = "data"
+    next: int
+    type: int
+    len: int
+    data: ctypes.Array[ctypes.c_uint8]
+
+
+class setup_indirect(_Structure):
+    """struct setup_indirect (asm/setup_data.h:35), 24 bytes."""
+
+    __slots__ = ()   # see _Structure
+    type: int
+    reserved: int
+    len: int
+    addr: int
+
+
+class boot_e820_entry(_Structure):
+    """struct boot_e820_entry (asm/setup_data.h:45), 20 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    addr: int
+    size: int
+    type: int
+
+
+class jailhouse_setup_data(_Structure):
+    """struct jailhouse_setup_data (asm/setup_data.h:55), 284 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    hdr: jailhouse_setup_data_hdr
+    v1: jailhouse_setup_data_v1
+    v2: jailhouse_setup_data_v2
+
+
+class jailhouse_setup_data_hdr(_Structure):
+    """anonymous struct in jailhouse_setup_data (asm/setup_data.h:56), 4 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    version: int
+    compatible_version: int
+
+
+class jailhouse_setup_data_v1(_Structure):
+    """anonymous struct in jailhouse_setup_data (asm/setup_data.h:60), 276 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    pm_timer_address: int
+    num_cpus: int
+    pci_mmconfig_base: int
+    tsc_khz: int
+    apic_khz: int
+    standard_ioapic: int
+    cpu_ids: ctypes.Array[ctypes.c_uint8]
+
+
+class jailhouse_setup_data_v2(_Structure):
+    """anonymous struct in jailhouse_setup_data (asm/setup_data.h:69), 4 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    flags: int
+
+
+class ima_setup_data(_Structure):
+    """struct ima_setup_data (asm/setup_data.h:77), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    addr: int
+    size: int
+
+
+class kho_data(_Structure):
+    """struct kho_data (asm/setup_data.h:85), 32 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    fdt_addr: int
+    fdt_size: int
+    scratch_addr: int
+    scratch_size: int
+
+
+class screen_info(_Structure):
+    """struct screen_info (linux/screen_info.h:11), 64 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    orig_x: int
+    orig_y: int
+    ext_mem_k: int
+    orig_video_page: int
+    orig_video_mode: int
+    orig_video_cols: int
+    flags: int
+    unused2: int
+    orig_video_ega_bx: int
+    unused3: int
+    orig_video_lines: int
+    orig_video_isVGA: int
+    orig_video_points: int
+    lfb_width: int
+    lfb_height: int
+    lfb_depth: int
+    lfb_base: int
+    lfb_size: int
+    cl_magic: int
+    cl_offset: int
+    lfb_linelength: int
+    red_size: int
+    red_pos: int
+    green_size: int
+    green_pos: int
+    blue_size: int
+    blue_pos: int
+    rsvd_size: int
+    rsvd_pos: int
+    vesapm_seg: int
+    vesapm_off: int
+    pages: int
+    vesa_attributes: int
+    capabilities: int
+    ext_lfb_base: int
+    _reserved: ctypes.Array[ctypes.c_uint8]
+
+
+class apm_bios_info(_Structure):
+    """struct apm_bios_info (linux/apm_bios.h:25), 20 bytes."""
+
+    __slots__ = ()   # see _Structure
+    version: int
+    cseg: int
+    offset: int
+    cseg_16: int
+    dseg: int
+    flags: int
+    cseg_len: int
+    cseg_16_len: int
+    dseg_len: int
+
+
+class edd_device_params(_Structure):
+    """struct edd_device_params (linux/edd.h:72), 74 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    length: int
+    info_flags: int
+    num_default_cylinders: int
+    num_default_heads: int
+    sectors_per_track: int
+    number_of_sectors: int
+    bytes_per_sector: int
+    dpte_ptr: int
+    key: int
+    device_path_info_length: int
+    reserved2: int
+    reserved3: int
+    host_bus_type: ctypes.Array[ctypes.c_uint8]
+    interface_type: ctypes.Array[ctypes.c_uint8]
+    interface_path: edd_device_params_interface_path
+    device_path: edd_device_params_device_path
+    reserved4: int
+    checksum: int
+
+
+class edd_device_params_interface_path(_Union):
+    """anonymous union in edd_device_params (linux/edd.h:87), 8 bytes."""
+
+    __slots__ = ()   # see _Structure
+    isa: edd_device_params_isa
+    pci: edd_device_params_pci
+    ibnd: edd_device_params_ibnd
+    xprs: edd_device_params_xprs
+    htpt: edd_device_params_htpt
+    unknown: edd_device_params_unknown
+
+
+class edd_device_params_isa(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:88), 8 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    base_address: int
+    reserved1: int
+    reserved2: int
+
+
+class edd_device_params_pci(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:93), 8 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    bus: int
+    slot: int
+    function: int
+    channel: int
+    reserved: int
+
+
+class edd_device_params_ibnd(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:101), 8 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    reserved: int
+
+
+class edd_device_params_xprs(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:104), 8 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    reserved: int
+
+
+class edd_device_params_htpt(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:107), 8 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    reserved: int
+
+
+class edd_device_params_unknown(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:110), 8 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    reserved: int
+
+
+class edd_device_params_device_path(_Union):
+    """anonymous union in edd_device_params (linux/edd.h:114), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    ata: edd_device_params_ata
+    atapi: edd_device_params_atapi
+    scsi: edd_device_params_scsi
+    usb: edd_device_params_usb
+    i1394: edd_device_params_i1394
+    fibre: edd_device_params_fibre
+    i2o: edd_device_params_i2o
+    raid: edd_device_params_raid
+    sata: edd_device_params_sata
+    unknown: edd_device_params_unknown2
+
+
+class edd_device_params_ata(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:115), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    device: int
+    reserved1: int
+    reserved2: int
+    reserved3: int
+    reserved4: int
+
+
+class edd_device_params_atapi(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:122), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    device: int
+    lun: int
+    reserved1: int
+    reserved2: int
+    reserved3: int
+    reserved4: int
+
+
+class edd_device_params_scsi(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:130), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    id: int
+    lun: int
+    reserved1: int
+    reserved2: int
+
+
+class edd_device_params_usb(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:136), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    serial_number: int
+    reserved: int
+
+
+class edd_device_params_i1394(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:140), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    eui: int
+    reserved: int
+
+
+class edd_device_params_fibre(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:144), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    wwid: int
+    lun: int
+
+
+class edd_device_params_i2o(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:148), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    identity_tag: int
+    reserved: int
+
+
+class edd_device_params_raid(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:152), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    array_number: int
+    reserved1: int
+    reserved2: int
+
+
+class edd_device_params_sata(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:157), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    device: int
+    reserved1: int
+    reserved2: int
+    reserved3: int
+    reserved4: int
+
+
+class edd_device_params_unknown2(_Structure):
+    """anonymous struct in edd_device_params (linux/edd.h:164), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    reserved1: int
+    reserved2: int
+
+
+class edd_info(_Structure):
+    """struct edd_info (linux/edd.h:173), 82 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    device: int
+    version: int
+    interface_support: int
+    legacy_max_cylinder: int
+    legacy_max_head: int
+    legacy_sectors_per_track: int
+    params: edd_device_params
+
+
+class edd(_Structure):
+    """struct edd (linux/edd.h:183), 560 bytes."""
+
+    __slots__ = ()   # see _Structure
+    mbr_signature: ctypes.Array[ctypes.c_uint32]
+    edd_info: ctypes.Array[edd_info]
+    mbr_signature_nr: int
+    edd_info_nr: int
+
+
+class ist_info(_Structure):
+    """struct ist_info (asm/ist.h:23), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    signature: int
+    command: int
+    event: int
+    perf_level: int
+
+
+class edid_info(_Structure):
+    """struct edid_info (video/edid.h:5), 128 bytes."""
+
+    __slots__ = ()   # see _Structure
+    dummy: ctypes.Array[ctypes.c_uint8]
+
+
+class setup_header(_Structure):
+    """struct setup_header (asm/bootparam.h:38), 123 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    setup_sects: int
+    root_flags: int
+    syssize: int
+    ram_size: int
+    vid_mode: int
+    root_dev: int
+    boot_flag: int
+    jump: int
+    header: int
+    version: int
+    realmode_swtch: int
+    start_sys_seg: int
+    kernel_version: int
+    type_of_loader: int
+    loadflags: int
+    setup_move_size: int
+    code32_start: int
+    ramdisk_image: int
+    ramdisk_size: int
+    bootsect_kludge: int
+    heap_end_ptr: int
+    ext_loader_ver: int
+    ext_loader_type: int
+    cmd_line_ptr: int
+    initrd_addr_max: int
+    kernel_alignment: int
+    relocatable_kernel: int
+    min_alignment: int
+    xloadflags: int
+    cmdline_size: int
+    hardware_subarch: int
+    hardware_subarch_data: int
+    payload_offset: int
+    payload_length: int
+    setup_data: int
+    pref_address: int
+    init_size: int
+    handover_offset: int
+    kernel_info_offset: int
+
+
+class sys_desc_table(_Structure):
+    """struct sys_desc_table (asm/bootparam.h:80), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    length: int
+    table: ctypes.Array[ctypes.c_uint8]
+
+
+class olpc_ofw_header(_Structure):
+    """struct olpc_ofw_header (asm/bootparam.h:86), 16 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    ofw_magic: int
+    ofw_version: int
+    cif_handler: int
+    irq_desc_table: int
+
+
+class efi_info(_Structure):
+    """struct efi_info (asm/bootparam.h:93), 32 bytes."""
+
+    __slots__ = ()   # see _Structure
+    efi_loader_signature: int
+    efi_systab: int
+    efi_memdesc_size: int
+    efi_memdesc_version: int
+    efi_memmap: int
+    efi_memmap_size: int
+    efi_systab_hi: int
+    efi_memmap_hi: int
+
+
+class boot_params(_Structure):
+    """struct boot_params (asm/bootparam.h:116), 4096 bytes."""
+
+    __slots__ = ()   # see _Structure
+    _pack_ = 1
+    _layout_ = "gcc-sysv"
+    screen_info: screen_info
+    apm_bios_info: apm_bios_info
+    _pad2__: ctypes.Array[ctypes.c_uint8]
+    tboot_addr: int
+    ist_info: ist_info
+    acpi_rsdp_addr: int
+    _pad3__: ctypes.Array[ctypes.c_uint8]
+    hd0_info: ctypes.Array[ctypes.c_uint8]
+    hd1_info: ctypes.Array[ctypes.c_uint8]
+    sys_desc_table: sys_desc_table
+    olpc_ofw_header: olpc_ofw_header
+    ext_ramdisk_image: int
+    ext_ramdisk_size: int
+    ext_cmd_line_ptr: int
+    _pad4__: ctypes.Array[ctypes.c_uint8]
+    cc_blob_address: int
+    edid_info: edid_info
+    efi_info: efi_info
+    alt_mem_k: int
+    scratch: int
+    e820_entries: int
+    eddbuf_entries: int
+    edd_mbr_sig_buf_entries: int
+    kbd_status: int
+    secure_boot: int
+    _pad5__: ctypes.Array[ctypes.c_uint8]
+    sentinel: int
+    _pad6__: ctypes.Array[ctypes.c_uint8]
+    hdr: setup_header
+    _pad7__: ctypes.Array[ctypes.c_uint8]
+    edd_mbr_sig_buffer: ctypes.Array[ctypes.c_uint32]
+    e820_table: ctypes.Array[boot_e820_entry]
+    _pad8__: ctypes.Array[ctypes.c_uint8]
+    eddbuf: ctypes.Array[edd_info]
+    _pad9__: ctypes.Array[ctypes.c_uint8]
+
+
 __kernel_fd_set._fields_ = [
     ("fds_bits", ctypes.c_uint64 * 16),
 ]
@@ -4370,6 +5077,343 @@ kvm_pre_fault_memory._fields_ = [
     ("flags", ctypes.c_uint64),
     ("padding", ctypes.c_uint64 * 5),
 ]
+setup_data._fields_ = [
+    ("next", ctypes.c_uint64),
+    ("type", ctypes.c_uint32),
+    ("len", ctypes.c_uint32),
+    ("data", ctypes.c_uint8 * 0),
+]
+setup_data._flex_type_ = ctypes.c_uint8
+setup_indirect._fields_ = [
+    ("type", ctypes.c_uint32),
+    ("reserved", ctypes.c_uint32),
+    ("len", ctypes.c_uint64),
+    ("addr", ctypes.c_uint64),
+]
+boot_e820_entry._fields_ = [
+    ("addr", ctypes.c_uint64),
+    ("size", ctypes.c_uint64),
+    ("type", ctypes.c_uint32),
+]
+jailhouse_setup_data_hdr._fields_ = [
+    ("version", ctypes.c_uint16),
+    ("compatible_version", ctypes.c_uint16),
+]
+jailhouse_setup_data_v1._fields_ = [
+    ("pm_timer_address", ctypes.c_uint16),
+    ("num_cpus", ctypes.c_uint16),
+    ("pci_mmconfig_base", ctypes.c_uint64),
+    ("tsc_khz", ctypes.c_uint32),
+    ("apic_khz", ctypes.c_uint32),
+    ("standard_ioapic", ctypes.c_uint8),
+    ("cpu_ids", ctypes.c_uint8 * 255),
+]
+jailhouse_setup_data_v2._fields_ = [
+    ("flags", ctypes.c_uint32),
+]
+jailhouse_setup_data._fields_ = [
+    ("hdr", jailhouse_setup_data_hdr),
+    ("v1", jailhouse_setup_data_v1),
+    ("v2", jailhouse_setup_data_v2),
+]
+ima_setup_data._fields_ = [
+    ("addr", ctypes.c_uint64),
+    ("size", ctypes.c_uint64),
+]
+kho_data._fields_ = [
+    ("fdt_addr", ctypes.c_uint64),
+    ("fdt_size", ctypes.c_uint64),
+    ("scratch_addr", ctypes.c_uint64),
+    ("scratch_size", ctypes.c_uint64),
+]
+screen_info._fields_ = [
+    ("orig_x", ctypes.c_uint8),
+    ("orig_y", ctypes.c_uint8),
+    ("ext_mem_k", ctypes.c_uint16),
+    ("orig_video_page", ctypes.c_uint16),
+    ("orig_video_mode", ctypes.c_uint8),
+    ("orig_video_cols", ctypes.c_uint8),
+    ("flags", ctypes.c_uint8),
+    ("unused2", ctypes.c_uint8),
+    ("orig_video_ega_bx", ctypes.c_uint16),
+    ("unused3", ctypes.c_uint16),
+    ("orig_video_lines", ctypes.c_uint8),
+    ("orig_video_isVGA", ctypes.c_uint8),
+    ("orig_video_points", ctypes.c_uint16),
+    ("lfb_width", ctypes.c_uint16),
+    ("lfb_height", ctypes.c_uint16),
+    ("lfb_depth", ctypes.c_uint16),
+    ("lfb_base", ctypes.c_uint32),
+    ("lfb_size", ctypes.c_uint32),
+    ("cl_magic", ctypes.c_uint16),
+    ("cl_offset", ctypes.c_uint16),
+    ("lfb_linelength", ctypes.c_uint16),
+    ("red_size", ctypes.c_uint8),
+    ("red_pos", ctypes.c_uint8),
+    ("green_size", ctypes.c_uint8),
+    ("green_pos", ctypes.c_uint8),
+    ("blue_size", ctypes.c_uint8),
+    ("blue_pos", ctypes.c_uint8),
+    ("rsvd_size", ctypes.c_uint8),
+    ("rsvd_pos", ctypes.c_uint8),
+    ("vesapm_seg", ctypes.c_uint16),
+    ("vesapm_off", ctypes.c_uint16),
+    ("pages", ctypes.c_uint16),
+    ("vesa_attributes", ctypes.c_uint16),
+    ("capabilities", ctypes.c_uint32),
+    ("ext_lfb_base", ctypes.c_uint32),
+    ("_reserved", ctypes.c_uint8 * 2),
+]
+apm_bios_info._fields_ = [
+    ("version", ctypes.c_uint16),
+    ("cseg", ctypes.c_uint16),
+    ("offset", ctypes.c_uint32),
+    ("cseg_16", ctypes.c_uint16),
+    ("dseg", ctypes.c_uint16),
+    ("flags", ctypes.c_uint16),
+    ("cseg_len", ctypes.c_uint16),
+    ("cseg_16_len", ctypes.c_uint16),
+    ("dseg_len", ctypes.c_uint16),
+]
+edd_device_params_isa._fields_ = [
+    ("base_address", ctypes.c_uint16),
+    ("reserved1", ctypes.c_uint16),
+    ("reserved2", ctypes.c_uint32),
+]
+edd_device_params_pci._fields_ = [
+    ("bus", ctypes.c_uint8),
+    ("slot", ctypes.c_uint8),
+    ("function", ctypes.c_uint8),
+    ("channel", ctypes.c_uint8),
+    ("reserved", ctypes.c_uint32),
+]
+edd_device_params_ibnd._fields_ = [
+    ("reserved", ctypes.c_uint64),
+]
+edd_device_params_xprs._fields_ = [
+    ("reserved", ctypes.c_uint64),
+]
+edd_device_params_htpt._fields_ = [
+    ("reserved", ctypes.c_uint64),
+]
+edd_device_params_unknown._fields_ = [
+    ("reserved", ctypes.c_uint64),
+]
+edd_device_params_interface_path._fields_ = [
+    ("isa", edd_device_params_isa),
+    ("pci", edd_device_params_pci),
+    ("ibnd", edd_device_params_ibnd),
+    ("xprs", edd_device_params_xprs),
+    ("htpt", edd_device_params_htpt),
+    ("unknown", edd_device_params_unknown),
+]
+edd_device_params_ata._fields_ = [
+    ("device", ctypes.c_uint8),
+    ("reserved1", ctypes.c_uint8),
+    ("reserved2", ctypes.c_uint16),
+    ("reserved3", ctypes.c_uint32),
+    ("reserved4", ctypes.c_uint64),
+]
+edd_device_params_atapi._fields_ = [
+    ("device", ctypes.c_uint8),
+    ("lun", ctypes.c_uint8),
+    ("reserved1", ctypes.c_uint8),
+    ("reserved2", ctypes.c_uint8),
+    ("reserved3", ctypes.c_uint32),
+    ("reserved4", ctypes.c_uint64),
+]
+edd_device_params_scsi._fields_ = [
+    ("id", ctypes.c_uint16),
+    ("lun", ctypes.c_uint64),
+    ("reserved1", ctypes.c_uint16),
+    ("reserved2", ctypes.c_uint32),
+]
+edd_device_params_usb._fields_ = [
+    ("serial_number", ctypes.c_uint64),
+    ("reserved", ctypes.c_uint64),
+]
+edd_device_params_i1394._fields_ = [
+    ("eui", ctypes.c_uint64),
+    ("reserved", ctypes.c_uint64),
+]
+edd_device_params_fibre._fields_ = [
+    ("wwid", ctypes.c_uint64),
+    ("lun", ctypes.c_uint64),
+]
+edd_device_params_i2o._fields_ = [
+    ("identity_tag", ctypes.c_uint64),
+    ("reserved", ctypes.c_uint64),
+]
+edd_device_params_raid._fields_ = [
+    ("array_number", ctypes.c_uint32),
+    ("reserved1", ctypes.c_uint32),
+    ("reserved2", ctypes.c_uint64),
+]
+edd_device_params_sata._fields_ = [
+    ("device", ctypes.c_uint8),
+    ("reserved1", ctypes.c_uint8),
+    ("reserved2", ctypes.c_uint16),
+    ("reserved3", ctypes.c_uint32),
+    ("reserved4", ctypes.c_uint64),
+]
+edd_device_params_unknown2._fields_ = [
+    ("reserved1", ctypes.c_uint64),
+    ("reserved2", ctypes.c_uint64),
+]
+edd_device_params_device_path._fields_ = [
+    ("ata", edd_device_params_ata),
+    ("atapi", edd_device_params_atapi),
+    ("scsi", edd_device_params_scsi),
+    ("usb", edd_device_params_usb),
+    ("i1394", edd_device_params_i1394),
+    ("fibre", edd_device_params_fibre),
+    ("i2o", edd_device_params_i2o),
+    ("raid", edd_device_params_raid),
+    ("sata", edd_device_params_sata),
+    ("unknown", edd_device_params_unknown2),
+]
+edd_device_params._fields_ = [
+    ("length", ctypes.c_uint16),
+    ("info_flags", ctypes.c_uint16),
+    ("num_default_cylinders", ctypes.c_uint32),
+    ("num_default_heads", ctypes.c_uint32),
+    ("sectors_per_track", ctypes.c_uint32),
+    ("number_of_sectors", ctypes.c_uint64),
+    ("bytes_per_sector", ctypes.c_uint16),
+    ("dpte_ptr", ctypes.c_uint32),
+    ("key", ctypes.c_uint16),
+    ("device_path_info_length", ctypes.c_uint8),
+    ("reserved2", ctypes.c_uint8),
+    ("reserved3", ctypes.c_uint16),
+    ("host_bus_type", ctypes.c_uint8 * 4),
+    ("interface_type", ctypes.c_uint8 * 8),
+    ("interface_path", edd_device_params_interface_path),
+    ("device_path", edd_device_params_device_path),
+    ("reserved4", ctypes.c_uint8),
+    ("checksum", ctypes.c_uint8),
+]
+edd_info._fields_ = [
+    ("device", ctypes.c_uint8),
+    ("version", ctypes.c_uint8),
+    ("interface_support", ctypes.c_uint16),
+    ("legacy_max_cylinder", ctypes.c_uint16),
+    ("legacy_max_head", ctypes.c_uint8),
+    ("legacy_sectors_per_track", ctypes.c_uint8),
+    ("params", edd_device_params),
+]
+edd._fields_ = [
+    ("mbr_signature", ctypes.c_uint32 * 16),
+    ("edd_info", edd_info * 6),
+    ("mbr_signature_nr", ctypes.c_uint8),
+    ("edd_info_nr", ctypes.c_uint8),
+]
+ist_info._fields_ = [
+    ("signature", ctypes.c_uint32),
+    ("command", ctypes.c_uint32),
+    ("event", ctypes.c_uint32),
+    ("perf_level", ctypes.c_uint32),
+]
+edid_info._fields_ = [
+    ("dummy", ctypes.c_uint8 * 128),
+]
+setup_header._fields_ = [
+    ("setup_sects", ctypes.c_uint8),
+    ("root_flags", ctypes.c_uint16),
+    ("syssize", ctypes.c_uint32),
+    ("ram_size", ctypes.c_uint16),
+    ("vid_mode", ctypes.c_uint16),
+    ("root_dev", ctypes.c_uint16),
+    ("boot_flag", ctypes.c_uint16),
+    ("jump", ctypes.c_uint16),
+    ("header", ctypes.c_uint32),
+    ("version", ctypes.c_uint16),
+    ("realmode_swtch", ctypes.c_uint32),
+    ("start_sys_seg", ctypes.c_uint16),
+    ("kernel_version", ctypes.c_uint16),
+    ("type_of_loader", ctypes.c_uint8),
+    ("loadflags", ctypes.c_uint8),
+    ("setup_move_size", ctypes.c_uint16),
+    ("code32_start", ctypes.c_uint32),
+    ("ramdisk_image", ctypes.c_uint32),
+    ("ramdisk_size", ctypes.c_uint32),
+    ("bootsect_kludge", ctypes.c_uint32),
+    ("heap_end_ptr", ctypes.c_uint16),
+    ("ext_loader_ver", ctypes.c_uint8),
+    ("ext_loader_type", ctypes.c_uint8),
+    ("cmd_line_ptr", ctypes.c_uint32),
+    ("initrd_addr_max", ctypes.c_uint32),
+    ("kernel_alignment", ctypes.c_uint32),
+    ("relocatable_kernel", ctypes.c_uint8),
+    ("min_alignment", ctypes.c_uint8),
+    ("xloadflags", ctypes.c_uint16),
+    ("cmdline_size", ctypes.c_uint32),
+    ("hardware_subarch", ctypes.c_uint32),
+    ("hardware_subarch_data", ctypes.c_uint64),
+    ("payload_offset", ctypes.c_uint32),
+    ("payload_length", ctypes.c_uint32),
+    ("setup_data", ctypes.c_uint64),
+    ("pref_address", ctypes.c_uint64),
+    ("init_size", ctypes.c_uint32),
+    ("handover_offset", ctypes.c_uint32),
+    ("kernel_info_offset", ctypes.c_uint32),
+]
+sys_desc_table._fields_ = [
+    ("length", ctypes.c_uint16),
+    ("table", ctypes.c_uint8 * 14),
+]
+olpc_ofw_header._fields_ = [
+    ("ofw_magic", ctypes.c_uint32),
+    ("ofw_version", ctypes.c_uint32),
+    ("cif_handler", ctypes.c_uint32),
+    ("irq_desc_table", ctypes.c_uint32),
+]
+efi_info._fields_ = [
+    ("efi_loader_signature", ctypes.c_uint32),
+    ("efi_systab", ctypes.c_uint32),
+    ("efi_memdesc_size", ctypes.c_uint32),
+    ("efi_memdesc_version", ctypes.c_uint32),
+    ("efi_memmap", ctypes.c_uint32),
+    ("efi_memmap_size", ctypes.c_uint32),
+    ("efi_systab_hi", ctypes.c_uint32),
+    ("efi_memmap_hi", ctypes.c_uint32),
+]
+boot_params._fields_ = [
+    ("screen_info", screen_info),
+    ("apm_bios_info", apm_bios_info),
+    ("_pad2__", ctypes.c_uint8 * 4),
+    ("tboot_addr", ctypes.c_uint64),
+    ("ist_info", ist_info),
+    ("acpi_rsdp_addr", ctypes.c_uint64),
+    ("_pad3__", ctypes.c_uint8 * 8),
+    ("hd0_info", ctypes.c_uint8 * 16),
+    ("hd1_info", ctypes.c_uint8 * 16),
+    ("sys_desc_table", sys_desc_table),
+    ("olpc_ofw_header", olpc_ofw_header),
+    ("ext_ramdisk_image", ctypes.c_uint32),
+    ("ext_ramdisk_size", ctypes.c_uint32),
+    ("ext_cmd_line_ptr", ctypes.c_uint32),
+    ("_pad4__", ctypes.c_uint8 * 112),
+    ("cc_blob_address", ctypes.c_uint32),
+    ("edid_info", edid_info),
+    ("efi_info", efi_info),
+    ("alt_mem_k", ctypes.c_uint32),
+    ("scratch", ctypes.c_uint32),
+    ("e820_entries", ctypes.c_uint8),
+    ("eddbuf_entries", ctypes.c_uint8),
+    ("edd_mbr_sig_buf_entries", ctypes.c_uint8),
+    ("kbd_status", ctypes.c_uint8),
+    ("secure_boot", ctypes.c_uint8),
+    ("_pad5__", ctypes.c_uint8 * 2),
+    ("sentinel", ctypes.c_uint8),
+    ("_pad6__", ctypes.c_uint8 * 1),
+    ("hdr", setup_header),
+    ("_pad7__", ctypes.c_uint8 * 36),
+    ("edd_mbr_sig_buffer", ctypes.c_uint32 * 16),
+    ("e820_table", boot_e820_entry * 128),
+    ("_pad8__", ctypes.c_uint8 * 48),
+    ("eddbuf", edd_info * 6),
+    ("_pad9__", ctypes.c_uint8 * 276),
+]
 
 
 IOCTLS: dict[str, Ioctl] = {
@@ -4492,6 +5536,8 @@ IOCTLS: dict[str, Ioctl] = {
     "KVM_SET_MEMORY_ATTRIBUTES": Ioctl("KVM_SET_MEMORY_ATTRIBUTES", 0x4020aed2, "write", 32, kvm_memory_attributes, "struct kvm_memory_attributes"),
     "KVM_CREATE_GUEST_MEMFD": Ioctl("KVM_CREATE_GUEST_MEMFD", 0xc040aed4, "readwrite", 64, kvm_create_guest_memfd, "struct kvm_create_guest_memfd"),
     "KVM_PRE_FAULT_MEMORY": Ioctl("KVM_PRE_FAULT_MEMORY", 0xc040aed5, "readwrite", 64, kvm_pre_fault_memory, "struct kvm_pre_fault_memory"),
+    "APM_IOC_STANDBY": Ioctl("APM_IOC_STANDBY", 0x4101, "none", 0, None, None),
+    "APM_IOC_SUSPEND": Ioctl("APM_IOC_SUSPEND", 0x4102, "none", 0, None, None),
 }
 
 # Which kvm_run union member each exit reason fills, as the comments in struct kvm_run say.
@@ -4536,6 +5582,18 @@ EXIT_MEMBERS: dict[str, str] = {
 C_TYPES: dict[str, type[ctypes.Structure] | type[ctypes.Union]] = {
     "__kernel_fd_set": __kernel_fd_set,
     "__kernel_fsid_t": __kernel_fsid_t,
+    "struct apm_bios_info": apm_bios_info,
+    "struct boot_e820_entry": boot_e820_entry,
+    "struct boot_params": boot_params,
+    "struct edd": edd,
+    "struct edd_device_params": edd_device_params,
+    "struct edd_info": edd_info,
+    "struct edid_info": edid_info,
+    "struct efi_info": efi_info,
+    "struct ima_setup_data": ima_setup_data,
+    "struct ist_info": ist_info,
+    "struct jailhouse_setup_data": jailhouse_setup_data,
+    "struct kho_data": kho_data,
     "struct kvm_arm_device_addr": kvm_arm_device_addr,
     "struct kvm_clear_dirty_log": kvm_clear_dirty_log,
     "struct kvm_clock_data": kvm_clock_data,
@@ -4646,6 +5704,12 @@ C_TYPES: dict[str, type[ctypes.Structure] | type[ctypes.Union]] = {
     "struct kvm_xen_hvm_config": kvm_xen_hvm_config,
     "struct kvm_xen_vcpu_attr": kvm_xen_vcpu_attr,
     "struct kvm_xsave": kvm_xsave,
+    "struct olpc_ofw_header": olpc_ofw_header,
+    "struct screen_info": screen_info,
+    "struct setup_data": setup_data,
+    "struct setup_header": setup_header,
+    "struct setup_indirect": setup_indirect,
+    "struct sys_desc_table": sys_desc_table,
 }
 
 # Macros defined with no value: include guards and feature flags (__KVM_HAVE_*).
@@ -4681,6 +5745,13 @@ EMPTY_MACROS = frozenset({
     "__KVM_HAVE_XSAVE",
     "__KVM_HAVE_XCRS",
     "__KVM_HAVE_GUEST_DEBUG",
+    "_ASM_X86_BOOTPARAM_H",
+    "_ASM_X86_SETUP_DATA_H",
+    "_SCREEN_INFO_H",
+    "_LINUX_APM_H",
+    "_LINUX_EDD_H",
+    "_ASM_X86_IST_H",
+    "__linux_video_edid_h__",
 })
 
 # What the headers declare that these bindings do not express, and why:
@@ -4777,6 +5848,14 @@ UNEXPRESSED: tuple[tuple[str, str, str, str], ...] = (
 # taken names), each with the name it has here; members as "Class.member". The rule
 # is in codegen/names.py.
 RENAMED: dict[str, str] = {
+    "boot_params._pad2": "_pad2__",
+    "boot_params._pad3": "_pad3__",
+    "boot_params._pad4": "_pad4__",
+    "boot_params._pad5": "_pad5__",
+    "boot_params._pad6": "_pad6__",
+    "boot_params._pad7": "_pad7__",
+    "boot_params._pad8": "_pad8__",
+    "boot_params._pad9": "_pad9__",
 }
 
 # What `from kvm_bindings.abi.x86_64 import *` and dir() give: the ABI, not the
@@ -5011,8 +6090,44 @@ __all__ = [
     "KVM_STATS_BASE_POW10", "KVM_STATS_BASE_POW2", "KVM_STATS_BASE_MAX", "KVM_GET_STATS_FD",
     "KVM_GET_XSAVE2", "KVM_X86_NOTIFY_VMEXIT_ENABLED", "KVM_X86_NOTIFY_VMEXIT_USER",
     "KVM_SET_MEMORY_ATTRIBUTES", "KVM_MEMORY_ATTRIBUTE_PRIVATE", "KVM_CREATE_GUEST_MEMFD",
-    "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED", "KVM_PRE_FAULT_MEMORY", "KVM_SEV_INIT",
-    "KVM_SEV_ES_INIT", "KVM_SEV_LAUNCH_START", "KVM_SEV_LAUNCH_UPDATE_DATA",
+    "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED", "KVM_PRE_FAULT_MEMORY", "SETUP_NONE",
+    "SETUP_E820_EXT", "SETUP_DTB", "SETUP_PCI", "SETUP_EFI", "SETUP_APPLE_PROPERTIES",
+    "SETUP_JAILHOUSE", "SETUP_CC_BLOB", "SETUP_IMA", "SETUP_RNG_SEED", "SETUP_KEXEC_KHO",
+    "SETUP_ENUM_MAX", "SETUP_INDIRECT", "SETUP_TYPE_MAX", "RAMDISK_IMAGE_START_MASK",
+    "RAMDISK_PROMPT_FLAG", "RAMDISK_LOAD_FLAG", "LOADED_HIGH", "KASLR_FLAG", "QUIET_FLAG",
+    "KEEP_SEGMENTS", "CAN_USE_HEAP", "XLF_KERNEL_64", "XLF_CAN_BE_LOADED_ABOVE_4G",
+    "XLF_EFI_HANDOVER_32", "XLF_EFI_HANDOVER_64", "XLF_EFI_KEXEC", "XLF_5LEVEL",
+    "XLF_5LEVEL_ENABLED", "XLF_MEM_ENCRYPTION", "VIDEO_TYPE_MDA", "VIDEO_TYPE_CGA",
+    "VIDEO_TYPE_EGAM", "VIDEO_TYPE_EGAC", "VIDEO_TYPE_VGAC", "VIDEO_TYPE_VLFB",
+    "VIDEO_TYPE_PICA_S3", "VIDEO_TYPE_MIPS_G364", "VIDEO_TYPE_SGI", "VIDEO_TYPE_TGAC",
+    "VIDEO_TYPE_SUN", "VIDEO_TYPE_SUNPCI", "VIDEO_TYPE_PMAC", "VIDEO_TYPE_EFI",
+    "VIDEO_FLAGS_NOCURSOR", "VIDEO_CAPABILITY_SKIP_QUIRKS", "VIDEO_CAPABILITY_64BIT_BASE",
+    "APM_STATE_READY", "APM_STATE_STANDBY", "APM_STATE_SUSPEND", "APM_STATE_OFF", "APM_STATE_BUSY",
+    "APM_STATE_REJECT", "APM_STATE_OEM_SYS", "APM_STATE_OEM_DEV", "APM_STATE_DISABLE",
+    "APM_STATE_ENABLE", "APM_STATE_DISENGAGE", "APM_STATE_ENGAGE", "APM_SYS_STANDBY",
+    "APM_SYS_SUSPEND", "APM_NORMAL_RESUME", "APM_CRITICAL_RESUME", "APM_LOW_BATTERY",
+    "APM_POWER_STATUS_CHANGE", "APM_UPDATE_TIME", "APM_CRITICAL_SUSPEND", "APM_USER_STANDBY",
+    "APM_USER_SUSPEND", "APM_STANDBY_RESUME", "APM_CAPABILITY_CHANGE", "APM_USER_HIBERNATION",
+    "APM_HIBERNATION_RESUME", "APM_SUCCESS", "APM_DISABLED", "APM_CONNECTED", "APM_NOT_CONNECTED",
+    "APM_16_CONNECTED", "APM_16_UNSUPPORTED", "APM_32_CONNECTED", "APM_32_UNSUPPORTED",
+    "APM_BAD_DEVICE", "APM_BAD_PARAM", "APM_NOT_ENGAGED", "APM_BAD_FUNCTION", "APM_RESUME_DISABLED",
+    "APM_NO_ERROR", "APM_BAD_STATE", "APM_NO_EVENTS", "APM_NOT_PRESENT", "APM_DEVICE_BIOS",
+    "APM_DEVICE_ALL", "APM_DEVICE_DISPLAY", "APM_DEVICE_STORAGE", "APM_DEVICE_PARALLEL",
+    "APM_DEVICE_SERIAL", "APM_DEVICE_NETWORK", "APM_DEVICE_PCMCIA", "APM_DEVICE_BATTERY",
+    "APM_DEVICE_OEM", "APM_DEVICE_OLD_ALL", "APM_DEVICE_CLASS", "APM_DEVICE_MASK",
+    "APM_MAX_BATTERIES", "APM_CAP_GLOBAL_STANDBY", "APM_CAP_GLOBAL_SUSPEND",
+    "APM_CAP_RESUME_STANDBY_TIMER", "APM_CAP_RESUME_SUSPEND_TIMER", "APM_CAP_RESUME_STANDBY_RING",
+    "APM_CAP_RESUME_SUSPEND_RING", "APM_CAP_RESUME_STANDBY_PCMCIA", "APM_CAP_RESUME_SUSPEND_PCMCIA",
+    "APM_IOC_STANDBY", "APM_IOC_SUSPEND", "EDDNR", "EDDBUF", "EDDMAXNR", "EDDEXTSIZE",
+    "EDDPARMSIZE", "CHECKEXTENSIONSPRESENT", "GETDEVICEPARAMETERS", "LEGACYGETDEVICEPARAMETERS",
+    "EDDMAGIC1", "EDDMAGIC2", "READ_SECTORS", "EDD_MBR_SIG_OFFSET", "EDD_MBR_SIG_BUF",
+    "EDD_MBR_SIG_MAX", "EDD_MBR_SIG_NR_BUF", "EDD_EXT_FIXED_DISK_ACCESS",
+    "EDD_EXT_DEVICE_LOCKING_AND_EJECTING", "EDD_EXT_ENHANCED_DISK_DRIVE_SUPPORT",
+    "EDD_EXT_64BIT_EXTENSIONS", "EDD_INFO_DMA_BOUNDARY_ERROR_TRANSPARENT",
+    "EDD_INFO_GEOMETRY_VALID", "EDD_INFO_REMOVABLE", "EDD_INFO_WRITE_VERIFY",
+    "EDD_INFO_MEDIA_CHANGE_NOTIFICATION", "EDD_INFO_LOCKABLE", "EDD_INFO_NO_MEDIA_PRESENT",
+    "EDD_INFO_USE_INT13_FN50", "E820_MAX_ENTRIES_ZEROPAGE", "JAILHOUSE_SETUP_REQUIRED_VERSION",
+    "KVM_SEV_INIT", "KVM_SEV_ES_INIT", "KVM_SEV_LAUNCH_START", "KVM_SEV_LAUNCH_UPDATE_DATA",
     "KVM_SEV_LAUNCH_UPDATE_VMSA", "KVM_SEV_LAUNCH_SECRET", "KVM_SEV_LAUNCH_MEASURE",
     "KVM_SEV_LAUNCH_FINISH", "KVM_SEV_SEND_START", "KVM_SEV_SEND_UPDATE_DATA",
     "KVM_SEV_SEND_UPDATE_VMSA", "KVM_SEV_SEND_FINISH", "KVM_SEV_RECEIVE_START",
@@ -5025,18 +6140,20 @@ __all__ = [
     "KVM_TDX_CMD_NR_MAX", "kvm_ioeventfd_flag_nr_datamatch", "kvm_ioeventfd_flag_nr_pio",
     "kvm_ioeventfd_flag_nr_deassign", "kvm_ioeventfd_flag_nr_virtio_ccw_notify",
     "kvm_ioeventfd_flag_nr_fast_mmio", "kvm_ioeventfd_flag_nr_max", "KVM_DEV_TYPE_MAX",
-    "ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError",
-    "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason",
-    "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute",
-    "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", "__kernel_fd_set", "__kernel_fsid_t",
-    "kvm_pic_state", "kvm_ioapic_state", "kvm_ioapic_state_redirtbl", "kvm_ioapic_state_fields",
-    "kvm_regs", "kvm_lapic_state", "kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_sregs2",
-    "kvm_fpu", "kvm_msr_entry", "kvm_msrs", "kvm_msrs_s", "kvm_msrs___empty_entries",
-    "kvm_msr_list", "kvm_msr_list_s", "kvm_msr_list___empty_indices", "kvm_msr_filter_range",
-    "kvm_msr_filter", "kvm_cpuid_entry", "kvm_cpuid", "kvm_cpuid_s", "kvm_cpuid___empty_entries",
-    "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_cpuid2_s", "kvm_cpuid2___empty_entries",
-    "kvm_pit_channel_state", "kvm_debug_exit_arch", "kvm_guest_debug_arch", "kvm_pit_state",
-    "kvm_pit_state2", "kvm_reinject_control", "kvm_vcpu_events", "kvm_vcpu_events_exception",
+    "X86_SUBARCH_PC", "X86_SUBARCH_LGUEST", "X86_SUBARCH_XEN", "X86_SUBARCH_INTEL_MID",
+    "X86_SUBARCH_CE4100", "X86_NR_SUBARCHS", "ExitReason", "IoDirection", "Capability",
+    "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag",
+    "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag",
+    "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId",
+    "TdxCmdId", "HardwareSubarch", "__kernel_fd_set", "__kernel_fsid_t", "kvm_pic_state",
+    "kvm_ioapic_state", "kvm_ioapic_state_redirtbl", "kvm_ioapic_state_fields", "kvm_regs",
+    "kvm_lapic_state", "kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_sregs2", "kvm_fpu",
+    "kvm_msr_entry", "kvm_msrs", "kvm_msrs_s", "kvm_msrs___empty_entries", "kvm_msr_list",
+    "kvm_msr_list_s", "kvm_msr_list___empty_indices", "kvm_msr_filter_range", "kvm_msr_filter",
+    "kvm_cpuid_entry", "kvm_cpuid", "kvm_cpuid_s", "kvm_cpuid___empty_entries", "kvm_cpuid_entry2",
+    "kvm_cpuid2", "kvm_cpuid2_s", "kvm_cpuid2___empty_entries", "kvm_pit_channel_state",
+    "kvm_debug_exit_arch", "kvm_guest_debug_arch", "kvm_pit_state", "kvm_pit_state2",
+    "kvm_reinject_control", "kvm_vcpu_events", "kvm_vcpu_events_exception",
     "kvm_vcpu_events_interrupt", "kvm_vcpu_events_nmi", "kvm_vcpu_events_smi",
     "kvm_vcpu_events_triple_fault", "kvm_debugregs", "kvm_xsave", "kvm_xsave_s",
     "kvm_xsave___empty_extra", "kvm_xcr", "kvm_xcrs", "kvm_sync_regs", "kvm_vmx_nested_state_data",
@@ -5081,6 +6198,17 @@ __all__ = [
     "kvm_msi", "kvm_arm_device_addr", "kvm_create_device", "kvm_device_attr", "kvm_vfio_spapr_tce",
     "kvm_s390_keyop", "kvm_enc_region", "kvm_dirty_gfn", "kvm_stats_header", "kvm_stats_desc",
     "kvm_stats_desc_s", "kvm_stats_desc___empty_name", "kvm_memory_attributes",
-    "kvm_create_guest_memfd", "kvm_pre_fault_memory", "Ioctl", "IOCTLS", "EXIT_MEMBERS", "C_TYPES",
-    "EMPTY_MACROS", "UNEXPRESSED", "RENAMED", "to_dict", "from_dict",
+    "kvm_create_guest_memfd", "kvm_pre_fault_memory", "setup_data", "setup_indirect",
+    "boot_e820_entry", "jailhouse_setup_data", "jailhouse_setup_data_hdr",
+    "jailhouse_setup_data_v1", "jailhouse_setup_data_v2", "ima_setup_data", "kho_data",
+    "screen_info", "apm_bios_info", "edd_device_params", "edd_device_params_interface_path",
+    "edd_device_params_isa", "edd_device_params_pci", "edd_device_params_ibnd",
+    "edd_device_params_xprs", "edd_device_params_htpt", "edd_device_params_unknown",
+    "edd_device_params_device_path", "edd_device_params_ata", "edd_device_params_atapi",
+    "edd_device_params_scsi", "edd_device_params_usb", "edd_device_params_i1394",
+    "edd_device_params_fibre", "edd_device_params_i2o", "edd_device_params_raid",
+    "edd_device_params_sata", "edd_device_params_unknown2", "edd_info", "edd", "ist_info",
+    "edid_info", "setup_header", "sys_desc_table", "olpc_ofw_header", "efi_info", "boot_params",
+    "Ioctl", "IOCTLS", "EXIT_MEMBERS", "C_TYPES", "EMPTY_MACROS", "UNEXPRESSED", "RENAMED",
+    "to_dict", "from_dict",
 ]

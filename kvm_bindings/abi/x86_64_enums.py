@@ -8,18 +8,25 @@
 #   asm-generic/posix_types.h 957b2b837b6ec807afbc9c11dd1e3e7264774d43ce2b809f66aa67862cb7392b
 #   asm-generic/types.h bffcfc284dbf825e02ccced40f373e48b2133d9577618b1d565f890663215111
 #   asm/bitsperlong.h ed67773342451d609a92b09047b43884004e6eb7f744a2eaeed88bba2fb89a42
+#   asm/bootparam.h f3e213da9ad2710cc425a88bcfc5c105919af98c67d94befe20ed20fe22080ed
 #   asm/ioctl.h 9c92167343af104f80782523cf2e2c569e9114fb0ceaaae8d9bb767125ce00bc
+#   asm/ist.h 550360755e0d0f10b6a1dd63afe069663d43916a19171dc95a68e497f9c16ffd
 #   asm/kvm.h 6d85f582adb636a2fc8782fec2767243be761f5ac181fa45bcc74fb74d91d916
 #   asm/posix_types.h 91d6fdcbbef57358c249baf921a65b2b6699fc5bd7d0427486828d49bfa2ff89
 #   asm/posix_types_64.h 13467711a4dcd1ab73e3163ee8a2eb02680d431d5f300e469968ab105d856b4f
+#   asm/setup_data.h 991caad2c1a75cff2665b9541ab7b6b2913516ddec630396b9491911a64dab28
 #   asm/types.h 5de61fb83f5409cdae537e5adcbf27dfb2ea144a732d96c0c6ab7c63293dfe5b
+#   linux/apm_bios.h f795863398ab258bb7054bf1087ebf57c6e545566da98ccc061067924b825ddf
 #   linux/bits.h 6cac82fe6b682291a39edcc18f47a3e4b08e04244bd0904ae332b4dae86b8d7a
 #   linux/const.h dc222e0a3dc843175d47a07057254b11f9c5b5c074fa1829d0848da1bfbcf60d
+#   linux/edd.h af6e44a54146393f3ae91ec977b9daa4fc5e0c5406a22dc7d01a640dd05cc713
 #   linux/ioctl.h 3fbcc017be85c6647ce5ef3e1e548b276a69969a02ab9cc1aa04d0b102811ea0
 #   linux/kvm.h 59c97369637aae6ee148bfdc7d633e5ddb3da6f75c22810496ade72117b5887e
 #   linux/posix_types.h 0260d74b6f04f43e9a232602c287d8cd84e5de1847b862e6028258e3d3ae86ec
+#   linux/screen_info.h 480041c281d2122000736a4e46849eb47b6849db6f0990efc92953989f286973
 #   linux/stddef.h edd6a6ddcb8768eb9470e732409ff14b4c31a50d88da440039e6c18c377cd2ab
 #   linux/types.h d7fa8f21d6a5f8d26c3056d0e8e1befaea3b26280d255dc3c71c56d2fe19567c
+#   video/edid.h 6b03f161ebceb7ab5344c8d407be8163ba79e01091ae3a1971a310da3f815881
 """Enum classes of the KVM ABI for x86_64 from Linux 7.2.0.
 
 C enums, and the macro families declared in codegen/families.py. The same
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", ]
+__all__ = ["ExitReason", "IoDirection", "Capability", "MemoryFlag", "SystemEvent", "InternalError", "MpState", "IrqRoutingType", "GuestDebugFlag", "IoeventfdFlag", "IrqfdFlag", "MsrExitReason", "VcpuEventsValid", "SyncRegs", "CpuidFlag", "DisableExits", "X86Quirk", "MemoryAttribute", "DirtyLogFlag", "DeviceType", "SevCmdId", "TdxCmdId", "HardwareSubarch", ]
 
 
 
@@ -569,5 +576,18 @@ class TdxCmdId(enum.IntEnum):
     INIT_MEM_REGION = 3
     FINALIZE_VM = 4
     GET_CPUID = 5
+
+
+class HardwareSubarch(enum.IntEnum):
+    """The x86 platform a kernel boots on: setup_header.hardware_subarch.
+
+    enum x86_hardware_subarch (asm/bootparam.h:204).
+    """
+
+    SUBARCH_PC = 0
+    SUBARCH_LGUEST = 1
+    SUBARCH_XEN = 2
+    SUBARCH_INTEL_MID = 3
+    SUBARCH_CE4100 = 4
 
 
