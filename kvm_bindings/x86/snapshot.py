@@ -18,7 +18,6 @@ ioeventfd registrations as a list for the caller (the eventfds are the caller's)
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import time
@@ -27,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..abi import x86_64 as abi
 from ..backing import Backing
-from ..errors import KvmError, SnapshotError, StaleHandleError
+from ..errors import SnapshotError, StaleHandleError
 from ..memory import PAGE_SIZE
 from ..snapshot import MemorySlotState, VcpuState, VmState, host_facts, iter_runs
+from . import _cpuid
 from ._restore import load_state, restore_vm
 from ._snapshot_common import _CHIPS, _MSR_BATCH, ARCH, _all_stopped, _calls, _complete_pending
 
@@ -59,21 +59,13 @@ def _read_msrs(vcpu: X86Vcpu, indices: list[int]) -> tuple[list[list[int]], list
 
 
 def _get_cpuid(vcpu: X86Vcpu) -> abi.kvm_cpuid2:
-    n = 64
-    while True:
-        try:
-            cpuid = vcpu.get_cpuid2(n)
-        except KvmError as e:
-            # E2BIG: more entries were set than fit; the kernel does not say how many.
-            if e.errno != errno.E2BIG or n >= 1 << 12:
-                raise
-            n *= 4
-            continue
-        # Keep only the entries KVM filled in (nent), not the room asked for.
-        out = abi.kvm_cpuid2.alloc(cpuid.nent)
-        for dst, src in zip(out.flex_array(), cpuid.flex_array()):
-            ctypes.memmove(ctypes.addressof(dst), ctypes.addressof(src), ctypes.sizeof(src))
-        return out
+    """KVM_GET_CPUID2 with room for however many entries were set."""
+    cpuid = _cpuid.grown(lambda c: vcpu.ioctl(abi.KVM_GET_CPUID2, c), 64, 1 << 12, factor=4)
+    # Keep only the entries KVM filled in (nent), not the room asked for.
+    out = abi.kvm_cpuid2.alloc(cpuid.nent)
+    for dst, src in zip(out.flex_array(), cpuid.flex_array()):
+        ctypes.memmove(ctypes.addressof(dst), ctypes.addressof(src), ctypes.sizeof(src))
+    return out
 
 
 def _save_vcpu(vcpu: X86Vcpu, msr_indices: list[int], irqchip: bool) -> VcpuState:

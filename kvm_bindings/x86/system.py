@@ -10,7 +10,7 @@ from ..abi import x86_64 as abi
 from ..errors import KvmError
 from ..system import Kvm
 from ..vm import Vm
-from . import _msrs
+from . import _cpuid, _msrs
 from .vm import X86Vm
 
 if TYPE_CHECKING:
@@ -50,17 +50,7 @@ class X86Kvm(Kvm):
     # -- CPUID and MSRs
     def _cpuid(self, number: int, name: str, cap: int, start: int = 64) -> abi.kvm_cpuid2:
         self.require(cap, name)
-        n = start
-        while True:
-            cpuid = abi.kvm_cpuid2.alloc(n)
-            try:
-                self.ioctl(number, cpuid, name=name)
-                return cpuid
-            except KvmError as e:
-                # E2BIG: the buffer was too small; the kernel does not say how big to go.
-                if e.errno != errno.E2BIG or n >= 1 << 16:
-                    raise
-                n *= 2
+        return _cpuid.grown(lambda cpuid: self.ioctl(number, cpuid, name=name), start, 1 << 16)
 
     def get_supported_cpuid(self) -> abi.kvm_cpuid2:
         """KVM_GET_SUPPORTED_CPUID as a kvm_cpuid2 (entries: .flex_array())."""

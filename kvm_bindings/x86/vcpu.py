@@ -11,7 +11,7 @@ from .._layout import capacity, check_field, check_flex, check_int, expect, fill
 from ..abi import x86_64 as abi
 from ..errors import KvmError, KvmUnsupported
 from ..vcpu import Vcpu
-from . import _msrs
+from . import _cpuid, _msrs
 
 if TYPE_CHECKING:
     from .vm import X86Vm
@@ -172,17 +172,8 @@ class X86Vcpu(Vcpu):
         """KVM_GET_SUPPORTED_HV_CPUID on this vCPU (KVM_CAP_HYPERV_CPUID): the Hyper-V CPUID
         leaves KVM can offer it (eVMCS leaves included once enabled), as a kvm_cpuid2."""
         self.vm.require(abi.Capability.HYPERV_CPUID, "KVM_GET_SUPPORTED_HV_CPUID")
-        n = 16
-        while True:
-            cpuid = abi.kvm_cpuid2.alloc(n)
-            try:
-                self.ioctl(abi.KVM_GET_SUPPORTED_HV_CPUID, cpuid)
-                return cpuid
-            except KvmError as e:
-                # E2BIG: the buffer was too small; the kernel does not say how big to go.
-                if e.errno != errno.E2BIG or n >= 1 << 10:
-                    raise
-                n *= 2
+        return _cpuid.grown(lambda cpuid: self.ioctl(abi.KVM_GET_SUPPORTED_HV_CPUID, cpuid),
+                            16, 1 << 10)
 
     def enable_sync_regs(self, valid: int) -> None:
         """Ask KVM to copy these register sets (abi.SyncRegs bits) into kvm_run.s on every exit
