@@ -336,15 +336,14 @@ class Vcpu(DeviceAttributes):
         return True
 
     @contextlib.contextmanager
-    def _between_runs(self, what: str) -> Iterator[None]:
-        """Hold the run gate for a moment (answering an exit): no run() starts meanwhile,
-        and one that is running means the answer is too late."""
+    def _holding_gate(self, refuse: Callable[[], Exception]) -> Iterator[None]:
+        """Hold the run gate for a moment: no run() starts meanwhile. If it is taken (a
+        run() going on, or close()), raise what refuse() makes."""
         gate = self._gate
         try:
             del gate[0]                 # as in run(): nothing interruptible up to the try
         except IndexError:
-            raise StaleExitError(f"{what} while vCPU {self.id} is running again (or "
-                                 f"closed): the guest has moved on") from None
+            raise refuse() from None
         try:
             self._runner = threading.get_ident()
             yield
@@ -353,6 +352,12 @@ class Vcpu(DeviceAttributes):
             gate.append(None)
             if self._deferred:
                 self._finish_close()
+
+    def _between_runs(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """The gate while an exit is answered: one that is running means the answer is too
+        late."""
+        return self._holding_gate(lambda: StaleExitError(
+            f"{what} while vCPU {self.id} is running again (or closed): the guest has moved on"))
 
     def _busy(self) -> Exception:
         if self._closing:
@@ -566,20 +571,10 @@ class Vcpu(DeviceAttributes):
         self._setup[int(req.cap)] = ("enable_cap", {"cap": int(req.cap), "flags": flags,
                                                     "args": [int(a) for a in req.args[:len(args)]]})
 
-    @contextlib.contextmanager
-    def _stopped(self) -> Iterator[None]:
-        """Hold the run gate while state is read or written: VcpuBusyError if another thread
-        is running this vCPU (the kernel would block the ioctls until its KVM_RUN ends)."""
-        if not self._take_gate():
-            raise self._busy()
-        try:
-            self._runner = threading.get_ident()
-            yield
-        finally:
-            self._runner = None
-            self._gate.append(None)
-            if self._deferred:
-                self._finish_close()
+    def _stopped(self) -> contextlib.AbstractContextManager[None]:
+        """The gate while state is read or written: VcpuBusyError if another thread is
+        running this vCPU (the kernel would block the ioctls until its KVM_RUN ends)."""
+        return self._holding_gate(self._busy)
 
     def open_stats(self) -> Stats:
         """The vCPU's binary statistics fd (KVM_GET_STATS_FD); closed with the vCPU."""
