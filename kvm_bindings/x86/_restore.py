@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .._layout import expect, fill
@@ -40,13 +41,26 @@ _MSR_IA32_TSC_DEADLINE = 0x6E0
 
 # ---- restoring ----------------------------------------------------------------------------
 
-def _step(what: str, call: Callable[..., Any], *args: Any) -> Any:
+# What a state that passed its checksums but was built wrong (by hand, or by another
+# program) trips over, beside the kernel's own refusals.
+_MALFORMED = (KeyError, TypeError, ValueError, OverflowError, AttributeError, IndexError)
+
+
+@contextmanager
+def _refused_as(what: str, *kinds: type[BaseException]) -> Iterator[None]:
+    """Turn those exceptions into a RestoreError naming what was being restored (a
+    SnapshotError, itself a ValueError, stays as it is)."""
     try:
-        return call(*args)
+        yield
     except SnapshotError:
         raise
-    except (KvmError, ValueError, TypeError, OverflowError, KeyError, AttributeError) as e:
+    except kinds as e:
         raise RestoreError(what, e) from e
+
+
+def _step(what: str, call: Callable[..., Any], *args: Any) -> Any:
+    with _refused_as(what, KvmError, *_MALFORMED):
+        return call(*args)
 
 
 def _replay(target: Any, calls: Any, where: str) -> None:
@@ -191,15 +205,8 @@ def restore_vm(kvm: X86Kvm, state: VmState, *, memory: Mapping[int, Backing] | N
                                 f"memory={{{m.slot}: backing}}")
     vm: X86Vm = _step("KVM_CREATE_VM", lambda: kvm.create_vm(state.values.get("type", 0)))
     try:
-        _restore_into(vm, state, memory, advance_clock)
-    except SnapshotError:
-        vm.close()
-        raise
-    except (KeyError, TypeError, ValueError, OverflowError, AttributeError, IndexError) as e:
-        # What a snapshot that passed its checksums but was built wrong (by hand, or by
-        # another program) trips over: the same promise, a closed VM and one error type.
-        vm.close()
-        raise RestoreError("the snapshot's state", e) from e
+        with _refused_as("the snapshot's state", *_MALFORMED):
+            _restore_into(vm, state, memory, advance_clock)
     except BaseException:
         vm.close()
         raise
@@ -333,12 +340,8 @@ def load_state(vm: X86Vm, state: VmState, *, check_cpu: bool = True) -> None:
         with _all_stopped(vm):
             # Every page may differ from what a tracked snapshot last saw.
             vm._snapshot_epoch = None
-            try:
+            with _refused_as("the snapshot's state", *_MALFORMED):
                 _load(vm, list(vcpus), state)
-            except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
-                if isinstance(e, SnapshotError):
-                    raise
-                raise RestoreError("the snapshot's state", e) from e
             # Memory last: a state the kernel refuses leaves it as it was.
             for m in state.memory:
                 regions[m.slot].view()[:] = memoryview(m.data).cast("B")  # type: ignore[arg-type]
