@@ -20,7 +20,7 @@ from kvm_bindings.abi import x86_64 as abi
 from kvm_bindings.snapshot import VcpuState
 
 from .test_snapshot import collect, make_vm
-from .test_snapshot_state import _rewrite
+from .test_snapshot_state import _rewrite, running_elsewhere
 
 INF = float("inf")
 
@@ -129,9 +129,15 @@ def test_a_hostile_snapshot_is_refused_whole(kvm, good, name):
     assert _fds() == before
 
 
-def test_the_unedited_snapshot_restores(kvm, good):
-    """The edits above are what is refused: the same bytes unedited are not."""
-    kvm.restore_vm(VmState.from_bytes(_rewrite(good, lambda meta: None))).close()
+def test_the_unedited_snapshot_restores(kvm, code, good):
+    """The edits above are what is refused: the same bytes, rewritten unedited, are not,
+    and give back the guest the snapshot came from (saved after 3 values: the 4th and
+    5th of an uninterrupted run come next)."""
+    with make_vm(kvm, code) as fresh:
+        expected = collect(fresh.vcpus[0], 5)[3:]
+    with kvm.restore_vm(VmState.from_bytes(_rewrite(good, lambda meta: None))) as vm:
+        assert [v.id for v in vm.vcpus] == [0]
+        assert collect(vm.vcpus[0], 2) == expected
 
 
 def test_a_memory_file_named_by_a_number_does_not_touch_that_descriptor(kvm, good):
@@ -284,26 +290,10 @@ def test_a_busy_vcpu_refuses_a_load_before_any_other_vcpu_changes(kvm, vm, assem
     state = vm.save_state()
     assert not first.run().is_write            # stopped at the IN
     regs = bytes(first.get_regs())
-    started = threading.Event()
-
-    def spin() -> None:
-        started.set()
-        second.run()                           # until kicked
-
-    t = threading.Thread(target=spin)
-    t.start()
-    started.wait()
-    try:
-        for _ in range(200):
-            if second._runner is not None:
-                break
-            threading.Event().wait(0.001)
+    with running_elsewhere(second):            # spinning until kicked
         with pytest.raises(VcpuBusyError):
             vm.load_state(state)
         assert bytes(first.get_regs()) == regs
-    finally:
-        second.kick()
-        t.join()
     vm.load_state(state)                       # once it stopped, the load goes through
 
 

@@ -13,8 +13,9 @@ import json
 import os
 import random
 import struct
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -32,6 +33,7 @@ from kvm_bindings import (
 from kvm_bindings.abi import x86_64 as abi
 from kvm_bindings.snapshot import MAGIC
 
+from .test_reliability import _in_thread, _wait_for
 from .test_snapshot import collect, make_vm
 
 
@@ -169,29 +171,30 @@ def test_an_answered_in_exit_is_completed_before_saving(kvm, vm, real_mode):
         assert isinstance(e, IoExit) and e.is_write and e.data == b"Q"
 
 
+@contextmanager
+def running_elsewhere(vcpu) -> Iterator[None]:
+    """For the with block, vcpu runs in another thread (exit after exit, until kicked)."""
+    def run() -> None:
+        while not isinstance(vcpu.run(), InterruptedExit):
+            pass
+
+    t, result = _in_thread(run)
+    try:
+        _wait_for(lambda: vcpu._runner is not None or not t.is_alive(),
+                  "the vCPU thread entered run()")
+        assert "error" not in result, result
+        yield
+    finally:
+        vcpu.kick()
+        t.join()
+    assert "error" not in result, result
+
+
 def test_a_vcpu_running_in_another_thread_is_refused_and_nothing_is_held(kvm, code):
     with make_vm(kvm, code) as vm:
-        vcpu = vm.vcpus[0]
-        started = threading.Event()
-
-        def run() -> None:
-            started.set()
-            while not isinstance(vcpu.run(), InterruptedExit):
-                pass
-
-        t = threading.Thread(target=run)
-        t.start()
-        started.wait()
-        try:
-            for _ in range(100):
-                if vcpu._runner is not None:
-                    break
-                threading.Event().wait(0.001)
+        with running_elsewhere(vm.vcpus[0]):
             with pytest.raises(VcpuBusyError, match="running in"):
                 vm.save_state()
-        finally:
-            vcpu.kick()
-            t.join()
         vm.save_state()     # the gates were all given back
 
 
