@@ -31,7 +31,16 @@ from .snapshot import (
     layout_hash,
 )
 
-# ---- writing ------------------------------------------------------------------------------
+
+def _arch_abi(arch: object, prefix: str) -> Any:
+    """The generated ABI module a snapshot's arch names, or SnapshotError."""
+    from . import abi
+    if arch not in abi.ARCHES:
+        raise SnapshotError(f"{prefix}it is for arch {arch!r}; this library knows "
+                            f"{', '.join(abi.ARCHES)}")
+    return import_module(f"{abi.__name__}.{arch}")
+
+
 # ---- writing ------------------------------------------------------------------------------
 
 def _aligned(n: int, align: int = _ALIGN) -> int:
@@ -61,10 +70,7 @@ class Writer:
         self.size = 0
         self.memory_size = 0
         self.layouts: dict[str, str] = {}
-        from . import abi
-        if state.arch not in abi.ARCHES:
-            raise SnapshotError(f"arch {state.arch!r} is not one this library knows")
-        self.abi = import_module(f"{abi.__name__}.{state.arch}")
+        self.abi = _arch_abi(state.arch, "this state cannot be written: ")
         if any(type(v.id) is not int for v in state.vcpus) or not isinstance(state.id, str):
             raise SnapshotError("vCPU ids must be numbers and the snapshot id a string")
         if not isinstance(state.registrations, dict) or not all(
@@ -286,10 +292,7 @@ class Reader:
 
     def check_host(self, meta: dict[str, Any]) -> None:
         arch = meta.get("arch")
-        from . import abi
-        if arch not in abi.ARCHES:
-            raise self.fail(f"it is for arch {arch!r}; this library knows {', '.join(abi.ARCHES)}")
-        self.abi = import_module(f"{abi.__name__}.{arch}")
+        self.abi = _arch_abi(arch, "not a usable snapshot: ")
         layouts = meta.get("layouts")
         if not isinstance(layouts, dict):
             raise self.fail("its metadata has no layouts")
