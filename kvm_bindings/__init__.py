@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "Capability": "abi", "ExitReason": "abi", "Backing": "backing", "DirtyBitmap": "dirty",
     "Device": "device",
-    "GuestMemoryError": "errors", "KvmError": "errors", "KvmUnavailable": "errors",
+    "BootError": "errors", "GuestMemoryError": "errors", "KvmError": "errors",
+    "KvmUnavailable": "errors",
     "KvmUnsupported": "errors", "PendingExitError": "errors", "RestoreError": "errors",
     "SnapshotError": "errors", "StaleExitError": "errors", "StaleHandleError": "errors",
     "VcpuBusyError": "errors", "VmState": "snapshot", "VcpuState": "snapshot",
@@ -98,6 +99,7 @@ __all__ = [
     "ArmNisvExit",
     "ArmSeaExit",
     "Backing",
+    "BootError",
     "Capability",
     "DcrExit",
     "DebugExit",
@@ -176,6 +178,7 @@ if TYPE_CHECKING:
     from .device import Device
     from .dirty import DirtyBitmap
     from .errors import (
+        BootError,
         GuestMemoryError,
         KvmError,
         KvmUnavailable,

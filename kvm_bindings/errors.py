@@ -5,8 +5,9 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-__all__ = ["GuestMemoryError", "KvmError", "KvmUnavailable", "KvmUnsupported", "PendingExitError",
-           "RestoreError", "SnapshotError", "StaleExitError", "StaleHandleError", "VcpuBusyError"]
+__all__ = ["BootError", "GuestMemoryError", "KvmError", "KvmUnavailable", "KvmUnsupported",
+           "PendingExitError", "RestoreError", "SnapshotError", "StaleExitError", "StaleHandleError",
+           "VcpuBusyError"]
 
 
 class KvmError(OSError):
@@ -50,6 +51,11 @@ class KvmUnsupported(KvmError):
 
 class GuestMemoryError(ValueError):
     """A guest-physical range that guest memory does not fully back."""
+
+
+class BootError(ValueError):
+    """A kernel, initrd or command line the boot loader cannot use, or guest memory it does
+    not fit: the message names the sizes and addresses involved."""
 
 
 class StaleHandleError(ValueError):

@@ -37,7 +37,8 @@ PTE_PRESENT, PTE_WRITE, PTE_LARGE = 1 << 0, 1 << 1, 1 << 7
 
 # Flat GDT: null, 64-bit code, 32-bit code, data (base 0, limit 4 GiB).
 SEL_CODE64, SEL_CODE32, SEL_DATA = 0x08, 0x10, 0x18
-_GDT = (0, 0x00AF9A000000FFFF, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
+_CODE64, _CODE32, _DATA = 0x00AF9A000000FFFF, 0x00CF9A000000FFFF, 0x00CF92000000FFFF
+_GDT = (0, _CODE64, _CODE32, _DATA)
 GDT_SIZE = 8 * len(_GDT)
 PAGE = 4096
 
@@ -78,23 +79,36 @@ def _start_at(vcpu: X86Vcpu, entry: int, stack: int) -> None:
 
 def write_gdt(memory: GuestMemory, gdt_addr: int) -> None:
     """A flat GDT (SEL_CODE64, SEL_CODE32, SEL_DATA) at gdt_addr in guest memory."""
-    memory.write(gdt_addr, struct.pack(f"<{len(_GDT)}Q", *_GDT))
+    _write_descriptors(memory, gdt_addr, _GDT)
 
 
-def _load_gdt(sregs: abi.kvm_sregs, gdt_addr: int) -> None:
-    fill(sregs.gdt, {"base": "gdt_addr"}, base=gdt_addr, limit=GDT_SIZE - 1)
+def _write_descriptors(memory: GuestMemory, addr: int, gdt: tuple[int, ...]) -> None:
+    memory.write(addr, struct.pack(f"<{len(gdt)}Q", *gdt))
 
 
 def setup_protected_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, gdt_addr: int,
                          stack: int = 0) -> None:
     """32-bit protected mode, flat segments, no paging; the GDT goes at gdt_addr."""
-    _check_entry(entry, stack, 1 << 32)
-    write_gdt(memory, gdt_addr)
+    _enter_protected_mode(vcpu, memory, entry, gdt_addr=gdt_addr, stack=stack,
+                          gdt=_GDT, code=SEL_CODE32)
+
+
+def _flat_segments(vcpu: X86Vcpu, memory: GuestMemory, gdt: tuple[int, ...], gdt_addr: int,
+                   code: int, *, long: bool) -> abi.kvm_sregs:
+    """Write gdt at gdt_addr; return the vCPU's sregs with it loaded, CS = code, the rest data."""
+    _write_descriptors(memory, gdt_addr, gdt)
     sregs = vcpu.get_sregs()
-    _load_gdt(sregs, gdt_addr)
-    _segment(sregs.cs, SEL_CODE32, code=True)
+    fill(sregs.gdt, {"base": "gdt_addr"}, base=gdt_addr, limit=8 * len(gdt) - 1)
+    _segment(sregs.cs, code, code=True, long=long)
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
         _segment(seg, SEL_DATA, code=False)
+    return sregs
+
+
+def _enter_protected_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, gdt_addr: int,
+                          stack: int, gdt: tuple[int, ...], code: int) -> None:
+    _check_entry(entry, stack, 1 << 32)
+    sregs = _flat_segments(vcpu, memory, gdt, gdt_addr, code, long=False)
     sregs.cr0 = (sregs.cr0 & ~_CACHES_OFF) | CR0_PE | CR0_ET | CR0_NE
     vcpu.set_sregs(sregs)
     _start_at(vcpu, entry, stack)
@@ -135,13 +149,16 @@ def setup_long_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, page_tabl
     _check_entry(entry, stack, 1 << 64)
     if set_cpuid:
         set_supported_cpuid(vcpu)
+    _enter_long_mode(vcpu, memory, entry, page_tables=page_tables, gdt_addr=gdt_addr,
+                     stack=stack, identity_gib=identity_gib, gdt=_GDT, code=SEL_CODE64)
+
+
+def _enter_long_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, page_tables: int,
+                     gdt_addr: int, stack: int, identity_gib: int, gdt: tuple[int, ...],
+                     code: int) -> None:
+    _check_entry(entry, stack, 1 << 64)
     cr3 = write_identity_page_tables(memory, page_tables, identity_gib)
-    write_gdt(memory, gdt_addr)
-    sregs = vcpu.get_sregs()
-    _load_gdt(sregs, gdt_addr)
-    _segment(sregs.cs, SEL_CODE64, code=True, long=True)
-    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        _segment(seg, SEL_DATA, code=False)
+    sregs = _flat_segments(vcpu, memory, gdt, gdt_addr, code, long=True)
     sregs.cr3 = cr3
     sregs.cr4 |= CR4_PAE
     sregs.efer |= EFER_LME | EFER_LMA

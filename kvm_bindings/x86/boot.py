@@ -1,0 +1,331 @@
+"""Booting Linux: load a bzImage or ELF vmlinux per the x86 boot protocol and enter it.
+
+load_linux() does what a boot loader does for a 64-bit (or 32-bit) entry: place the
+kernel, command line and initrd in guest RAM, fill struct boot_params (abi.boot_params,
+generated from asm/bootparam.h) with an e820 map built from the VM's memory slots,
+and set up a flat GDT, identity page tables and the registers the protocol names.
+It writes no ACPI, MP or SMBIOS tables and no real-mode setup: the kernel finds one
+CPU and no firmware tables (say acpi=off, or provide them yourself).
+
+Low memory it uses (all of it must be RAM): the GDT at 0x500, boot_params at 0x7000,
+a boot stack below 0x9000, page tables from 0x9000 to 0xf000 (4 GiB identity-mapped),
+the command line at 0x20000. The kernel goes at 1 MiB or above.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple, Union
+
+from ..abi import x86_64 as abi
+from ..errors import BootError
+from ._kernel_image import (
+    BOOT_FLAG,
+    ENTRY_64_OFFSET,
+    HDR_OFFSET,
+    HDRS,
+    BzImage,
+    ElfImage,
+    parse_kernel,
+)
+from .modes import (
+    _CODE32,
+    _CODE64,
+    _DATA,
+    PAGE,
+    _enter_long_mode,
+    _enter_protected_mode,
+    page_table_size,
+)
+from .vcpu import X86Vcpu
+from .vm import X86Vm
+
+__all__ = ["LEGACY_HOLE", "E820Entry", "E820Type", "LinuxBoot", "Placed", "load_linux"]
+
+Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
+
+
+class E820Type(enum.IntEnum):
+    """e820 address-range types (ACPI, "Address Range Types"); the uapi headers carry the
+    entry's layout (boot_e820_entry) but not these values."""
+    RAM = 1
+    RESERVED = 2
+    ACPI = 3
+    NVS = 4
+    UNUSABLE = 5
+    PMEM = 7
+
+
+class E820Entry(NamedTuple):
+    addr: int
+    size: int
+    type: E820Type
+
+
+class Placed(NamedTuple):
+    """A guest-physical range the loader filled."""
+    addr: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
+
+
+@dataclass(frozen=True)
+class LinuxBoot:
+    """What load_linux() placed where, and how the vCPU enters the kernel."""
+
+    format: str                 # "bzImage" or "ELF"
+    protocol: int               # the setup header's version (0x20f is 2.15); an ELF gets ours
+    bits: int                   # 64 or 32: the entry point and CPU mode used
+    entry: int
+    kernel: Placed              # from the load address over init_size (bzImage) or all segments
+    boot_params: Placed
+    cmdline: Placed             # with its terminating NUL
+    initrd: Placed | None
+    gdt: Placed
+    page_tables: Placed | None  # None for a 32-bit entry (paging off)
+    e820: tuple[E820Entry, ...]
+
+
+# The PC's legacy video memory and BIOS window: reserved, as on real hardware, by default.
+LEGACY_HOLE = (0xA0000, 0x60000)
+_GDT_ADDR, _BOOT_PARAMS, _STACK_TOP, _PAGE_TABLES, _CMDLINE = 0x500, 0x7000, 0x8FF0, 0x9000, 0x20000
+_IDENTITY_GIB = 4
+_HIGH = 0x100000                 # the kernel goes at 1 MiB or above
+# The boot protocol's boot GDT: __BOOT_CS = 0x10 and __BOOT_DS = 0x18, flat.
+_BOOT_CS = 0x10
+_GDT_64, _GDT_32 = (0, 0, _CODE64, _DATA), (0, 0, _CODE32, _DATA)
+_LOADER_ID = 0xFF                # type_of_loader: "undefined" (no assigned loader id)
+_ELF_PROTOCOL = 0x020F           # what an ELF vmlinux is told: the protocol we fill fields of
+_ELF_CMDLINE_SIZE = 2047         # x86 COMMAND_LINE_SIZE less the NUL
+_ELF_INITRD_MAX = 0x7FFFFFFF     # the limit 64-bit kernels declare in their own headers
+_LONG_MODE_LEAF, _LONG_MODE_BIT = 0x80000001, 1 << 29   # CPUID: EDX.LM
+
+
+def load_linux(vm: X86Vm, vcpu: X86Vcpu, kernel: Source, cmdline: str | bytes = "",
+               initrd: Source | None = None, *, bits: int = 64,
+               reserved: Iterable[tuple[int, int]] = (LEGACY_HOLE,)) -> LinuxBoot:
+    """Load a kernel (bzImage or ELF vmlinux) and an optional initrd; set the vCPU to enter it.
+
+    Call after vm.add_memory() for RAM and, for bits=64, x86.set_supported_cpuid(vcpu):
+    KVM refuses long mode to a vCPU whose CPUID lacks it. kernel and initrd are paths or
+    bytes. reserved lists (address, size) ranges to mark reserved in the e820 map (and
+    keep out of RAM); read-only slots are reserved too. Everything is checked before
+    guest memory or the vCPU is touched: BootError names what does not fit and its size.
+    """
+    if vcpu.vm is not vm:
+        raise ValueError("load_linux(): the vCPU belongs to another VM")
+    if bits not in (32, 64):
+        raise ValueError(f"bits must be 64 or 32, not {bits!r}")
+    image = parse_kernel(_read(kernel, "kernel"), "the kernel")
+    line = _command_line(cmdline, image)
+    ramdisk = _read(initrd, "initrd") if initrd is not None else None
+    e820 = _e820(vm, reserved)
+    ram = [(e.addr, e.addr + e.size) for e in e820 if e.type == E820Type.RAM]
+    low = [Placed(_GDT_ADDR, 8 * len(_GDT_64)), Placed(_BOOT_PARAMS, PAGE),
+           Placed(_STACK_TOP & ~(PAGE - 1), PAGE), Placed(_CMDLINE, len(line))]
+    if bits == 64:
+        low.append(Placed(_PAGE_TABLES, page_table_size(_IDENTITY_GIB)))
+    for part in low:
+        _require_ram(ram, part, "the loader's low-memory tables")
+    if bits == 64:
+        _require_long_mode(vcpu)
+    kernel_range, entry = _place_kernel(image, ram, bits)
+    initrd_range = _place_initrd(ramdisk, image, ram, kernel_range) if ramdisk is not None else None
+
+    params = _boot_params(image, kernel_range, line, initrd_range, e820)
+    memory = vm.memory
+    memory.write(_BOOT_PARAMS, bytes(params))
+    memory.write(_CMDLINE, line)
+    if isinstance(image, BzImage):
+        memory.write(kernel_range.addr, image.payload)
+    else:
+        for seg in image.segments:
+            memory.write(seg.paddr, seg.data)
+            memory.write(seg.paddr + len(seg.data), bytes(seg.memsz - len(seg.data)))
+    if ramdisk is not None and initrd_range is not None:
+        memory.write(initrd_range.addr, ramdisk)
+    if bits == 64:
+        _enter_long_mode(vcpu, memory, entry, page_tables=_PAGE_TABLES, gdt_addr=_GDT_ADDR,
+                         stack=_STACK_TOP, identity_gib=_IDENTITY_GIB, gdt=_GDT_64, code=_BOOT_CS)
+    else:
+        _enter_protected_mode(vcpu, memory, entry, gdt_addr=_GDT_ADDR, stack=_STACK_TOP,
+                              gdt=_GDT_32, code=_BOOT_CS)
+    regs = vcpu.get_regs()
+    regs.rsi = _BOOT_PARAMS            # the protocol's one argument; ebp, edi, ebx zero
+    regs.rbp = regs.rdi = regs.rbx = 0
+    vcpu.set_regs(regs)
+    return LinuxBoot(
+        format="bzImage" if isinstance(image, BzImage) else "ELF",
+        protocol=image.protocol if isinstance(image, BzImage) else _ELF_PROTOCOL,
+        bits=bits, entry=entry, kernel=kernel_range, boot_params=Placed(_BOOT_PARAMS, PAGE),
+        cmdline=Placed(_CMDLINE, len(line)), initrd=initrd_range,
+        gdt=Placed(_GDT_ADDR, 8 * len(_GDT_64)),
+        page_tables=Placed(_PAGE_TABLES, page_table_size(_IDENTITY_GIB)) if bits == 64 else None,
+        e820=tuple(e820))
+
+
+def _read(source: Source, what: str) -> memoryview:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return memoryview(source).cast("B")
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return memoryview(f.read())
+    raise TypeError(f"{what} must be a path or bytes, not {type(source).__name__}")
+
+
+def _command_line(cmdline: str | bytes, image: BzImage | ElfImage) -> bytes:
+    if isinstance(cmdline, str):
+        cmdline = cmdline.encode()
+    if not isinstance(cmdline, bytes):
+        raise TypeError(f"cmdline must be str or bytes, not {type(cmdline).__name__}")
+    if b"\0" in cmdline:
+        raise BootError("the command line holds a NUL byte, which would end it early")
+    limit = image.header.cmdline_size if isinstance(image, BzImage) else _ELF_CMDLINE_SIZE
+    if len(cmdline) > limit:
+        raise BootError(f"the command line is {len(cmdline)} bytes; this kernel takes at most "
+                        f"{limit} (cmdline_size)")
+    return cmdline + b"\0"
+
+
+def _e820(vm: X86Vm, reserved: Iterable[tuple[int, int]]) -> list[E820Entry]:
+    """RAM slots, merged where they touch, less the reserved ranges; then those ranges and the
+    read-only slots as reserved. Sorted by address."""
+    holes = []
+    for hole in reserved:
+        addr, size = hole
+        if not (isinstance(addr, int) and isinstance(size, int)) or addr < 0 or size <= 0 \
+                or addr + size > 1 << 64:
+            raise ValueError(f"reserved range {hole!r} is not (address, size) within 64 bits")
+        holes.append((addr, addr + size))
+    ram: list[tuple[int, int]] = []
+    entries = []
+    for region in sorted(vm.memory.regions, key=lambda r: r.guest_phys_addr):
+        if region.flags & abi.KVM_MEM_READONLY:
+            entries.append(E820Entry(region.guest_phys_addr, region.size, E820Type.RESERVED))
+        elif ram and ram[-1][1] == region.guest_phys_addr:
+            ram[-1] = (ram[-1][0], region.end)
+        else:
+            ram.append((region.guest_phys_addr, region.end))
+    for start, end in holes:
+        ram = [piece for s, e in ram for piece in ((s, min(e, start)), (max(s, end), e))
+               if piece[0] < piece[1]]
+        entries.append(E820Entry(start, end - start, E820Type.RESERVED))
+    entries += [E820Entry(s, e - s, E820Type.RAM) for s, e in ram]
+    entries.sort()
+    if not ram:
+        raise BootError("the VM has no RAM: add_memory() before load_linux()")
+    if len(entries) > abi.E820_MAX_ENTRIES_ZEROPAGE:
+        raise BootError(f"{len(entries)} e820 entries; boot_params holds "
+                        f"{abi.E820_MAX_ENTRIES_ZEROPAGE} (merge slots or reserved ranges)")
+    return entries
+
+
+def _require_ram(ram: list[tuple[int, int]], part: Placed, what: str) -> None:
+    if not any(s <= part.addr and part.end <= e for s, e in ram):
+        raise BootError(f"{what}: [{part.addr:#x}, {part.end:#x}) ({part.size} bytes) is not "
+                        f"all usable RAM; RAM is {_describe(ram)}")
+
+
+def _describe(ram: list[tuple[int, int]]) -> str:
+    return ", ".join(f"[{s:#x}, {e:#x})" for s, e in ram)
+
+
+def _require_long_mode(vcpu: X86Vcpu) -> None:
+    cpuid = vcpu.get_cpuid2()
+    if not any(e.function == _LONG_MODE_LEAF and e.edx & _LONG_MODE_BIT
+               for e in cpuid.flex_array()[:cpuid.nent]):
+        raise BootError("the vCPU's CPUID has no long mode, and KVM refuses a 64-bit entry "
+                        "without it: call x86.set_supported_cpuid(vcpu) first (or bits=32)")
+
+
+def _place_kernel(image: BzImage | ElfImage, ram: list[tuple[int, int]],
+                  bits: int) -> tuple[Placed, int]:
+    """The kernel's range in guest memory and its entry point."""
+    if isinstance(image, ElfImage):
+        if bits != 64:
+            raise BootError("an ELF vmlinux has only its 64-bit entry: bits=32 needs a bzImage")
+        start = min(s.paddr for s in image.segments)
+        extent = Placed(start, max(s.paddr + s.memsz for s in image.segments) - start)
+        for seg in image.segments:
+            _require_ram(ram, Placed(seg.paddr, seg.memsz), f"the kernel's segment at {seg.paddr:#x}")
+        if start < _HIGH:
+            raise BootError(f"the kernel's segments start at {start:#x}, below 1 MiB where the "
+                            "loader keeps its tables")
+        return extent, image.entry
+    hdr = image.header
+    if bits == 64 and not hdr.xloadflags & abi.XLF_KERNEL_64:
+        raise BootError("this bzImage has no 64-bit entry point (XLF_KERNEL_64 clear): use bits=32")
+    size = max(hdr.init_size, len(image.payload))
+    if image.relocatable:
+        addr = _relocated(hdr, size, ram)
+    else:
+        addr = hdr.code32_start
+        if addr < _HIGH:
+            raise BootError(f"this non-relocatable kernel runs at {addr:#x}, below 1 MiB where "
+                            "the loader keeps its tables")
+        _require_ram(ram, Placed(addr, size), f"this non-relocatable kernel ({size} bytes with "
+                                              "init_size)")
+    return Placed(addr, size), addr + (ENTRY_64_OFFSET if bits == 64 else 0)
+
+
+def _relocated(hdr: abi.setup_header, size: int, ram: list[tuple[int, int]]) -> int:
+    """pref_address if the kernel fits there, else the lowest kernel_alignment-aligned address
+    at or above 1 MiB where it does."""
+    align = max(hdr.kernel_alignment, PAGE)
+    if align & (align - 1):
+        raise BootError(f"the kernel asks for alignment {align:#x}, not a power of two")
+    if hdr.pref_address and hdr.pref_address % align == 0 and hdr.pref_address >= _HIGH and \
+            any(s <= hdr.pref_address and hdr.pref_address + size <= e for s, e in ram):
+        return int(hdr.pref_address)
+    for s, e in ram:
+        addr = -(-max(s, _HIGH) // align) * align
+        if addr + size <= e:
+            return addr
+    raise BootError(f"the kernel needs {size} bytes of RAM (init_size {hdr.init_size}) at a "
+                    f"{align:#x}-aligned address at or above 1 MiB; RAM is {_describe(ram)}")
+
+
+def _place_initrd(data: memoryview, image: BzImage | ElfImage, ram: list[tuple[int, int]],
+                  kernel: Placed) -> Placed:
+    """As high as the kernel allows (initrd_addr_max), page-aligned, clear of the kernel."""
+    limit = image.header.initrd_addr_max if isinstance(image, BzImage) else _ELF_INITRD_MAX
+    size = len(data)
+    for s, e in reversed(ram):
+        for top in (min(e, limit + 1), min(e, limit + 1, kernel.addr)):
+            addr = (top - size) & ~(PAGE - 1)
+            if addr >= max(s, _HIGH) and (addr + size <= kernel.addr or addr >= kernel.end):
+                return Placed(addr, size)
+    raise BootError(f"the initrd ({size} bytes) fits nowhere in RAM at or above 1 MiB, below "
+                    f"initrd_addr_max {limit:#x} and clear of the kernel at "
+                    f"[{kernel.addr:#x}, {kernel.end:#x}); RAM is {_describe(ram)}")
+
+
+def _boot_params(image: BzImage | ElfImage, kernel: Placed, line: bytes, initrd: Placed | None,
+                 e820: list[E820Entry]) -> abi.boot_params:
+    params = abi.boot_params()
+    hdr = params.hdr
+    if isinstance(image, BzImage):
+        # The protocol: copy the header as the image has it, then fill in the loader's fields.
+        ctypes.memmove(ctypes.addressof(params) + HDR_OFFSET, image.header_bytes,
+                       len(image.header_bytes))
+        hdr.code32_start = kernel.addr
+    else:
+        hdr.boot_flag, hdr.header, hdr.version = BOOT_FLAG, HDRS, _ELF_PROTOCOL
+        hdr.loadflags = abi.LOADED_HIGH
+        hdr.cmdline_size = _ELF_CMDLINE_SIZE
+        hdr.kernel_alignment = kernel.addr & -kernel.addr   # where it is: aligned that well
+    hdr.type_of_loader = _LOADER_ID
+    hdr.cmd_line_ptr = _CMDLINE
+    if initrd is not None:
+        hdr.ramdisk_image, hdr.ramdisk_size = initrd.addr, initrd.size
+    params.e820_entries = len(e820)
+    for slot, entry in zip(params.e820_table, e820):
+        slot.addr, slot.size, slot.type = entry
+    return params
