@@ -121,7 +121,8 @@ def stop_at(cls: type, arch_modules: list[str]) -> list[str]:
 
 
 def entry(path: str, value: Any, arch_modules: list[str], note: str = "") -> list[str]:
-    if isinstance(value, type) and issubclass(value, enum.Enum):
+    if isinstance(value, type) and issubclass(value, enum.Enum) and \
+            value.__module__.startswith(f"{PACKAGE}.abi"):
         return [f".. autoclass:: {path}", "   :show-inheritance:", "",
                 f"   Its members, per arch, are listed on the :doc:`/{ENUMS_ON_ABI_PAGE}` page.", ""]
     if isinstance(value, type):
