@@ -73,3 +73,40 @@ def test_an_entry_beyond_the_mode_is_refused_before_any_state_changes(vm, setup)
     with pytest.raises(ValueError, match="entry=0x"):
         x86.setup_long_mode(vcpu, vm.memory, 2**64, page_tables=0x8000, gdt_addr=0x500)
     assert (bytes(vcpu.get_sregs()), bytes(vcpu.get_regs())) == before
+
+
+def _in_long_mode(vm, vcpu) -> None:
+    x86.setup_long_mode(vcpu, vm.memory, LOAD_ADDR, page_tables=0x8000, gdt_addr=GDT_ADDR)
+    assert vcpu.get_sregs().efer & x86.EFER_LMA
+
+
+def test_protected_mode_after_long_mode_turns_paging_and_long_mode_off(vm, assemble):
+    vm.add_memory(0x100000, 0x1000)
+    vcpu = vm.create_vcpu(0)
+    _in_long_mode(vm, vcpu)
+    vm.memory.write(LOAD_ADDR, assemble("protected"))
+    x86.setup_protected_mode(vcpu, vm.memory, LOAD_ADDR, gdt_addr=GDT_ADDR, stack=0x8000)
+    sregs = vcpu.get_sregs()
+    assert not sregs.efer & (x86.EFER_LME | x86.EFER_LMA) and not sregs.cr4 & x86.CR4_PAE
+    report = vcpu.run()                                 # the guest reads CR0 itself
+    assert isinstance(report, IoExit)
+    cr0 = int.from_bytes(report.data, "little")
+    assert cr0 & x86.CR0_PE and not cr0 & x86.CR0_PG
+    assert isinstance(vcpu.run(), HltExit) and vm.memory.read(0x100000, 4) == b"2222"
+
+
+@pytest.mark.parametrize("before", ["long", "protected"])
+def test_real_mode_after_another_mode_runs_16_bit_code(vm, assemble, before):
+    vcpu = vm.create_vcpu(0)
+    if before == "long":
+        _in_long_mode(vm, vcpu)
+    else:
+        x86.setup_protected_mode(vcpu, vm.memory, LOAD_ADDR, gdt_addr=GDT_ADDR)
+    vm.memory.write(LOAD_ADDR, assemble("port_io"))
+    x86.setup_real_mode(vcpu, LOAD_ADDR)
+    sregs = vcpu.get_sregs()
+    assert not sregs.cr0 & (x86.CR0_PE | x86.CR0_PG) and not sregs.efer & x86.EFER_LMA
+    # 16-bit code decodes differently as 32-bit code: "mov $0x3f8, %dx" would swallow the
+    # next instruction's bytes as the rest of an imm32, and the first OUT would not be 'H'.
+    first = vcpu.run()
+    assert isinstance(first, IoExit) and (first.port, bytes(first.data)) == (0x3F8, b"H")

@@ -96,9 +96,17 @@ def _parse_bzimage(data: memoryview, what: str) -> BzImage:
     if not _header_field(data, "loadflags") & abi.LOADED_HIGH:
         raise BootError(f"{what} is a zImage (LOADED_HIGH clear: it runs at 0x10000); only "
                         "bzImages are loaded")
-    # The header ends where its leading jump lands: 0x202 + the jump's 8-bit offset.
+    # The header ends where its leading jump lands: 0x202 + the jump's 8-bit offset. It must
+    # hold the fields its protocol promises (a zero init_size would place the initrd where
+    # the kernel decompresses).
     jump = HDR_OFFSET + _field(abi.setup_header, "jump")[0]
-    end = min(jump + 2 + data[jump + 1], HDR_OFFSET + ctypes.sizeof(abi.setup_header))
+    end = jump + 2 + data[jump + 1]
+    offset, size = _field(abi.setup_header, "init_size" if version >= 0x020A else "cmdline_size")
+    if end < HDR_OFFSET + offset + size:
+        raise BootError(f"{what}: its setup header ends at {end:#x} (where its jump lands), "
+                        f"short of the fields boot protocol {version >> 8}.{version & 0xFF:02d} "
+                        f"has, up to {HDR_OFFSET + offset + size:#x}")
+    end = min(end, HDR_OFFSET + ctypes.sizeof(abi.setup_header))
     header_bytes = bytes(data[HDR_OFFSET:end])
     header = abi.setup_header.from_buffer_copy(header_bytes.ljust(ctypes.sizeof(abi.setup_header),
                                                                   b"\0"))
@@ -135,6 +143,11 @@ def _parse_elf(data: memoryview, what: str) -> ElfImage:
         virtual.append((vaddr, paddr, memsz))
     if not segments:
         raise BootError(f"{what} has no loadable segment")
+    ordered = sorted(segments, key=lambda s: s.paddr)
+    for low, high in zip(ordered, ordered[1:]):
+        if low.paddr + low.memsz > high.paddr:
+            raise BootError(f"{what}: its segments at {low.paddr:#x} ({low.memsz:#x} bytes) and "
+                            f"{high.paddr:#x} overlap")
     return ElfImage(tuple(segments), _physical_entry(entry, segments, virtual, what))
 
 

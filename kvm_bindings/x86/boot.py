@@ -9,7 +9,7 @@ CPU and no firmware tables (say acpi=off, or provide them yourself).
 
 Low memory it uses (all of it must be RAM): the GDT at 0x500, boot_params at 0x7000,
 a boot stack below 0x9000, page tables from 0x9000 to 0xf000 (4 GiB identity-mapped),
-the command line at 0x20000. The kernel goes at 1 MiB or above.
+the command line at 0x20000 (below 1 MiB). The kernel goes between 1 MiB and 4 GiB.
 """
 
 from __future__ import annotations
@@ -22,16 +22,10 @@ from dataclasses import dataclass
 from typing import NamedTuple, Union
 
 from ..abi import x86_64 as abi
-from ..errors import BootError
-from ._kernel_image import (
-    BOOT_FLAG,
-    ENTRY_64_OFFSET,
-    HDR_OFFSET,
-    HDRS,
-    BzImage,
-    ElfImage,
-    parse_kernel,
-)
+from ..errors import BootError, StaleHandleError
+from ._kernel_image import BOOT_FLAG, ENTRY_64_OFFSET, HDR_OFFSET, HDRS, parse_kernel
+from ._kernel_image import BzImage as _BzImage
+from ._kernel_image import ElfImage as _ElfImage
 from .modes import (
     _CODE32,
     _CODE64,
@@ -97,6 +91,8 @@ class LinuxBoot:
 LEGACY_HOLE = (0xA0000, 0x60000)
 _GDT_ADDR, _BOOT_PARAMS, _STACK_TOP, _PAGE_TABLES, _CMDLINE = 0x500, 0x7000, 0x8FF0, 0x9000, 0x20000
 _IDENTITY_GIB = 4
+# The kernel runs from the identity map (64-bit entry) or with 32-bit addresses: below 4 GiB.
+_KERNEL_TOP = _IDENTITY_GIB << 30
 _HIGH = 0x100000                 # the kernel goes at 1 MiB or above
 # The boot protocol's boot GDT: __BOOT_CS = 0x10 and __BOOT_DS = 0x18, flat.
 _BOOT_CS = 0x10
@@ -119,9 +115,15 @@ def load_linux(vm: X86Vm, vcpu: X86Vcpu, kernel: Source, cmdline: str | bytes = 
     keep out of RAM); read-only slots are reserved too. Everything is checked before
     guest memory or the vCPU is touched: BootError names what does not fit and its size.
     """
+    if not isinstance(vm, X86Vm) or not isinstance(vcpu, X86Vcpu):
+        raise TypeError(f"load_linux() takes an x86 VM and vCPU, not {type(vm).__name__} and "
+                        f"{type(vcpu).__name__}")
+    for handle in (vm, vcpu):
+        if handle.closed:
+            raise StaleHandleError(f"load_linux(): {handle!r} is closed")
     if vcpu.vm is not vm:
-        raise ValueError("load_linux(): the vCPU belongs to another VM")
-    if bits not in (32, 64):
+        raise StaleHandleError("load_linux(): the vCPU belongs to another VM")
+    if not isinstance(bits, int) or bits not in (32, 64):
         raise ValueError(f"bits must be 64 or 32, not {bits!r}")
     image = parse_kernel(_read(kernel, "kernel"), "the kernel")
     line = _command_line(cmdline, image)
@@ -143,7 +145,7 @@ def load_linux(vm: X86Vm, vcpu: X86Vcpu, kernel: Source, cmdline: str | bytes = 
     memory = vm.memory
     memory.write(_BOOT_PARAMS, bytes(params))
     memory.write(_CMDLINE, line)
-    if isinstance(image, BzImage):
+    if isinstance(image, _BzImage):
         memory.write(kernel_range.addr, image.payload)
     else:
         for seg in image.segments:
@@ -162,8 +164,8 @@ def load_linux(vm: X86Vm, vcpu: X86Vcpu, kernel: Source, cmdline: str | bytes = 
     regs.rbp = regs.rdi = regs.rbx = 0
     vcpu.set_regs(regs)
     return LinuxBoot(
-        format="bzImage" if isinstance(image, BzImage) else "ELF",
-        protocol=image.protocol if isinstance(image, BzImage) else _ELF_PROTOCOL,
+        format="bzImage" if isinstance(image, _BzImage) else "ELF",
+        protocol=image.protocol if isinstance(image, _BzImage) else _ELF_PROTOCOL,
         bits=bits, entry=entry, kernel=kernel_range, boot_params=Placed(_BOOT_PARAMS, PAGE),
         cmdline=Placed(_CMDLINE, len(line)), initrd=initrd_range,
         gdt=Placed(_GDT_ADDR, 8 * len(_GDT_64)),
@@ -180,43 +182,43 @@ def _read(source: Source, what: str) -> memoryview:
     raise TypeError(f"{what} must be a path or bytes, not {type(source).__name__}")
 
 
-def _command_line(cmdline: str | bytes, image: BzImage | ElfImage) -> bytes:
+def _command_line(cmdline: str | bytes, image: _BzImage | _ElfImage) -> bytes:
     if isinstance(cmdline, str):
         cmdline = cmdline.encode()
     if not isinstance(cmdline, bytes):
         raise TypeError(f"cmdline must be str or bytes, not {type(cmdline).__name__}")
     if b"\0" in cmdline:
         raise BootError("the command line holds a NUL byte, which would end it early")
-    limit = image.header.cmdline_size if isinstance(image, BzImage) else _ELF_CMDLINE_SIZE
-    if len(cmdline) > limit:
+    limit = image.header.cmdline_size if isinstance(image, _BzImage) else _ELF_CMDLINE_SIZE
+    room = _HIGH - _CMDLINE - 1                 # it must end below the kernel
+    if len(cmdline) > min(limit, room):
         raise BootError(f"the command line is {len(cmdline)} bytes; this kernel takes at most "
-                        f"{limit} (cmdline_size)")
+                        f"{limit} (cmdline_size), and the loader has room for {room}")
     return cmdline + b"\0"
 
 
 def _e820(vm: X86Vm, reserved: Iterable[tuple[int, int]]) -> list[E820Entry]:
-    """RAM slots, merged where they touch, less the reserved ranges; then those ranges and the
-    read-only slots as reserved. Sorted by address."""
-    holes = []
-    for hole in reserved:
-        addr, size = hole
-        if not (isinstance(addr, int) and isinstance(size, int)) or addr < 0 or size <= 0 \
-                or addr + size > 1 << 64:
-            raise ValueError(f"reserved range {hole!r} is not (address, size) within 64 bits")
-        holes.append((addr, addr + size))
+    """RAM slots, merged where they touch, less the reserved ranges; then the union of those
+    ranges and the read-only slots as reserved. Sorted by address, no two overlapping."""
+    holes = [_reserved_range(hole) for hole in reserved]
     ram: list[tuple[int, int]] = []
-    entries = []
     for region in sorted(vm.memory.regions, key=lambda r: r.guest_phys_addr):
         if region.flags & abi.KVM_MEM_READONLY:
-            entries.append(E820Entry(region.guest_phys_addr, region.size, E820Type.RESERVED))
+            holes.append((region.guest_phys_addr, region.end))
         elif ram and ram[-1][1] == region.guest_phys_addr:
             ram[-1] = (ram[-1][0], region.end)
         else:
             ram.append((region.guest_phys_addr, region.end))
-    for start, end in holes:
+    merged: list[tuple[int, int]] = []     # the reserved ranges' union: no two entries overlap
+    for start, end in sorted(holes):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    for start, end in merged:
         ram = [piece for s, e in ram for piece in ((s, min(e, start)), (max(s, end), e))
                if piece[0] < piece[1]]
-        entries.append(E820Entry(start, end - start, E820Type.RESERVED))
+    entries = [E820Entry(s, e - s, E820Type.RESERVED) for s, e in merged]
     entries += [E820Entry(s, e - s, E820Type.RAM) for s, e in ram]
     entries.sort()
     if not ram:
@@ -225,6 +227,18 @@ def _e820(vm: X86Vm, reserved: Iterable[tuple[int, int]]) -> list[E820Entry]:
         raise BootError(f"{len(entries)} e820 entries; boot_params holds "
                         f"{abi.E820_MAX_ENTRIES_ZEROPAGE} (merge slots or reserved ranges)")
     return entries
+
+
+def _reserved_range(hole: tuple[int, int]) -> tuple[int, int]:
+    """(start, end) of an (address, size) pair, checked."""
+    try:
+        addr, size = hole
+    except (TypeError, ValueError):
+        raise ValueError(f"reserved must hold (address, size) pairs; {hole!r} is not one") from None
+    if not (isinstance(addr, int) and isinstance(size, int)) or addr < 0 or size <= 0 \
+            or addr + size > 1 << 64:
+        raise ValueError(f"reserved range {hole!r} is not (address, size) within 64 bits")
+    return addr, addr + size
 
 
 def _require_ram(ram: list[tuple[int, int]], part: Placed, what: str) -> None:
@@ -245,16 +259,18 @@ def _require_long_mode(vcpu: X86Vcpu) -> None:
                         "without it: call x86.set_supported_cpuid(vcpu) first (or bits=32)")
 
 
-def _place_kernel(image: BzImage | ElfImage, ram: list[tuple[int, int]],
+def _place_kernel(image: _BzImage | _ElfImage, ram: list[tuple[int, int]],
                   bits: int) -> tuple[Placed, int]:
     """The kernel's range in guest memory and its entry point."""
-    if isinstance(image, ElfImage):
+    ram = [(s, min(e, _KERNEL_TOP)) for s, e in ram if s < _KERNEL_TOP]
+    if isinstance(image, _ElfImage):
         if bits != 64:
             raise BootError("an ELF vmlinux has only its 64-bit entry: bits=32 needs a bzImage")
         start = min(s.paddr for s in image.segments)
         extent = Placed(start, max(s.paddr + s.memsz for s in image.segments) - start)
         for seg in image.segments:
-            _require_ram(ram, Placed(seg.paddr, seg.memsz), f"the kernel's segment at {seg.paddr:#x}")
+            _require_ram(ram, Placed(seg.paddr, seg.memsz),
+                         f"the kernel's segment at {seg.paddr:#x} (below 4 GiB, where it runs)")
         if start < _HIGH:
             raise BootError(f"the kernel's segments start at {start:#x}, below 1 MiB where the "
                             "loader keeps its tables")
@@ -262,6 +278,9 @@ def _place_kernel(image: BzImage | ElfImage, ram: list[tuple[int, int]],
     hdr = image.header
     if bits == 64 and not hdr.xloadflags & abi.XLF_KERNEL_64:
         raise BootError("this bzImage has no 64-bit entry point (XLF_KERNEL_64 clear): use bits=32")
+    if bits == 64 and len(image.payload) <= ENTRY_64_OFFSET:
+        raise BootError(f"this bzImage's kernel is {len(image.payload)} bytes: its 64-bit entry, "
+                        f"at {ENTRY_64_OFFSET:#x}, is past its end")
     size = max(hdr.init_size, len(image.payload))
     if image.relocatable:
         addr = _relocated(hdr, size, ram)
@@ -289,13 +308,13 @@ def _relocated(hdr: abi.setup_header, size: int, ram: list[tuple[int, int]]) -> 
         if addr + size <= e:
             return addr
     raise BootError(f"the kernel needs {size} bytes of RAM (init_size {hdr.init_size}) at a "
-                    f"{align:#x}-aligned address at or above 1 MiB; RAM is {_describe(ram)}")
+                    f"{align:#x}-aligned address from 1 MiB to 4 GiB; RAM there is {_describe(ram)}")
 
 
-def _place_initrd(data: memoryview, image: BzImage | ElfImage, ram: list[tuple[int, int]],
+def _place_initrd(data: memoryview, image: _BzImage | _ElfImage, ram: list[tuple[int, int]],
                   kernel: Placed) -> Placed:
     """As high as the kernel allows (initrd_addr_max), page-aligned, clear of the kernel."""
-    limit = image.header.initrd_addr_max if isinstance(image, BzImage) else _ELF_INITRD_MAX
+    limit = image.header.initrd_addr_max if isinstance(image, _BzImage) else _ELF_INITRD_MAX
     size = len(data)
     for s, e in reversed(ram):
         for top in (min(e, limit + 1), min(e, limit + 1, kernel.addr)):
@@ -307,11 +326,11 @@ def _place_initrd(data: memoryview, image: BzImage | ElfImage, ram: list[tuple[i
                     f"[{kernel.addr:#x}, {kernel.end:#x}); RAM is {_describe(ram)}")
 
 
-def _boot_params(image: BzImage | ElfImage, kernel: Placed, line: bytes, initrd: Placed | None,
+def _boot_params(image: _BzImage | _ElfImage, kernel: Placed, line: bytes, initrd: Placed | None,
                  e820: list[E820Entry]) -> abi.boot_params:
     params = abi.boot_params()
     hdr = params.hdr
-    if isinstance(image, BzImage):
+    if isinstance(image, _BzImage):
         # The protocol: copy the header as the image has it, then fill in the loader's fields.
         ctypes.memmove(ctypes.addressof(params) + HDR_OFFSET, image.header_bytes,
                        len(image.header_bytes))

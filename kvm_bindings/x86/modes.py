@@ -57,8 +57,14 @@ def setup_real_mode(vcpu: X86Vcpu, entry: int, stack: int = 0) -> None:
     """Real mode with every segment at base 0: the guest runs at physical address `entry` (< 64 KiB)."""
     _check_entry(entry, stack, 0x10000)
     sregs = vcpu.get_sregs()
-    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        seg.base, seg.selector = 0, 0
+    # 64 KiB 16-bit segments, and protection, paging and long mode off, whatever mode
+    # the vCPU was put in before.
+    for i, seg in enumerate((sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss)):
+        _segment(seg, 0, code=i == 0, big=False)
+        seg.limit, seg.g = 0xFFFF, 0
+    sregs.cr0 &= ~(CR0_PE | CR0_PG)
+    sregs.cr4 &= ~CR4_PAE
+    sregs.efer &= ~(EFER_LME | EFER_LMA)
     vcpu.set_sregs(sregs)
     _start_at(vcpu, entry, stack)
 
@@ -109,7 +115,10 @@ def _enter_protected_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, gdt
                           stack: int, gdt: tuple[int, ...], code: int) -> None:
     _check_entry(entry, stack, 1 << 32)
     sregs = _flat_segments(vcpu, memory, gdt, gdt_addr, code, long=False)
-    sregs.cr0 = (sregs.cr0 & ~_CACHES_OFF) | CR0_PE | CR0_ET | CR0_NE
+    # Paging and long mode off, whatever mode the vCPU was put in before.
+    sregs.cr0 = (sregs.cr0 & ~(_CACHES_OFF | CR0_PG)) | CR0_PE | CR0_ET | CR0_NE
+    sregs.cr4 &= ~CR4_PAE
+    sregs.efer &= ~(EFER_LME | EFER_LMA)
     vcpu.set_sregs(sregs)
     _start_at(vcpu, entry, stack)
 
