@@ -2,13 +2,7 @@
  * e820_entries (byte at 0x1e8), then each 20-byte entry of e820_table (0x2d0): its
  * address (u64), size (u64) and type (u32). */
     .include "boot_macros.S"
-    .code32
-    .globl  _start
-_start:
-    hlt
-
-    .org    0x200
-    .code64
+    only_64_bit_entry
 startup_64:
     movzbl  0x1e8(%rsi), %ecx
     report  %rcx

@@ -50,3 +50,14 @@ REPORT = 0x3f9
     hash31
     report  %rdi
 .endm
+
+/* The start of a bzImage's protected-mode part whose 32-bit entry (offset 0) only halts;
+ * what follows the macro is the 64-bit entry, at offset 0x200. */
+.macro only_64_bit_entry
+    .code32
+    .globl  _start
+_start:
+    hlt
+    .org    0x200
+    .code64
+.endm

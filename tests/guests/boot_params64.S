@@ -2,13 +2,7 @@
  * and report boot_flag (0x1fe), header (0x202), version (0x206), type_of_loader (0x210),
  * init_size (0x260), then the command line at cmd_line_ptr (0x228): length, hash. */
     .include "boot_macros.S"
-    .code32
-    .globl  _start
-_start:
-    hlt
-
-    .org    0x200
-    .code64
+    only_64_bit_entry
 startup_64:
     movzwl  0x1fe(%rsi), %eax
     report  %rax
