@@ -71,14 +71,15 @@ CMOS_INDEX, CMOS_DATA = 0x70, 0x71
 
 
 class Cmos:
-    """The MC146818 clock the kernel reads the date from: BCD, 24-hour, the host's UTC time."""
+    """The MC146818 clock the kernel reads the date from: BCD, 24-hour, the host's UTC time.
+    (Its day of the week counts from Sunday = 1; Python's from Monday = 0.)"""
 
     def __init__(self) -> None:
         self.index = 0
 
     def read(self) -> int:
         t = time.gmtime()
-        fields = {0x00: t.tm_sec, 0x02: t.tm_min, 0x04: t.tm_hour, 0x06: t.tm_wday + 1,
+        fields = {0x00: t.tm_sec, 0x02: t.tm_min, 0x04: t.tm_hour, 0x06: (t.tm_wday + 1) % 7 + 1,
                   0x07: t.tm_mday, 0x08: t.tm_mon, 0x09: t.tm_year % 100, 0x32: t.tm_year // 100}
         if self.index in fields:
             value = fields[self.index]

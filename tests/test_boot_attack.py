@@ -141,6 +141,9 @@ def check_placement(vm, vcpu, boot, kernel: bytes | bytearray, initrd: bytes | N
         assert boot.kernel.addr % max(4096, int.from_bytes(kernel[0x230:0x234], "little")) == 0 \
             or not kernel[0x234]
         assert vm.memory.read(boot.kernel.addr, len(kernel) - setup) == bytes(kernel[setup:])
+        pref = int.from_bytes(kernel[0x258:0x260], "little")
+        if kernel[0x234] and int.from_bytes(kernel[0x206:0x208], "little") >= 0x20A:
+            assert boot.kernel.addr >= pref         # it never runs below pref_address
     if initrd is not None:
         assert in_ram(boot.initrd) and boot.initrd.addr >= 1 * MiB
         assert boot.initrd.end <= boot.kernel.addr or boot.initrd.addr >= boot.kernel.end
@@ -297,13 +300,21 @@ def test_a_bzimage_shorter_than_its_setup_sectors_is_refused(machine):
     assert "cut short" in refused(BootError, vm, vcpu, image)
 
 
-@pytest.mark.parametrize("pref", [0x1000001, RAM + 0x200000, 1 << 32, (1 << 64) - 0x200000])
-def test_an_unusable_pref_address_is_a_preference_not_an_error(machine, pref):
+def test_an_unaligned_pref_address_is_rounded_up_to_the_alignment(machine):
     vm, vcpu = machine
-    image = bzimage(pref_address=pref)
+    image = bzimage(pref_address=0x1000001)
     boot = x86.load_linux(vm, vcpu, image)
-    assert boot.kernel.addr == 0x200000            # the lowest 2 MiB-aligned place at 1 MiB+
+    assert boot.kernel.addr == 0x1200000            # the next 2 MiB boundary, not below pref
     check_placement(vm, vcpu, boot, image, None)
+
+
+@pytest.mark.parametrize("pref", [RAM + 0x200000, 1 << 32, (1 << 64) - 0x200000])
+def test_a_pref_address_beyond_ram_is_refused_though_lower_ram_would_hold_the_image(machine, pref):
+    # The kernel never runs below pref_address: placing it lower only moves the failure
+    # into the guest, where the decompressor relocates itself past the end of RAM.
+    vm, vcpu = machine
+    assert "never runs below its pref_address" in refused(BootError, vm, vcpu,
+                                                          bzimage(pref_address=pref))
 
 
 @pytest.mark.parametrize("jump", [0, 0x10, 0x35, 0x61])

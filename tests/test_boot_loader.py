@@ -206,11 +206,12 @@ def test_64_bit_entry_is_at_load_address_plus_0x200_in_long_mode_with_the_boot_s
 
 
 def test_boot_params_holds_the_images_header_with_the_loader_id_filled_in(boot_vm, bzimage):
-    _, (boot_flag, header, version, loader, init_size, *_cmdline) = boot(
+    _, (boot_flag, header, version, loader, init_size, code32_start, *_cmdline) = boot(
         boot_vm, bzimage("boot_params64", version=0x20C, init_size=0x345000))
     assert (boot_flag, header) == (BOOT_MAGIC, HDRS)
     assert (version, init_size) == (0x20C, 0x345000)    # copied from this image's header
     assert loader == 0xFF                               # "undefined": zero in the image
+    assert code32_start == 0x1400000                    # where it went, not the image's 1 MiB
 
 
 def test_cmd_line_ptr_points_at_the_command_line_given(boot_vm, bzimage):
@@ -310,15 +311,24 @@ def test_relocatable_kernel_goes_at_pref_address_when_it_fits(boot_vm, bzimage):
 
 
 @pytest.mark.parametrize("reserved, load", [
-    pytest.param([(0xA0000, 0x60000)], 0x400000, id="lowest 4 MiB-aligned address above 1 MiB"),
-    pytest.param([(0xA0000, 0x60000), (0x400000, 0x1000)], 0x800000,
-                 id="the next one when a hole takes the first"),
+    pytest.param([(0xA0000, 0x60000), (0x1500000, 0x1000)], 0x1800000,
+                 id="the next aligned address when a hole takes pref_address"),
+    pytest.param([(0xA0000, 0x60000), (0x1500000, 0x1000), (0x1900000, 0x1000)], 0x1C00000,
+                 id="and the one after that"),
 ])
-def test_relocatable_kernel_goes_at_the_lowest_aligned_address_when_pref_address_does_not_fit(
+def test_relocatable_kernel_goes_at_the_next_aligned_address_above_pref_address_that_fits(
         boot_vm, bzimage, reserved, load):
+    # Never below pref_address: the decompressor would move itself up there anyway.
     kernel = bzimage("boot_where", pref_address=0x1400000, kernel_alignment=0x400000)
-    _, (rip,) = boot(boot_vm, kernel, ram=16 * MIB, reserved=reserved)
+    _, (rip,) = boot(boot_vm, kernel, ram=64 * MIB, reserved=reserved)
     assert rip == load + ENTRY_64
+
+
+def test_relocatable_kernel_is_refused_when_nothing_fits_above_pref_address(boot_vm, bzimage):
+    # 16 MiB of RAM would hold the kernel at 4 MiB, but it runs from pref_address (20 MiB).
+    kernel = bzimage("boot_where", pref_address=0x1400000, kernel_alignment=0x400000)
+    assert_refused(boot_vm, kernel, r"from 0x1400000 \(it never runs below its pref_address\)",
+                   ram=16 * MIB)
 
 
 def test_non_relocatable_kernel_goes_at_code32_start(boot_vm, bzimage):
@@ -334,6 +344,12 @@ def test_fields_past_the_end_of_an_older_header_are_not_read(boot_vm, bzimage):
                      pref_address=0x1400000, init_size=0x7000000)   # init_size > RAM
     _, (eip,) = boot(boot_vm, kernel, bits=32)
     assert eip == 0x200000                              # the lowest 2 MiB-aligned above 1 MiB
+
+
+def test_non_relocatable_kernel_needs_init_size_of_ram_at_pref_address(boot_vm, bzimage):
+    # Loaded at code32_start, it moves itself to pref_address (20 MiB): 16 MiB is too little.
+    kernel = bzimage("boot_where", relocatable_kernel=0, code32_start=0x300000)
+    assert_refused(boot_vm, kernel, "non-relocatable kernel's run address", ram=16 * MIB)
 
 
 def test_image_without_xlf_kernel_64_is_entered_at_its_32_bit_entry(boot_vm, bzimage):
@@ -378,12 +394,14 @@ def test_elf_vmlinux_is_entered_at_its_entry_with_bss_cleared_and_boot_params_in
     for _virt, phys, filesz, memsz in elf_loads(elf):  # what the loader must clear
         boot_vm.memory.write(phys + filesz, b"\xa5" * (memsz - filesz))
     cmdline = "console=ttyS0 vmlinux-test=1"
-    loaded, (rip, rsi, boot_flag, header, length, digest, data_word, bss_size, bss_sum) = boot(
-        boot_vm, elf.read_bytes(), cmdline, ram=0)
+    loaded, (rip, rsi, boot_flag, header, version, loadflags, cmdline_size, length, digest,
+             data_word, bss_size, bss_sum) = boot(boot_vm, elf.read_bytes(), cmdline, ram=0)
     entry = elf_entry(elf)
     assert entry != min(phys for _v, phys, _f, _m in elf_loads(elf))  # not the segment start
     assert rip == entry
     assert rsi == loaded.boot_params.addr and (boot_flag, header) == (BOOT_MAGIC, HDRS)
+    # No header in the file: the loader writes one a kernel can read the command line by.
+    assert version >= 0x206 and loadflags & LOADED_HIGH and cmdline_size >= len(cmdline)
     assert (length, digest) == (len(cmdline), hash31(cmdline.encode()))
     assert data_word == 0x0123456789ABCDEF
     assert bss_size == elf_section_size(elf, ".bss") == 0x1235

@@ -78,7 +78,8 @@ def parse_kernel(data: memoryview, what: str) -> BzImage | ElfImage:
     if len(data) >= HDR_OFFSET + ctypes.sizeof(abi.setup_header) and \
             _header_field(data, "header") == HDRS:
         return _parse_bzimage(data, what)
-    raise BootError(f"{what} is neither a bzImage (no 'HdrS' at {HDR_OFFSET + 0x11:#x}) "
+    magic_at = HDR_OFFSET + _field(abi.setup_header, "header")[0]
+    raise BootError(f"{what} is neither a bzImage (no 'HdrS' at {magic_at:#x}) "
                     "nor an ELF vmlinux (no ELF magic)")
 
 

@@ -19,7 +19,7 @@ import enum
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import Literal, NamedTuple, Union
 
 from ..abi import x86_64 as abi
 from ..errors import BootError, StaleHandleError
@@ -74,7 +74,7 @@ class Placed(NamedTuple):
 class LinuxBoot:
     """What load_linux() placed where, and how the vCPU enters the kernel."""
 
-    format: str                 # "bzImage" or "ELF"
+    format: Literal["bzImage", "ELF"]
     protocol: int               # the setup header's version (0x20f is 2.15); an ELF gets ours
     bits: int                   # 64 or 32: the entry point and CPU mode used
     entry: int
@@ -89,15 +89,22 @@ class LinuxBoot:
 
 # The PC's legacy video memory and BIOS window: reserved, as on real hardware, by default.
 LEGACY_HOLE = (0xA0000, 0x60000)
-_GDT_ADDR, _BOOT_PARAMS, _STACK_TOP, _PAGE_TABLES, _CMDLINE = 0x500, 0x7000, 0x8FF0, 0x9000, 0x20000
+# The boot protocol's boot GDT: __BOOT_CS = 0x10 and __BOOT_DS = 0x18, flat.
+_BOOT_CS, _BOOT_DS = 0x10, 0x18
+_GDT_64, _GDT_32 = (0, 0, _CODE64, _DATA), (0, 0, _CODE32, _DATA)
+# Where the loader's own pieces go: low memory, clear of the real-mode IVT and BIOS data
+# area (below 0x500) and of the legacy hole; the kernel and initrd go at 1 MiB and above.
 _IDENTITY_GIB = 4
+_GDT = Placed(0x500, 8 * len(_GDT_64))
+_BOOT_PARAMS = Placed(0x7000, PAGE)                          # the "zero page"
+_STACK_TOP = 0x8FF0                                          # in the page below 0x9000
+_PAGE_TABLES = Placed(0x9000, page_table_size(_IDENTITY_GIB))
+_CMDLINE = 0x20000
 # The kernel runs from the identity map (64-bit entry) or with 32-bit addresses: below 4 GiB.
 _KERNEL_TOP = _IDENTITY_GIB << 30
 _HIGH = 0x100000                 # the kernel goes at 1 MiB or above
-# The boot protocol's boot GDT: __BOOT_CS = 0x10 and __BOOT_DS = 0x18, flat.
-_BOOT_CS = 0x10
-_GDT_64, _GDT_32 = (0, 0, _CODE64, _DATA), (0, 0, _CODE32, _DATA)
 _LOADER_ID = 0xFF                # type_of_loader: "undefined" (no assigned loader id)
+_PREF_ADDRESS_PROTOCOL = 0x020A  # pref_address and init_size: boot protocol 2.10
 _ELF_PROTOCOL = 0x020F           # what an ELF vmlinux is told: the protocol we fill fields of
 _ELF_CMDLINE_SIZE = 2047         # x86 COMMAND_LINE_SIZE less the NUL
 _ELF_INITRD_MAX = 0x7FFFFFFF     # the limit 64-bit kernels declare in their own headers
@@ -130,10 +137,9 @@ def load_linux(vm: X86Vm, vcpu: X86Vcpu, kernel: Source, cmdline: str | bytes = 
     ramdisk = _read(initrd, "initrd") if initrd is not None else None
     e820 = _e820(vm, reserved)
     ram = [(e.addr, e.addr + e.size) for e in e820 if e.type == E820Type.RAM]
-    low = [Placed(_GDT_ADDR, 8 * len(_GDT_64)), Placed(_BOOT_PARAMS, PAGE),
-           Placed(_STACK_TOP & ~(PAGE - 1), PAGE), Placed(_CMDLINE, len(line))]
-    if bits == 64:
-        low.append(Placed(_PAGE_TABLES, page_table_size(_IDENTITY_GIB)))
+    page_tables = _PAGE_TABLES if bits == 64 else None
+    low = [_GDT, _BOOT_PARAMS, Placed(_STACK_TOP & ~(PAGE - 1), PAGE), Placed(_CMDLINE, len(line)),
+           *([page_tables] if page_tables else [])]
     for part in low:
         _require_ram(ram, part, "the loader's low-memory tables")
     if bits == 64:
@@ -143,7 +149,7 @@ def load_linux(vm: X86Vm, vcpu: X86Vcpu, kernel: Source, cmdline: str | bytes = 
 
     params = _boot_params(image, kernel_range, line, initrd_range, e820)
     memory = vm.memory
-    memory.write(_BOOT_PARAMS, bytes(params))
+    memory.write(_BOOT_PARAMS.addr, bytes(params))
     memory.write(_CMDLINE, line)
     if isinstance(image, _BzImage):
         memory.write(kernel_range.addr, image.payload)
@@ -154,23 +160,22 @@ def load_linux(vm: X86Vm, vcpu: X86Vcpu, kernel: Source, cmdline: str | bytes = 
     if ramdisk is not None and initrd_range is not None:
         memory.write(initrd_range.addr, ramdisk)
     if bits == 64:
-        _enter_long_mode(vcpu, memory, entry, page_tables=_PAGE_TABLES, gdt_addr=_GDT_ADDR,
-                         stack=_STACK_TOP, identity_gib=_IDENTITY_GIB, gdt=_GDT_64, code=_BOOT_CS)
+        _enter_long_mode(vcpu, memory, entry, page_tables=_PAGE_TABLES.addr, gdt_addr=_GDT.addr,
+                         stack=_STACK_TOP, identity_gib=_IDENTITY_GIB, gdt=_GDT_64, code=_BOOT_CS,
+                         data=_BOOT_DS)
     else:
-        _enter_protected_mode(vcpu, memory, entry, gdt_addr=_GDT_ADDR, stack=_STACK_TOP,
-                              gdt=_GDT_32, code=_BOOT_CS)
+        _enter_protected_mode(vcpu, memory, entry, gdt_addr=_GDT.addr, stack=_STACK_TOP,
+                              gdt=_GDT_32, code=_BOOT_CS, data=_BOOT_DS)
     regs = vcpu.get_regs()
-    regs.rsi = _BOOT_PARAMS            # the protocol's one argument; ebp, edi, ebx zero
+    regs.rsi = _BOOT_PARAMS.addr            # the protocol's one argument; ebp, edi, ebx zero
     regs.rbp = regs.rdi = regs.rbx = 0
     vcpu.set_regs(regs)
     return LinuxBoot(
         format="bzImage" if isinstance(image, _BzImage) else "ELF",
         protocol=image.protocol if isinstance(image, _BzImage) else _ELF_PROTOCOL,
-        bits=bits, entry=entry, kernel=kernel_range, boot_params=Placed(_BOOT_PARAMS, PAGE),
-        cmdline=Placed(_CMDLINE, len(line)), initrd=initrd_range,
-        gdt=Placed(_GDT_ADDR, 8 * len(_GDT_64)),
-        page_tables=Placed(_PAGE_TABLES, page_table_size(_IDENTITY_GIB)) if bits == 64 else None,
-        e820=tuple(e820))
+        bits=bits, entry=entry, kernel=kernel_range, boot_params=_BOOT_PARAMS,
+        cmdline=Placed(_CMDLINE, len(line)), initrd=initrd_range, gdt=_GDT,
+        page_tables=page_tables, e820=tuple(e820))
 
 
 def _read(source: Source, what: str) -> memoryview:
@@ -281,34 +286,38 @@ def _place_kernel(image: _BzImage | _ElfImage, ram: list[tuple[int, int]],
     if bits == 64 and len(image.payload) <= ENTRY_64_OFFSET:
         raise BootError(f"this bzImage's kernel is {len(image.payload)} bytes: its 64-bit entry, "
                         f"at {ENTRY_64_OFFSET:#x}, is past its end")
+    # The kernel never runs below pref_address (its LOAD_PHYSICAL_ADDR): loaded lower, the
+    # decompressor moves itself up there, and needs init_size bytes from there on.
+    runs_from = hdr.pref_address if hdr.version >= _PREF_ADDRESS_PROTOCOL else 0
     size = max(hdr.init_size, len(image.payload))
     if image.relocatable:
-        addr = _relocated(hdr, size, ram)
-    else:
-        addr = hdr.code32_start
-        if addr < _HIGH:
-            raise BootError(f"this non-relocatable kernel runs at {addr:#x}, below 1 MiB where "
-                            "the loader keeps its tables")
-        _require_ram(ram, Placed(addr, size), f"this non-relocatable kernel ({size} bytes with "
-                                              "init_size)")
-    return Placed(addr, size), addr + (ENTRY_64_OFFSET if bits == 64 else 0)
+        addr = _relocated(hdr, size, ram, max(runs_from, _HIGH))
+        return Placed(addr, size), addr + (ENTRY_64_OFFSET if bits == 64 else 0)
+    addr, run = hdr.code32_start, runs_from or hdr.code32_start
+    if min(addr, run) < _HIGH:
+        raise BootError(f"this non-relocatable kernel is loaded at {addr:#x} and runs at "
+                        f"{run:#x}: below 1 MiB, where the loader keeps its tables")
+    _require_ram(ram, Placed(addr, len(image.payload)), "this non-relocatable kernel's image")
+    _require_ram(ram, Placed(run, size), f"this non-relocatable kernel's run address (init_size "
+                                         f"{hdr.init_size})")
+    start = min(addr, run)
+    return (Placed(start, max(addr + len(image.payload), run + size) - start),
+            addr + (ENTRY_64_OFFSET if bits == 64 else 0))
 
 
-def _relocated(hdr: abi.setup_header, size: int, ram: list[tuple[int, int]]) -> int:
-    """pref_address if the kernel fits there, else the lowest kernel_alignment-aligned address
-    at or above 1 MiB where it does."""
+def _relocated(hdr: abi.setup_header, size: int, ram: list[tuple[int, int]], floor: int) -> int:
+    """The lowest kernel_alignment-aligned address at or above floor (pref_address, when the
+    header has one) where the kernel's size bytes are RAM: pref_address itself if they fit."""
     align = max(hdr.kernel_alignment, PAGE)
     if align & (align - 1):
         raise BootError(f"the kernel asks for alignment {align:#x}, not a power of two")
-    if hdr.pref_address and hdr.pref_address % align == 0 and hdr.pref_address >= _HIGH and \
-            any(s <= hdr.pref_address and hdr.pref_address + size <= e for s, e in ram):
-        return int(hdr.pref_address)
     for s, e in ram:
-        addr = -(-max(s, _HIGH) // align) * align
+        addr = -(-max(s, floor) // align) * align
         if addr + size <= e:
             return addr
     raise BootError(f"the kernel needs {size} bytes of RAM (init_size {hdr.init_size}) at a "
-                    f"{align:#x}-aligned address from 1 MiB to 4 GiB; RAM there is {_describe(ram)}")
+                    f"{align:#x}-aligned address from {floor:#x} (it never runs below its "
+                    f"pref_address) to 4 GiB; RAM there is {_describe(ram)}")
 
 
 def _place_initrd(data: memoryview, image: _BzImage | _ElfImage, ram: list[tuple[int, int]],

@@ -96,25 +96,25 @@ def setup_protected_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, gdt_
                          stack: int = 0) -> None:
     """32-bit protected mode, flat segments, no paging; the GDT goes at gdt_addr."""
     _enter_protected_mode(vcpu, memory, entry, gdt_addr=gdt_addr, stack=stack,
-                          gdt=_GDT, code=SEL_CODE32)
+                          gdt=_GDT, code=SEL_CODE32, data=SEL_DATA)
 
 
 def _flat_segments(vcpu: X86Vcpu, memory: GuestMemory, gdt: tuple[int, ...], gdt_addr: int,
-                   code: int, *, long: bool) -> abi.kvm_sregs:
+                   code: int, data: int, *, long: bool) -> abi.kvm_sregs:
     """Write gdt at gdt_addr; return the vCPU's sregs with it loaded, CS = code, the rest data."""
     _write_descriptors(memory, gdt_addr, gdt)
     sregs = vcpu.get_sregs()
     fill(sregs.gdt, {"base": "gdt_addr"}, base=gdt_addr, limit=8 * len(gdt) - 1)
     _segment(sregs.cs, code, code=True, long=long)
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        _segment(seg, SEL_DATA, code=False)
+        _segment(seg, data, code=False)
     return sregs
 
 
 def _enter_protected_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, gdt_addr: int,
-                          stack: int, gdt: tuple[int, ...], code: int) -> None:
+                          stack: int, gdt: tuple[int, ...], code: int, data: int) -> None:
     _check_entry(entry, stack, 1 << 32)
-    sregs = _flat_segments(vcpu, memory, gdt, gdt_addr, code, long=False)
+    sregs = _flat_segments(vcpu, memory, gdt, gdt_addr, code, data, long=False)
     # Paging and long mode off, whatever mode the vCPU was put in before.
     sregs.cr0 = (sregs.cr0 & ~(_CACHES_OFF | CR0_PG)) | CR0_PE | CR0_ET | CR0_NE
     sregs.cr4 &= ~CR4_PAE
@@ -159,15 +159,15 @@ def setup_long_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, page_tabl
     if set_cpuid:
         set_supported_cpuid(vcpu)
     _enter_long_mode(vcpu, memory, entry, page_tables=page_tables, gdt_addr=gdt_addr,
-                     stack=stack, identity_gib=identity_gib, gdt=_GDT, code=SEL_CODE64)
+                     stack=stack, identity_gib=identity_gib, gdt=_GDT, code=SEL_CODE64,
+                     data=SEL_DATA)
 
 
 def _enter_long_mode(vcpu: X86Vcpu, memory: GuestMemory, entry: int, *, page_tables: int,
                      gdt_addr: int, stack: int, identity_gib: int, gdt: tuple[int, ...],
-                     code: int) -> None:
-    _check_entry(entry, stack, 1 << 64)
+                     code: int, data: int) -> None:
     cr3 = write_identity_page_tables(memory, page_tables, identity_gib)
-    sregs = _flat_segments(vcpu, memory, gdt, gdt_addr, code, long=True)
+    sregs = _flat_segments(vcpu, memory, gdt, gdt_addr, code, data, long=True)
     sregs.cr3 = cr3
     sregs.cr4 |= CR4_PAE
     sregs.efer |= EFER_LME | EFER_LMA
