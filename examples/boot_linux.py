@@ -1,8 +1,8 @@
 """A small VMM that boots a Linux kernel (or memtest86+) and shows its serial console.
 
 Run it:
-    python examples/boot_linux.py KERNEL [--cmdline TEXT] [--initrd FILE] [--memory MIB]
-                                         [--until TEXT] [--timeout SECONDS]
+    python examples/boot_linux.py KERNEL [--cmdline TEXT] [--initrd FILE] [--bits 64|32]
+                                         [--memory MIB] [--until TEXT] [--timeout SECONDS]
 
 KERNEL is a bzImage or an uncompressed ELF vmlinux (examples/extract_vmlinux.py makes one
 from a bzImage). The guest's serial output goes to stdout; what the VMM did, to stderr.
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         vm.add_memory(0, args.memory << 20)
         vcpu = vm.create_vcpu(0)
         x86.set_supported_cpuid(vcpu)
-        boot = x86.load_linux(vm, vcpu, args.kernel, cmdline=args.cmdline, initrd=args.initrd)
+        boot = x86.load_linux(vm, vcpu, args.kernel, cmdline=args.cmdline, initrd=args.initrd,
+                              bits=args.bits)
         # [/machine]
         print(f"loaded {boot.format} (protocol {boot.protocol >> 8}.{boot.protocol & 0xFF:02d}) "
               f"at [{boot.kernel.addr:#x}, {boot.kernel.end:#x}), {boot.bits}-bit entry "
@@ -180,6 +181,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("kernel", help="a bzImage or an ELF vmlinux")
     p.add_argument("--cmdline", default="console=ttyS0 earlyprintk=serial,ttyS0")
     p.add_argument("--initrd")
+    p.add_argument("--bits", type=int, choices=(64, 32), default=64,
+                   help="enter at the 64-bit entry point (default) or the 32-bit one")
     p.add_argument("--memory", type=int, default=512, help="guest RAM in MiB (default 512)")
     p.add_argument("--until", help="stop once the console has printed this text")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
