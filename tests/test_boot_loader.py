@@ -214,6 +214,14 @@ def test_boot_params_holds_the_images_header_with_the_loader_id_filled_in(boot_v
     assert code32_start == 0x1400000                    # where it went, not the image's 1 MiB
 
 
+def test_what_was_placed_where_is_shown_in_hex(boot_vm, bzimage):
+    loaded, _ = boot(boot_vm, bzimage("boot_where"), "quiet")
+    shown = repr(loaded)
+    assert "entry=0x1400200" in shown and "protocol=0x20f" in shown and "bits=64" in shown
+    assert "kernel=Placed(addr=0x1400000, size=" in shown
+    assert "E820Entry(addr=0xa0000, size=0x60000, type=RESERVED)" in shown
+
+
 def test_cmd_line_ptr_points_at_the_command_line_given(boot_vm, bzimage):
     cmdline = "console=ttyS0 root=/dev/vda1 rw init=/sbin/boot-test"
     _, (*_header, length, digest) = boot(boot_vm, bzimage("boot_params64"), cmdline)

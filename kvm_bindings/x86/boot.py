@@ -18,7 +18,7 @@ import ctypes
 import enum
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, NamedTuple, Union
 
 from ..abi import x86_64 as abi
@@ -59,6 +59,9 @@ class E820Entry(NamedTuple):
     size: int
     type: E820Type
 
+    def __repr__(self) -> str:
+        return f"E820Entry(addr={self.addr:#x}, size={self.size:#x}, type={self.type.name})"
+
 
 class Placed(NamedTuple):
     """A guest-physical range the loader filled."""
@@ -68,6 +71,9 @@ class Placed(NamedTuple):
     @property
     def end(self) -> int:
         return self.addr + self.size
+
+    def __repr__(self) -> str:
+        return f"Placed(addr={self.addr:#x}, size={self.size:#x})"
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,11 @@ class LinuxBoot:
     gdt: Placed
     page_tables: Placed | None  # None for a 32-bit entry (paging off)
     e820: tuple[E820Entry, ...]
+
+    def __repr__(self) -> str:       # addresses in hex, as a VMM author reads them
+        shown = [f"{f.name}={value:#x}" if isinstance(value := getattr(self, f.name), int)
+                 and f.name != "bits" else f"{f.name}={value!r}" for f in fields(self)]
+        return f"LinuxBoot({', '.join(shown)})"
 
 
 # The PC's legacy video memory and BIOS window: reserved, as on real hardware, by default.
