@@ -13,7 +13,7 @@ logging is turned off and on, which makes every page dirty again. Measured:
 - clear: KVM_CLEAR_DIRTY_LOG of the whole slot (C: with the bitmap it just got; Python:
   vm.clear_dirty_log(region, bitmap), and vm.clear_dirty_log(region), which builds the
   all-ones bitmap itself). Target <= 2x C.
-- ring: a guest (tests/guests/dirty_pages.S) writes N pages (default 64,512: a ring of
+- ring: a guest (kvm_bindings/guests/dirty_pages.S) writes N pages (default 64,512: a ring of
   65,536 entries less KVM's reserve); then vcpu.harvest_dirty_ring() against C copying
   out each published entry's slot and offset and marking it for reset. Also reported
   at N/8, to show the cost per entry stays flat. No target in the issue; reported.
@@ -89,7 +89,7 @@ LOGGED = 0x10000000
 
 def build_guest(tmp: Path) -> Path:
     obj, guest = tmp / "dirty_pages.o", tmp / "dirty_pages.bin"
-    subprocess.run(["as", "--64", "-o", obj, HERE.parent / "tests/guests/dirty_pages.S"], check=True)
+    subprocess.run(["as", "--64", "-o", obj, HERE.parent / "kvm_bindings/guests/dirty_pages.S"], check=True)
     subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x1000", "--oformat", "binary", "-o", guest,
                     obj], check=True)
     return guest

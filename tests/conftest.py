@@ -90,12 +90,20 @@ def pytest_terminal_summary(terminalreporter) -> None:
 # ---- KVM and guests ---------------------------------------------------------
 
 GUESTS = ROOT / "tests" / "guests"
+# The guests the conformance command runs ship in the package, prebuilt; tests use them too.
+BUNDLED_GUESTS = ROOT / "kvm_bindings" / "guests"
+
+
+def guest_source(name: str) -> Path:
+    """tests/guests/<name>.S, or the bundled kvm_bindings/guests/<name>.S."""
+    own = GUESTS / f"{name}.S"
+    return own if own.exists() else BUNDLED_GUESTS / f"{name}.S"
 LOAD_ADDR = 0x1000
 
 
 @pytest.fixture(scope="session")
 def assemble(tmp_path_factory):
-    """assemble(name, base=0x1000) -> bytes of tests/guests/<name>.S linked at base (cached)."""
+    """assemble(name, base=0x1000) -> bytes of <name>.S (guest_source) linked at base (cached)."""
     need(shutil.which("as") is not None and shutil.which("ld") is not None,
          "GNU as/ld (binutils) are not installed", REQUIRE_TOOLS or REQUIRE_KVM)
     out = tmp_path_factory.mktemp("guests")
@@ -106,7 +114,7 @@ def assemble(tmp_path_factory):
         if key not in cache:
             import subprocess
             obj, binary = out / f"{name}-{base:x}.o", out / f"{name}-{base:x}.bin"
-            subprocess.run(["as", "--64", "-o", str(obj), str(GUESTS / f"{name}.S")], check=True)
+            subprocess.run(["as", "--64", "-o", str(obj), str(guest_source(name))], check=True)
             subprocess.run(["ld", "-m", "elf_x86_64", f"-Ttext={base:#x}", "--oformat", "binary",
                             "-o", str(binary), str(obj)], check=True)
             cache[key] = binary.read_bytes()

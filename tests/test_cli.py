@@ -7,7 +7,9 @@ import subprocess
 import sys
 from importlib import resources
 
-from .conftest import ROOT
+import pytest
+
+from .conftest import BUNDLED_GUESTS, ROOT
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -34,12 +36,14 @@ def test_info_reports_every_capability(kvm):
     assert "capabilities" in text.stdout and "KVM_CAP_IRQCHIP" in text.stdout
 
 
-def test_bundled_demo_guest_is_its_source_assembled(assemble, tmp_path):
-    """guests/greeting.bin ships so the demo needs no assembler; it must be greeting.S."""
+@pytest.mark.parametrize("name", sorted(p.stem for p in BUNDLED_GUESTS.glob("*.S")))
+def test_each_bundled_guest_is_its_source_assembled(assemble, name):
+    """guests/*.bin ship so the demo and the conformance checks need no assembler: each must
+    be its .S, assembled and linked at 0x1000."""
     guests = resources.files("kvm_bindings").joinpath("guests")
-    obj, binary = tmp_path / "g.o", tmp_path / "g.bin"
-    with resources.as_file(guests.joinpath("greeting.S")) as src:
-        subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x1000", "--oformat", "binary", "-o",
-                    str(binary), str(obj)], check=True)
-    assert guests.joinpath("greeting.bin").read_bytes() == binary.read_bytes()
+    assert guests.joinpath(f"{name}.bin").read_bytes() == assemble(name)
+
+
+def test_every_bundled_guest_source_has_its_binary_and_no_binary_is_orphaned():
+    sources = {p.stem for p in BUNDLED_GUESTS.glob("*.S")}
+    assert sources == {p.stem for p in BUNDLED_GUESTS.glob("*.bin")} and len(sources) >= 11
