@@ -1,4 +1,4 @@
-"""python -m kvm_bindings demo | info [--json]"""
+"""python -m kvm_bindings demo | info [--json] | conformance [--json] [--junit FILE] [--device PATH]"""
 
 from __future__ import annotations
 
@@ -83,6 +83,22 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def conformance(args: argparse.Namespace) -> int:
+    """Check the running kernel against the bindings: API, capabilities, guest behaviour."""
+    from . import KvmUnavailable
+    from . import conformance as live
+    try:
+        report = live.run(args.device)
+    except KvmUnavailable as e:
+        print(f"error: cannot run the conformance checks: {e}", file=sys.stderr)
+        return 2
+    if args.junit:
+        with open(args.junit, "w", encoding="utf-8") as f:
+            f.write(report.to_junit())
+    print(report.to_json() if args.json else report.table(verbose=args.verbose))
+    return report.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvm_bindings", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -90,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help=info.__doc__)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=info)
+    p = sub.add_parser("conformance", help=conformance.__doc__,
+                       description=f"{conformance.__doc__} Exit status 0: every check passed "
+                       "or was skipped with a reason; 1: a check failed; 2: could not run.")
+    p.add_argument("--json", action="store_true", help="each check as JSON")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML to FILE")
+    p.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
+    p.add_argument("--verbose", action="store_true", help="list passing checks too")
+    p.set_defaults(func=conformance)
     args = ap.parse_args(argv)
     try:
         return int(args.func(args))

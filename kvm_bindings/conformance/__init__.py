@@ -1,0 +1,52 @@
+"""Live conformance: does the running kernel do what the shipped bindings' headers promise?
+
+``python -m kvm_bindings conformance [--json] [--junit FILE] [--device PATH]`` runs every
+check and exits 0 when each passed or was skipped with a reason, 1 when one failed, and 2
+when it could not run at all (no KVM device at the path). ``run()`` does the same from
+Python and returns the Report.
+
+Groups:
+
+- api: KVM_GET_API_VERSION, and KVM_GET_VCPU_MMAP_SIZE against sizeof(struct kvm_run);
+- capabilities: every KVM_CAP_* the bindings know, asked with KVM_CHECK_EXTENSION, and
+  the values api.rst relates to one another;
+- behaviour: the bundled guests (port and string I/O, MMIO, HLT, a triple fault, the
+  dirty log, ioeventfd, irqfd through the in-kernel irqchip, MSR exits and filters,
+  single-stepping, immediate_exit), each on a fresh VM, skipped with the capability's
+  name where the kernel lacks it.
+
+Nothing here touches the host beyond the VMs it creates and closes again.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ..errors import KvmError
+from . import _behaviour, _kernel
+from .report import Check, Report, Status
+
+__all__ = ["Check", "Report", "Status", "run"]
+
+
+def run(device: str = "/dev/kvm") -> Report:
+    """Every check against the KVM device at `device`; KvmUnavailable if it is not one."""
+    from .. import Kvm  # the host arch's class
+    report = Report(kernel=_kernel_release(), device=device)
+    try:
+        kvm = Kvm(device)
+    except KvmError as e:
+        if e.errno != errno.EPROTO:          # KvmUnavailable and the like: could not run
+            raise
+        # Another API version: the bindings refuse the device, and nothing else can be asked.
+        report.add("api_version", "api", "fail", e.strerror or str(e))
+        return report
+    with kvm:
+        _kernel.run_checks(kvm, report)
+        _behaviour.run_checks(kvm, report)
+    return report
+
+
+def _kernel_release() -> str:
+    import platform
+    return f"Linux {platform.release()} ({platform.machine()})"
