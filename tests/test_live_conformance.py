@@ -33,7 +33,7 @@ def test_the_command_runs_clean_on_this_host_and_shows_each_group_with_counts():
     r = subprocess.run([sys.executable, "-m", "kvm_bindings", "conformance"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    for group in ("api", "capabilities", "behaviour"):
+    for group in ("api", "capabilities", "ioctls", "behaviour"):
         assert f"\n{group}: " in r.stdout and " 0 failed" in r.stdout.split(f"\n{group}: ")[1]
     assert "PASS  irqfd" in r.stdout and "passing checks not listed" in r.stdout
 
@@ -42,7 +42,7 @@ def test_json_lists_every_check_with_its_group_status_and_detail(capsys):
     assert main(["conformance", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     checks = report["checks"]
-    assert {c["group"] for c in checks} == {"api", "capabilities", "behaviour"}
+    assert {c["group"] for c in checks} == {"api", "capabilities", "ioctls", "behaviour"}
     assert all(set(c) == {"name", "group", "status", "detail"} for c in checks)
     assert {c["status"] for c in checks} <= {"pass", "skip"}
     names = {c["name"] for c in checks}

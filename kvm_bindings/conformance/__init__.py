@@ -10,6 +10,9 @@ Groups:
 - api: KVM_GET_API_VERSION, and KVM_GET_VCPU_MMAP_SIZE against sizeof(struct kvm_run);
 - capabilities: every KVM_CAP_* the bindings know, asked with KVM_CHECK_EXTENSION, and
   the values api.rst relates to one another;
+- ioctls: whether the kernel knows each of KVM's ioctl numbers, and on which fd kinds
+  (the probing rules are in kvm_bindings.conformance._ioctls: throwaway VMs, arguments
+  the kernel faults on before acting);
 - behaviour: the bundled guests (port and string I/O, MMIO, HLT, a triple fault, the
   dirty log, ioeventfd, irqfd through the in-kernel irqchip, MSR exits and filters,
   single-stepping, immediate_exit), each on a fresh VM, skipped with the capability's
@@ -23,7 +26,7 @@ from __future__ import annotations
 import errno
 
 from ..errors import KvmError
-from . import _behaviour, _kernel
+from . import _behaviour, _ioctls, _kernel
 from .report import Check, Report, Status
 
 __all__ = ["Check", "Report", "Status", "run"]
@@ -43,6 +46,7 @@ def run(device: str = "/dev/kvm") -> Report:
         return report
     with kvm:
         _kernel.run_checks(kvm, report)
+        _ioctls.run_checks(kvm, report)
         _behaviour.run_checks(kvm, report)
     return report
 
