@@ -131,6 +131,8 @@ class Ioctl:
     arg_c: str | None           # that type's C spelling
     file: str
     line: int
+    fd: tuple[str, ...] | None = None           # fd kinds kvm.h's comments say, else None
+    capability: tuple[str, ...] | None = None   # KVM_CAP_* a comment says gates it
 
 
 @dataclass

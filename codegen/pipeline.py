@@ -91,7 +91,23 @@ def build_model(hs: HeaderSet, arch: Arch) -> tuple[Model, Layout]:
     _check_layouts(model, layout)
     _macros(model, pp, evaluator, builder)
     _exit_members(model, hs)
+    _ioctl_notes(model, hs)
     return model, layout
+
+
+def _ioctl_notes(model: Model, hs: HeaderSet) -> None:
+    """Each ioctl's fd kinds and gating capability, as kvm.h's comments say (comments.py)."""
+    from .comments import ioctl_notes
+    top = next((d / preprocess.TOP_HEADER for d in hs.include_dirs
+                if (d / preprocess.TOP_HEADER).exists()), None)
+    if top is None:
+        return
+    notes = ioctl_notes(top.read_text(errors="replace"))
+    for io in model.ioctls.values():
+        note = notes.get(io.name)
+        if io.file == preprocess.TOP_HEADER and note is not None and note["line"] == io.line:
+            io.fd = note["fd"]                  # type: ignore[assignment]
+            io.capability = note["capability"]  # type: ignore[assignment]
 
 
 def _exit_members(model: Model, hs: HeaderSet) -> None:

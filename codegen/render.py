@@ -380,6 +380,13 @@ def _c_enums(model: Model, plan: names.Plan) -> list[dict]:
     return out
 
 
+def _py_tuple(names: tuple[str, ...] | None) -> str:
+    """("vm", "vcpu") as Python source; None stays None."""
+    if names is None:
+        return "None"
+    return "(" + ", ".join(f'"{n}"' for n in names) + ("," if len(names) == 1 else "") + ")"
+
+
 def _py_value(v: int | str, as_hex: bool = False) -> str:
     if isinstance(v, str):
         return repr(v)
@@ -405,7 +412,8 @@ def render_module(model: Model, layout: Layout) -> str:
             except GeneratorError:
                 arg = None
         ioctls.append({"name": io.name, "number": io.number, "direction": io.direction,
-                       "size": io.size, "arg": arg, "arg_c": io.arg_c})
+                       "size": io.size, "arg": arg, "arg_c": io.arg_c, "fd": io.fd,
+                       "capability": io.capability})
     constants = [(plan.values[c.name], _py_value(c.value, c.hex)) for c in model.constants.values()]
     enum_consts = [(plan.values[n], v) for e in model.enums for n, v in e.members
                    if n not in model.constants]
@@ -419,7 +427,7 @@ def render_module(model: Model, layout: Layout) -> str:
         families=families, c_enums=c_enums, ioctls=ioctls, c_types=c_types,
         skipped=model.skipped, empty=model.empty_macros, files=sorted(model.files.items()),
         byteorder=model.arch.byteorder, exit_members=model.exit_members,
-        renamed=sorted(plan.renamed.items()), py_value=_py_value,
+        renamed=sorted(plan.renamed.items()), py_value=_py_value, py_tuple=_py_tuple,
         all_lines=textwrap.wrap(" ".join(f'"{n}",' for n in public), 96,
                                 break_long_words=False, break_on_hyphens=False))
 

@@ -183,16 +183,20 @@ class _Bitfield:
 class Ioctl:
     """One ioctl: its number and what _IOC() was given for it."""
 
-    __slots__ = ("name", "number", "direction", "size", "arg_type", "arg_c")
+    __slots__ = ("name", "number", "direction", "size", "arg_type", "arg_c", "fd", "capability")
 
     def __init__(self, name: str, number: int, direction: str, size: int,
-                 arg_type: type[_CData] | None, arg_c: str | None) -> None:
+                 arg_type: type[_CData] | None, arg_c: str | None,
+                 fd: tuple[str, ...] | None = None,
+                 capability: tuple[str, ...] | None = None) -> None:
         self.name = name
         self.number = number
         self.direction = direction    # "none", "write", "read" or "readwrite", as _IOC says
         self.size = size              # the _IOC size field: bytes the kernel copies
         self.arg_type = arg_type      # the argument's ctypes type, when the size is a sizeof
         self.arg_c = arg_c            # that type's C spelling
+        self.fd = fd                  # fd kinds kvm.h says it is issued on; None: unstated
+        self.capability = capability  # the KVM_CAP_* names a comment says gate it, or None
 
     def __repr__(self) -> str:
         return (f"Ioctl({self.name!r}, {self.number:#x}, {self.direction!r}, {self.size}, "
