@@ -7,6 +7,7 @@ a capability taken away), and each must turn into exactly the failure or skip it
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from kvm_bindings import conformance as live
 from kvm_bindings.__main__ import main
 from kvm_bindings.conformance import Report
 from kvm_bindings.conformance import _behaviour as behaviour
+from kvm_bindings.conformance import _ioctls as ioctls_check
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -135,3 +137,70 @@ def test_a_run_leaves_no_fd_open():
     before = sorted(os.listdir("/proc/self/fd"))
     live.run()
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+# ---- the ioctls group: how an answer is judged ------------------------------------------
+
+ENOTTY, EINVAL, EFAULT = errno.ENOTTY, errno.EINVAL, errno.EFAULT
+UNKNOWN = {"system": EINVAL, "vm": ENOTTY, "vcpu": EINVAL, "device": ENOTTY}   # as this host
+
+
+def _io(fd=None, capability=None):
+    return abi.Ioctl("KVM_TEST", 0xAEFF, "none", 0, None, None, fd, capability)
+
+
+def _answers(**kinds):
+    return {k: kinds.get(k, UNKNOWN[k]) for k in ("system", "vm", "vcpu", "device")}
+
+
+@pytest.mark.parametrize("io, answers, gate, status, says", [
+    pytest.param(_io(("vcpu",)), _answers(vcpu=EFAULT), None, "pass", "known on vcpu fds (EFAULT), as",
+                 id="known where the header says"),
+    pytest.param(_io(("vm", "vcpu")), _answers(vm=EFAULT), None, "skip",
+                 "the header names vcpu fds (EINVAL), where this probe cannot tell",
+                 id="one of two named kinds cannot tell"),
+    pytest.param(_io(("vm",)), _answers(vcpu=EFAULT), None, "fail",
+                 "the header names vm fds (ENOTTY), which do not know it; vcpu fds (EFAULT) do",
+                 id="known only on another kind"),
+    pytest.param(_io(("vm",), ("KVM_CAP_X",)), _answers(), {"KVM_CAP_X": 1}, "fail",
+                 "KVM_CAP_X is 1, but vm fds (ENOTTY) do not know it", id="gated but unknown"),
+    pytest.param(_io(("vm",), ("KVM_CAP_X",)), _answers(), {"KVM_CAP_X": 0}, "pass",
+                 "not offered (KVM_CAP_X is 0)", id="not offered and unknown"),
+    pytest.param(_io(("vm",), ("KVM_CAP_X",)), _answers(vm=EFAULT), {"KVM_CAP_X": 0}, "pass",
+                 "note: known on vm fds (EFAULT), though KVM_CAP_X is 0",
+                 id="known though not offered"),
+    pytest.param(_io(("vm",)), _answers(), None, "skip", "names no capability",
+                 id="ungated and unknown"),
+    pytest.param(_io(("vcpu",)), _answers(), None, "skip", "this probe cannot tell",
+                 id="EINVAL like an unknown number"),
+    pytest.param(_io(None), _answers(system=0), None, "pass", "known on system fds (succeeded) "
+                 "(the header names no fd kind)", id="no kind named, known somewhere"),
+    pytest.param(_io(None, ("KVM_CAP_X",)), _answers(), {"KVM_CAP_X": 3}, "fail",
+                 "KVM_CAP_X is 3, but no fd kind knows it", id="no kind named, gated, unknown"),
+    pytest.param(_io(("device",)), _answers(device=None), None, "skip",
+                 "no device fd here to ask", id="no fd of that kind"),
+])
+def test_each_answer_is_judged_against_the_headers_fd_kind_and_capability(io, answers, gate,
+                                                                           status, says):
+    got = ioctls_check.judge(io, answers, UNKNOWN, gate)
+    assert got[0] == status and says in got[1], got
+
+
+def test_a_number_the_kernel_does_not_know_under_an_offered_capability_fails_the_run(monkeypatch):
+    fake = abi.Ioctl("KVM_NOT_A_REAL_IOCTL", ioctls_check.unused_number(), "none", 0, None, None,
+                     ("vm",), ("KVM_CAP_USER_MEMORY",))
+    real = ioctls_check.kvm_ioctls
+    monkeypatch.setattr(ioctls_check, "kvm_ioctls", lambda: {**real(), fake.name: fake})
+    report = live.run()
+    assert statuses(report)["KVM_NOT_A_REAL_IOCTL"] == (
+        "fail", "KVM_CAP_USER_MEMORY is 1, but vm fds (ENOTTY) do not know it")
+    assert report.exit_code == 1
+    assert statuses(report)["KVM_RUN"][0] == "pass"
+
+
+def test_every_kvm_ioctl_is_judged_and_the_others_are_not(capsys):
+    assert main(["conformance", "--json"]) == 0
+    judged = {c["name"] for c in json.loads(capsys.readouterr().out)["checks"]
+              if c["group"] == "ioctls"}
+    kvm_type = {n for n, io in abi.IOCTLS.items() if (io.number >> 8) & 0xFF == 0xAE}
+    assert kvm_type <= judged and not ({"APM_IOC_STANDBY", "APM_IOC_SUSPEND"} & judged)

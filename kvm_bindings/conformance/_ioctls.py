@@ -31,7 +31,7 @@ from .. import abi
 from .._fd import _ioctl
 from ..errors import KvmError
 from ..system import Kvm
-from .report import Report
+from .report import Report, Status
 
 FD_KINDS = ("system", "vm", "vcpu", "device")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -137,8 +137,62 @@ def run_checks(kvm: Kvm, report: Report) -> None:
     for kind, err in unknown.items():
         report.add(f"unknown number on {kind} fds", "ioctls", "pass",
                    f"{describe(err)}: how this kernel answers a number it does not know")
+    ios = kvm_ioctls()
+    with kvm.create_vm() as vm:
+        offered = {name: _gate(kvm, vm, ios[name].capability) for name in results}
     for name, by_kind in results.items():
-        known = [k for k, err in by_kind.items() if recognised(err, unknown.get(k))]
-        report.add(name, "ioctls", "pass" if known else "skip",
-                   "recognised on " + ", ".join(f"{k} fds ({describe(by_kind[k])})" for k in known)
-                   if known else "answered as an unknown number on every fd kind")
+        status, detail = judge(ios[name], by_kind, unknown, offered[name])
+        report.add(name, "ioctls", status, detail)
+
+
+def _gate(kvm: Kvm, vm: object, caps: tuple[str, ...] | None) -> dict[str, int] | None:
+    """{capability: its value} for the capabilities the header gates an ioctl with: asked
+    on the VM (which may answer more than /dev/kvm) and on /dev/kvm, the larger kept."""
+    if not caps:
+        return None
+    out = {}
+    for cap in caps:
+        number = getattr(abi, cap)
+        out[cap] = max(kvm.check_extension(number), vm.check_extension(number))  # type: ignore[attr-defined]
+    return out
+
+
+def judge(io: abi.Ioctl, by_kind: dict[str, int | None], unknown: dict[str, int],
+          gate: dict[str, int] | None) -> tuple[Status, str]:
+    """pass, fail or skip for one ioctl, with the reason, from the kernel's answers, the fd
+    kinds the header names (io.fd) and the capabilities it gates the ioctl with (gate)."""
+    known = [k for k, err in by_kind.items() if recognised(err, unknown.get(k))]
+    where = ", ".join(f"{k} fds ({describe(by_kind[k])})" for k in known)
+    offered = gate is None or any(gate.values())
+    gate_text = "" if gate is None else " and ".join(f"{c} is {v}" for c, v in gate.items())
+    declared = io.fd or ()
+    if declared and all(k in known for k in declared):
+        if not offered:            # known though not offered: said, not hidden
+            return "pass", f"note: known on {where}, though {gate_text}"
+        return "pass", f"known on {where}, as the header says"
+    if not declared:               # the header does not say: report where it is known
+        if known:
+            return "pass", f"known on {where} (the header names no fd kind)"
+        if not offered:
+            return "pass", f"not offered ({gate_text}) and known on no fd"
+        if gate is not None:
+            return "fail", f"{gate_text}, but no fd kind knows it"
+        return "skip", "known on no fd, and the header names neither a fd kind nor a capability"
+    missing = [k for k in declared if k not in known]
+    if all(by_kind.get(k) is None for k in missing):
+        return "skip", f"no {' or '.join(missing)} fd here to ask (the kernel made none)"
+    certain = [k for k in missing if by_kind.get(k) == errno.ENOTTY]
+    named = ", ".join(f"{k} fds ({describe(by_kind[k])})" for k in missing)
+    if not offered:
+        return "pass", f"not offered ({gate_text}), and {named} do not know it"
+    if known and not certain:
+        return "skip", (f"the header names {named}, where this probe cannot tell; the kernel "
+                        f"knows it on {where}")
+    if certain and gate is not None:
+        return "fail", f"{gate_text}, but {named} do not know it"
+    if certain and known:
+        return "fail", f"the header names {named}, which do not know it; {where} do"
+    if certain:
+        return "skip", (f"{named} do not know it, and the header names no capability for it "
+                        "(another arch's ioctl, or one the kernel withdrew)")
+    return "skip", f"{named} answer as for an unknown number: this probe cannot tell"

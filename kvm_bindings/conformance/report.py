@@ -61,7 +61,7 @@ class Report:
 
     def table(self, *, verbose: bool = False) -> str:
         """Grouped, with counts. Passing checks of a group with many are summed up unless
-        verbose; failures and skips are always listed, each with its detail."""
+        verbose; failures, skips and passes with a note ("note: ...") are always listed."""
         lines = [f"KVM conformance of {self.kernel} ({self.device})", ""]
         by_group: dict[str, list[Check]] = collections.defaultdict(list)
         for c in self.checks:
@@ -72,7 +72,7 @@ class Report:
             checks = by_group[group]
             quiet = not verbose and n["pass"] > 20
             for c in checks:
-                if quiet and c.status == "pass":
+                if quiet and c.status == "pass" and not c.detail.startswith("note:"):
                     continue
                 lines.append(f"  {c.status.upper():4}  {c.name:<{width}}  {c.detail}".rstrip())
             if quiet:
