@@ -42,6 +42,8 @@ kvm_docs_modules = [
     "kvm_bindings.errors",
     "kvm_bindings.stats",
     "kvm_bindings.device",
+    "kvm_bindings.conformance",
+    "kvm_bindings.testing",
 ]
 # Arch packages: their classes extend kvm_bindings.Kvm/Vm/Vcpu and list only what they add.
 kvm_docs_arch_modules = ["kvm_bindings.x86"]

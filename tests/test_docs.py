@@ -20,7 +20,8 @@ DOCS = ROOT / "docs"
 # The modules the reference has a page for, besides kvm_bindings itself.
 ARCHES = ["x86", "arm64", "riscv64"]
 MODULES = [*(f"kvm_bindings.{a}" for a in ARCHES), "kvm_bindings.memory", "kvm_bindings.exits",
-           "kvm_bindings.errors", "kvm_bindings.stats", "kvm_bindings.device"]
+           "kvm_bindings.errors", "kvm_bindings.stats", "kvm_bindings.device",
+           "kvm_bindings.conformance", "kvm_bindings.testing"]
 # Bases whose members are Python's, not ours.
 FOREIGN = ("builtins", "ctypes", "_ctypes", "enum", "abc", "typing")
 

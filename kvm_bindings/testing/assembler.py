@@ -1,0 +1,167 @@
+"""Assemble GNU as source into flat guest bytes at test time, with errors shown at the source line.
+
+The source runs through the C preprocessor and GNU as (`gcc -c`), so #include, #define
+and the ucall macros of kvm_ucall.h work, and __FILE__/__LINE__ name the user's own
+source; then `ld` links it flat (`--oformat binary`) at the base address. Needs gcc and
+GNU binutils (as, ld) for x86_64: Debian/Ubuntu `apt install gcc binutils`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["INCLUDE_DIR", "TOOLS", "AssemblyError", "MissingToolError", "Mode", "SourceError",
+           "assemble", "mode_bits"]
+
+# Where kvm_ucall.h lives: `gcc -I INCLUDE_DIR` for a build of your own.
+INCLUDE_DIR = Path(__file__).resolve().parent
+# The programs assemble() runs.
+TOOLS = ("gcc", "ld")
+Mode = Literal["long", "protected", "real"]
+_BITS = {"long": 64, "protected": 32, "real": 16}
+_CODE = {64: ".code64", 32: ".code32", 16: ".code16"}
+_TIMEOUT = 60
+# Everything the guest has, in one output section from base: code, read-only data, data and
+# zeroed bss, so the binary is exactly the guest's image with no page-aligned gaps.
+_LINKER_SCRIPT = """\
+SECTIONS {{
+  . = {base:#x};
+  .guest : {{ *(.text .text.*) *(.rodata .rodata.*) *(.data .data.*) *(.bss .bss.* COMMON) }}
+  /DISCARD/ : {{ *(.note .note.* .comment .eh_frame) }}
+}}
+"""
+# GNU as: "file:LINE: Error: text" and "file:LINE:  Info: macro invoked from here";
+# cpp: "file:LINE:COLUMN: error: text".
+_DIAGNOSTIC = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?:\d+:)?\s*(?P<kind>Error|Warning|Info|"
+                         r"error|warning|fatal error|note): (?P<text>.*)$")
+
+
+class MissingToolError(FileNotFoundError):
+    """A program assemble() needs (gcc, ld) is not installed; the message names it."""
+
+
+@dataclass(frozen=True)
+class SourceError:
+    """One assembler or preprocessor error, placed at a line of the user's source.
+
+    For an error inside a macro (a ucall macro given a bad operand), line is where the
+    source invoked the macro."""
+
+    file: str
+    line: int
+    message: str
+
+
+class AssemblyError(Exception):
+    """The assembler, preprocessor or linker refused the source.
+
+    errors lists each error at its source line; str() shows each with the lines around it."""
+
+    def __init__(self, name: str, errors: list[SourceError], output: str, source: str) -> None:
+        self.name = name
+        self.errors = errors
+        self.output = output
+        super().__init__(_describe(name, errors, output, source))
+
+
+def mode_bits(mode: Mode | int) -> int:
+    """"long", "protected", "real" (or 64, 32, 16) -> the operand width in bits."""
+    if isinstance(mode, int) and not isinstance(mode, bool) and mode in _CODE:
+        return mode
+    if isinstance(mode, str) and mode in _BITS:
+        return _BITS[mode]
+    raise ValueError(f"mode must be 'long', 'protected', 'real', 64, 32 or 16, not {mode!r}")
+
+
+def assemble(source: str | os.PathLike[str], *, mode: Mode | int = "long", base: int = 0x1000,
+             include_ucall: bool = True, name: str | None = None) -> bytes:
+    """GNU as source (a string, or the path of a .S file) -> the guest's bytes, linked flat at base.
+
+    mode sets the code width (.code64/.code32/.code16) and UCALL_BITS; include_ucall
+    includes kvm_ucall.h first (GUEST_SYNC, GUEST_ASSERT_EQ, GUEST_DONE ...). Errors
+    name the file and line: for a path, the path as given; for a string, name (default
+    "<string>"), and __FILE__ in the guest is that name too. AssemblyError if the tools
+    refuse the source, MissingToolError if gcc or ld is not installed.
+    """
+    bits = mode_bits(mode)
+    if not isinstance(base, int) or not 0 <= base < 1 << 32:
+        raise ValueError(f"base must be an int below 4 GiB, not {base!r}")
+    if isinstance(source, str):
+        text, display, folder = source, name or "<string>", None
+    else:
+        path = Path(source)
+        text, display, folder = path.read_text(), name or os.fspath(source), path.resolve().parent
+    tools = {tool: _find(tool) for tool in TOOLS}
+    prelude = [f"#define UCALL_BITS {bits}"]
+    if include_ucall:
+        prelude.append('#include "kvm_ucall.h"')
+    quoted = display.replace("\\", "\\\\").replace('"', '\\"')
+    # #line: from here on, __LINE__, __FILE__ and every diagnostic are the user's own.
+    wrapper = "\n".join([*prelude, ".text", _CODE[bits], f'#line 1 "{quoted}"', text, ""])
+    with tempfile.TemporaryDirectory(prefix="kvm-bindings-asm-") as tmp:
+        work = Path(tmp)
+        (work / "guest.S").write_text(wrapper)
+        (work / "guest.ld").write_text(_LINKER_SCRIPT.format(base=base))
+        includes = ["-I", str(INCLUDE_DIR)] + (["-I", str(folder)] if folder else [])
+        _run([tools["gcc"], "-c", "-x", "assembler-with-cpp", *includes, "-o", str(work / "guest.o"),
+              str(work / "guest.S")], work, display, text)
+        _run([tools["ld"], "-m", "elf_x86_64", "-z", "noexecstack", "-e", f"{base:#x}", "-T",
+              str(work / "guest.ld"), "--oformat", "binary", "-o", str(work / "guest.bin"),
+              str(work / "guest.o")], work, display, text)
+        return (work / "guest.bin").read_bytes()
+
+
+def _find(tool: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        raise MissingToolError(f"assemble() needs {tool!r}, which is not on PATH: install gcc and "
+                               "GNU binutils (Debian/Ubuntu: apt install gcc binutils)")
+    return found
+
+
+def _run(cmd: list[str], cwd: Path, display: str, source: str) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=_TIMEOUT)
+    if proc.returncode != 0:
+        output = (proc.stderr + proc.stdout).strip()
+        raise AssemblyError(display, _errors(output, display), output, source)
+
+
+def _errors(output: str, display: str) -> list[SourceError]:
+    """Each error at the line of the user's source it comes from.
+
+    GNU as follows an error inside a macro with "Info: macro invoked from here" lines, the
+    last of them the invocation in the user's source; the error's own line is the macro's
+    (in kvm_ucall.h, though as names it with the including file)."""
+    errors: list[SourceError] = []
+    for raw in output.splitlines():
+        m = _DIAGNOSTIC.match(raw)
+        if m is None:
+            continue
+        kind, where = m["kind"].lower(), (m["file"], int(m["line"]))
+        if kind in ("error", "fatal error"):
+            errors.append(SourceError(where[0], where[1], m["text"].strip()))
+        elif kind == "info" and errors and "invoked from here" in m["text"]:
+            last = errors[-1]
+            errors[-1] = SourceError(where[0], where[1], last.message)
+    return [e for e in errors if e.file == display] or errors
+
+
+def _describe(name: str, errors: list[SourceError], output: str, source: str) -> str:
+    if not errors:
+        return f"assembling {name} failed:\n{output}"
+    lines = source.splitlines()
+    out = [f"assembling {name} failed:"]
+    for e in errors:
+        out.append(f"{e.file}:{e.line}: {e.message}")
+        if e.file != name:
+            continue
+        for n in range(max(1, e.line - 1), min(len(lines), e.line + 1) + 1):
+            out.append(f"  {'>' if n == e.line else ' '} {n:4} | {lines[n - 1]}")
+    return "\n".join(out)
