@@ -5,8 +5,32 @@ from __future__ import annotations
 import pytest
 
 from kvm_bindings import HltExit, IoExit, x86
+from kvm_bindings.testing import MEMORY_SIZE, load_guest, run_guest
+from kvm_bindings.testing import assemble as kit_assemble
 
 from .conftest import GDT_ADDR, LOAD_ADDR
+
+# Guests written with the test kit (kvm_bindings.testing): each reports through GUEST_SYNC.
+READS_CR0 = """
+    mov     %cr0, %eax
+    GUEST_SYNC(%eax)
+    movl    $0x32323232, 0x100000   // above 1 MiB, which real mode cannot reach
+    GUEST_DONE
+"""
+READS_EFER = """
+    movabs  $0x1122334455667788, %rax
+    mov     %rax, 0x6000
+    mov     $0xc0000080, %ecx       // IA32_EFER
+    rdmsr
+    GUEST_SYNC(%rax)
+    GUEST_DONE
+"""
+
+
+def _kit_vcpu(vm):
+    """vCPU 0 of vm, its RAM grown from the fixture's 64 KiB to the kit's layout (2 MiB)."""
+    vm.add_memory(0x10000, MEMORY_SIZE - 0x10000)
+    return vm.create_vcpu(0)
 
 
 def test_real_mode_runs_code_at_the_entry_point(real_mode):
@@ -15,28 +39,22 @@ def test_real_mode_runs_code_at_the_entry_point(real_mode):
     assert vcpu.get_regs().rip == LOAD_ADDR + 1          # just past the hlt
 
 
-def test_protected_mode_has_pe_set_and_reaches_past_1mib(vm, protected_mode):
-    vm.add_memory(0x100000, 0x1000)
-    vcpu = protected_mode("protected")
-    report = vcpu.run()
-    assert isinstance(report, IoExit)
-    cr0 = int.from_bytes(report.data, "little")      # as the guest reads it
+def test_protected_mode_has_pe_set_and_reaches_past_1mib(vm):
+    vcpu = _kit_vcpu(vm)
+    load_guest(vcpu, kit_assemble(READS_CR0, mode="protected"), mode="protected")
+    [cr0] = (event.value for event in run_guest(vcpu))      # as the guest reads it
     assert cr0 & x86.CR0_PE and not cr0 & x86.CR0_PG
     assert not cr0 & (x86.CR0_CD | x86.CR0_NW)         # caches on, as a loader leaves them
-    assert isinstance(vcpu.run(), HltExit)
     assert vm.memory.read(0x100000, 4) == b"2222"
 
 
-def test_long_mode_guest_writes_a_64_bit_value(vm, assemble):
-    vm.memory.write(LOAD_ADDR, assemble("long_mode"))
-    vcpu = vm.create_vcpu(0)
-    x86.setup_long_mode(vcpu, vm.memory, LOAD_ADDR, page_tables=0x8000, gdt_addr=GDT_ADDR,
-                        stack=0x7000)
+def test_long_mode_guest_writes_a_64_bit_value(vm):
+    vcpu = _kit_vcpu(vm)
+    load_guest(vcpu, kit_assemble(READS_EFER))
     sregs = vcpu.get_sregs()
     assert sregs.efer & x86.EFER_LMA and sregs.cs.l == 1
-    efer = vcpu.run()
-    assert isinstance(efer, IoExit) and int.from_bytes(efer.data, "little") & x86.EFER_LMA
-    assert isinstance(vcpu.run(), HltExit)
+    [efer] = (event.value for event in run_guest(vcpu))
+    assert efer & x86.EFER_LMA
     assert vm.memory.read_int(0x6000, 8) == 0x1122334455667788
 
 
@@ -52,8 +70,7 @@ def test_identity_page_tables_map_each_2mib_page_to_itself(vm):
         x86.PTE_PRESENT | x86.PTE_WRITE | x86.PTE_LARGE
 
 
-def test_translate_walks_the_guests_page_tables(vm, assemble):
-    vm.memory.write(LOAD_ADDR, assemble("long_mode"))
+def test_translate_walks_the_guests_page_tables(vm):
     vcpu = vm.create_vcpu(0)
     x86.setup_long_mode(vcpu, vm.memory, LOAD_ADDR, page_tables=0x8000, gdt_addr=GDT_ADDR)
     tr = vcpu.translate(0x6123)
@@ -80,19 +97,15 @@ def _in_long_mode(vm, vcpu) -> None:
     assert vcpu.get_sregs().efer & x86.EFER_LMA
 
 
-def test_protected_mode_after_long_mode_turns_paging_and_long_mode_off(vm, assemble):
-    vm.add_memory(0x100000, 0x1000)
-    vcpu = vm.create_vcpu(0)
+def test_protected_mode_after_long_mode_turns_paging_and_long_mode_off(vm):
+    vcpu = _kit_vcpu(vm)
     _in_long_mode(vm, vcpu)
-    vm.memory.write(LOAD_ADDR, assemble("protected"))
-    x86.setup_protected_mode(vcpu, vm.memory, LOAD_ADDR, gdt_addr=GDT_ADDR, stack=0x8000)
+    load_guest(vcpu, kit_assemble(READS_CR0, mode="protected"), mode="protected")
     sregs = vcpu.get_sregs()
     assert not sregs.efer & (x86.EFER_LME | x86.EFER_LMA) and not sregs.cr4 & x86.CR4_PAE
-    report = vcpu.run()                                 # the guest reads CR0 itself
-    assert isinstance(report, IoExit)
-    cr0 = int.from_bytes(report.data, "little")
+    [cr0] = (event.value for event in run_guest(vcpu))      # the guest reads CR0 itself
     assert cr0 & x86.CR0_PE and not cr0 & x86.CR0_PG
-    assert isinstance(vcpu.run(), HltExit) and vm.memory.read(0x100000, 4) == b"2222"
+    assert vm.memory.read(0x100000, 4) == b"2222"
 
 
 @pytest.mark.parametrize("before", ["long", "protected"])
