@@ -84,19 +84,9 @@ def info(args: argparse.Namespace) -> int:
 
 
 def conformance(args: argparse.Namespace) -> int:
-    """Check the running kernel against the bindings: API, capabilities, guest behaviour."""
-    from . import KvmUnavailable
+    """Check the running kernel against the bindings: API, capabilities, ioctls, guest behaviour."""
     from . import conformance as live
-    try:
-        report = live.run(args.device)
-    except KvmUnavailable as e:
-        print(f"error: cannot run the conformance checks: {e}", file=sys.stderr)
-        return 2
-    if args.junit:
-        with open(args.junit, "w", encoding="utf-8") as f:
-            f.write(report.to_junit())
-    print(report.to_json() if args.json else report.table(verbose=args.verbose))
-    return report.exit_code
+    return live.cli(args.device, as_json=args.json, junit=args.junit, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

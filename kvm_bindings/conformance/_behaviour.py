@@ -249,8 +249,9 @@ def run_checks(kvm: Kvm, report: Report, checks: dict[str, Callable[[Vm], str]] 
                 guard.start()
                 try:
                     detail = check(vm)
-                finally:
+                finally:      # joined: no kick may land on the next check's VM, no thread outlive run()
                     guard.cancel()
+                    guard.join()
         except KvmUnsupported as e:
             report.add(name, "behaviour", "skip", f"this kernel lacks {e.capability}")
         except CheckFailed as e:

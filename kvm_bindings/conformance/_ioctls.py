@@ -8,7 +8,8 @@ The rules, so that nothing here can harm the host:
 - An ioctl that passes a struct gets a pointer to a page mapped with no access: the
   kernel faults (EFAULT) on its first read or write of the argument, before acting on
   it. One that passes a value gets 0.
-- Any fd a probe makes the kernel return (a VM, a vCPU, a stats fd) is closed at once.
+- Any fd a probe makes the kernel return (a VM, a vCPU, a stats fd) is closed at once;
+  no other fd is touched, so runs in several threads at once do not disturb one another.
 
 How an answer is read: the kernel first answers, on each fd kind, a number of KVM's type
 that no KVM ioctl uses (the "unknown" answer: ENOTTY on VM and device fds, EINVAL on
@@ -67,22 +68,42 @@ def _no_access_page() -> Iterator[int]:
 
 
 def _open_fds() -> set[int]:
-    """This process's open fds, less the one this listing uses."""
-    listing = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return {int(f) for f in os.listdir(listing)} - {listing}
-    finally:
-        os.close(listing)
+    """This process's open fds. (Listing /proc/self/fd opens one more fd, and listing it by
+    an fd of our own dup()s that one: whichever it is, it is closed by the time of the
+    fstat, which leaves it out. Kept, its number would look open when a probe's new fd
+    took it.)"""
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:
+            continue
+        out.add(int(name))
+    return out
+
+
+# /proc/self/fd's names of the fds KVM makes: kvm-vm, kvm-vcpu:N, kvm-vm-stats, [kvm-gmem]...
+_KVM_FD_NAMES = ("anon_inode:kvm", "anon_inode:[kvm")
 
 
 def _probe(fd: int, number: int, size: int, fault: int) -> int:
-    """The errno the kernel answers (0 for success); fds it returned are closed."""
+    """The errno the kernel answers (0 for success); an fd it returned is closed.
+
+    An ioctl that makes an fd returns it (one taking a struct faults on the no-access page
+    first), so only that fd is closed: the return value, if it is an fd that was not open
+    before and /proc names it a KVM one. Closing every fd that appeared meanwhile would
+    close other threads' files. Between the ioctl and the close only C functions run, so
+    a Ctrl-C cannot land between them and leave the fd open."""
     before = _open_fds()
     ret = _ioctl(fd, number, fault if size else 0)
     err = ctypes.get_errno() if ret < 0 else 0
-    for new in _open_fds() - before:
-        with contextlib.suppress(OSError):
-            os.close(new)
+    if ret > 0 and ret not in before:
+        try:
+            made = os.readlink(f"/proc/self/fd/{ret}")
+        except OSError:
+            made = ""
+        if made.startswith(_KVM_FD_NAMES):
+            os.close(ret)
     return err
 
 

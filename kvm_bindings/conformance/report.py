@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -11,6 +12,15 @@ from typing import Literal
 __all__ = ["Check", "Report", "Status"]
 
 Status = Literal["pass", "fail", "skip"]
+
+# What XML 1.0 cannot hold, even escaped: control characters and lone surrogates.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(text: str) -> str:
+    """text with each character XML cannot hold shown as its escape (\\x1b), so a detail
+    carrying one still makes a valid JUnit file."""
+    return _NOT_XML.sub(lambda m: ascii(m[0])[1:-1], text)
 
 
 @dataclass(frozen=True)
@@ -92,16 +102,17 @@ class Report:
             by_group[c.group].append(c)
         for group, checks in by_group.items():
             n = self.counts()[group]
-            suite = ET.SubElement(suites, "testsuite", name=group, tests=str(len(checks)),
+            suite = ET.SubElement(suites, "testsuite", name=_xml_text(group), tests=str(len(checks)),
                                   failures=str(n["fail"]), skipped=str(n["skip"]), errors="0")
             for c in checks:
-                case = ET.SubElement(suite, "testcase", classname=f"conformance.{group}",
-                                     name=c.name)
+                detail = _xml_text(c.detail)
+                case = ET.SubElement(suite, "testcase", classname=_xml_text(f"conformance.{group}"),
+                                     name=_xml_text(c.name))
                 if c.status == "fail":
-                    ET.SubElement(case, "failure", message=c.detail).text = c.detail
+                    ET.SubElement(case, "failure", message=detail).text = detail
                 elif c.status == "skip":
-                    ET.SubElement(case, "skipped", message=c.detail)
-                elif c.detail:
-                    ET.SubElement(case, "system-out").text = c.detail
+                    ET.SubElement(case, "skipped", message=detail)
+                elif detail:
+                    ET.SubElement(case, "system-out").text = detail
         ET.indent(suites)
         return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"

@@ -8,9 +8,11 @@ GNU binutils (as, ld) for x86_64: Debian/Ubuntu `apt install gcc binutils`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +30,10 @@ Mode = Literal["long", "protected", "real"]
 _BITS = {"long": 64, "protected": 32, "real": 16}
 _CODE = {64: ".code64", 32: ".code32", 16: ".code16"}
 _TIMEOUT = 60
+# AssemblyError's message shows this many errors at most, and .errors holds this many at most:
+# a large garbage source makes one per line, hundreds of MB of output to parse.
+_SHOWN_ERRORS = 20
+_MAX_ERRORS = 1000
 # Everything the guest has, in one output section from base: code, read-only data, data and
 # zeroed bss, so the binary is exactly the guest's image with no page-aligned gaps.
 _LINKER_SCRIPT = """\
@@ -88,16 +94,30 @@ def assemble(source: str | os.PathLike[str], *, mode: Mode | int = "long", base:
     includes kvm_ucall.h first (GUEST_SYNC, GUEST_ASSERT_EQ, GUEST_DONE ...). Errors
     name the file and line: for a path, the path as given; for a string, name (default
     "<string>"), and __FILE__ in the guest is that name too. AssemblyError if the tools
-    refuse the source, MissingToolError if gcc or ld is not installed.
+    refuse the source (or take longer than a minute), MissingToolError if gcc or ld is not
+    installed; TypeError for source bytes (decode them: a str is source text, never a path).
     """
     bits = mode_bits(mode)
-    if not isinstance(base, int) or not 0 <= base < 1 << 32:
-        raise ValueError(f"base must be an int below 4 GiB, not {base!r}")
+    if not isinstance(base, int) or isinstance(base, bool) or not 0 <= base < 1 << 32:
+        raise ValueError(f"base must be an int from 0 to below 4 GiB, not {base!r}")
+    if name is not None and (not isinstance(name, str) or not name.isprintable()):
+        raise ValueError(f"name must be printable text (it becomes the guest's __FILE__), not {name!r}")
     if isinstance(source, str):
         text, display, folder = source, name or "<string>", None
-    else:
+    elif isinstance(source, os.PathLike) and isinstance(os.fspath(source), str):
         path = Path(source)
-        text, display, folder = path.read_text(), name or os.fspath(source), path.resolve().parent
+        text, display = path.read_text(encoding="utf-8"), name or os.fspath(source)
+        folder = path.resolve().parent
+    else:
+        raise TypeError(f"assemble() takes source text (str) or a path (os.PathLike), not "
+                        f"{type(source).__name__}")
+    if not display.isprintable():
+        raise ValueError(f"the source's path must be printable text (it becomes the guest's "
+                         f"__FILE__), not {display!r}")
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the source is not valid Unicode text: {e}") from None
     tools = {tool: _find(tool) for tool in TOOLS}
     prelude = [f"#define UCALL_BITS {bits}"]
     if include_ucall:
@@ -107,7 +127,7 @@ def assemble(source: str | os.PathLike[str], *, mode: Mode | int = "long", base:
     wrapper = "\n".join([*prelude, ".text", _CODE[bits], f'#line 1 "{quoted}"', text, ""])
     with tempfile.TemporaryDirectory(prefix="kvm-bindings-asm-") as tmp:
         work = Path(tmp)
-        (work / "guest.S").write_text(wrapper)
+        (work / "guest.S").write_text(wrapper, encoding="utf-8")
         (work / "guest.ld").write_text(_LINKER_SCRIPT.format(base=base))
         includes = ["-I", str(INCLUDE_DIR)] + (["-I", str(folder)] if folder else [])
         _run([tools["gcc"], "-c", "-x", "assembler-with-cpp", *includes, "-o", str(work / "guest.o"),
@@ -127,7 +147,24 @@ def _find(tool: str) -> str:
 
 
 def _run(cmd: list[str], cwd: Path, display: str, source: str) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=_TIMEOUT)
+    # TMPDIR=cwd: gcc's own temporary files (the preprocessed source) go into our directory,
+    # which is removed however the run ends; a session of its own lets a timeout stop gcc's
+    # children (as) too, not gcc alone.
+    env = {**os.environ, "TMPDIR": str(cwd)}
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, text=True, errors="replace",
+                          start_new_session=True) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=_TIMEOUT)
+        except BaseException as e:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise AssemblyError(display, [], f"{Path(cmd[0]).name} did not finish within "
+                                    f"{_TIMEOUT} s and was stopped", source) from None
+            raise
+    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     if proc.returncode != 0:
         output = (proc.stderr + proc.stdout).strip()
         raise AssemblyError(display, _errors(output, display), output, source)
@@ -146,6 +183,8 @@ def _errors(output: str, display: str) -> list[SourceError]:
             continue
         kind, where = m["kind"].lower(), (m["file"], int(m["line"]))
         if kind in ("error", "fatal error"):
+            if len(errors) == _MAX_ERRORS:
+                break
             errors.append(SourceError(where[0], where[1], m["text"].strip()))
         elif kind == "info" and errors and "invoked from here" in m["text"]:
             last = errors[-1]
@@ -155,13 +194,18 @@ def _errors(output: str, display: str) -> list[SourceError]:
 
 def _describe(name: str, errors: list[SourceError], output: str, source: str) -> str:
     if not errors:
-        return f"assembling {name} failed:\n{output}"
+        shown = output if len(output) <= 8000 else f"{output[:8000]}\n... (all of it in .output)"
+        return f"assembling {name} failed:\n{shown}"
     lines = source.splitlines()
     out = [f"assembling {name} failed:"]
-    for e in errors:
+    for e in errors[:_SHOWN_ERRORS]:
         out.append(f"{e.file}:{e.line}: {e.message}")
         if e.file != name:
             continue
         for n in range(max(1, e.line - 1), min(len(lines), e.line + 1) + 1):
             out.append(f"  {'>' if n == e.line else ' '} {n:4} | {lines[n - 1]}")
+    if len(errors) > _SHOWN_ERRORS:
+        more = "more" if len(errors) < _MAX_ERRORS else "or more"
+        out.append(f"... and {len(errors) - _SHOWN_ERRORS} {more} errors (.errors holds the first "
+                   f"{_MAX_ERRORS}, .output all the tools said)")
     return "\n".join(out)

@@ -6,7 +6,8 @@ device is missing or unusable, a test using them is skipped with the reason; wit
 KVM_BINDINGS_REQUIRE_KVM=1 it fails instead (for CI, where a skip would hide a broken
 host). KVM_BINDINGS_DEVICE names another device path than /dev/kvm.
 
-A conftest.py fixture of the same name overrides these, as pytest always does.
+A conftest.py fixture of the same name overrides these, as pytest always does; vcpu is
+then built on the conftest's vm (which must give a kvm_bindings Vm, else TypeError).
 """
 
 from __future__ import annotations
@@ -88,5 +89,10 @@ def vm(kvm: Kvm) -> Iterator[Vm]:
 
 @pytest.fixture
 def vcpu(vm: Vm) -> Vcpu:
-    """vCPU 0 of the vm fixture's VM (which closes it)."""
+    """vCPU 0 of the vm fixture's VM (which closes it): a conftest.py's own vm too."""
+    from ..vm import Vm
+
+    if not isinstance(vm, Vm):
+        raise TypeError(f"the vcpu fixture makes vCPU 0 of the vm fixture's VM, but vm gave "
+                        f"{type(vm).__name__}: a vm fixture of your own must give a kvm_bindings Vm")
     return vm.create_vcpu(0)

@@ -11,6 +11,8 @@ guest that never reaches GUEST_DONE fails the test instead of hanging it.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import struct
 import threading
 import time
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
+from ..errors import StaleHandleError
 from ..exits import Exit, InterruptedExit, IoExit
 from ..vcpu import Vcpu
 
@@ -104,7 +107,37 @@ def ucalls(vcpu: Vcpu, *, handler: Handler | None = None, max_exits: int = MAX_E
     was handled and the guest resumes; without a handler, or on a false result,
     UnexpectedExitError. More than max_exits exits, or more than timeout seconds of
     running (the vCPU is kicked then), raises GuestTimeoutError.
+
+    The arguments are checked here, before anything runs: TypeError or ValueError for a
+    bad one (max_exits a positive int, timeout a positive finite number of seconds, port
+    a 16-bit port), StaleHandleError for a closed vCPU or a vCPU of a closed VM.
     """
+    _check_arguments(vcpu, handler, max_exits, timeout, port)
+    return _ucalls(vcpu, handler, max_exits, float(timeout), port)
+
+
+def _check_arguments(vcpu: Vcpu, handler: Handler | None, max_exits: int, timeout: float,
+                     port: int) -> None:
+    if not isinstance(vcpu, Vcpu):
+        raise TypeError(f"ucalls() runs a Vcpu, not {type(vcpu).__name__}")
+    if handler is not None and not callable(handler):
+        raise TypeError(f"handler must be callable or None, not {type(handler).__name__}")
+    if not isinstance(max_exits, int) or isinstance(max_exits, bool):
+        raise TypeError(f"max_exits must be an int, not {type(max_exits).__name__}")
+    if max_exits < 1:
+        raise ValueError(f"max_exits must be at least 1, not {max_exits}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port must be an I/O port from 0 to 0xffff, not {port!r}")
+    for handle in (vcpu.vm, vcpu):       # .fd: StaleHandleError once closed
+        _ = handle.fd
+
+
+def _ucalls(vcpu: Vcpu, handler: Handler | None, max_exits: int, timeout: float,
+            port: int) -> Iterator[Event]:
     exits, left = 0, timeout
     while True:
         with _Watchdog(vcpu, left) as dog:
@@ -175,7 +208,11 @@ def _string(vcpu: Vcpu, gpa: int) -> str:
     memory = vcpu.vm.memory
     out = bytearray()
     while len(out) < _STRING_MAX:
-        chunk = memory.read(gpa + len(out), 1)
+        try:
+            chunk = memory.read(gpa + len(out), 1)
+        except ValueError:      # GuestMemoryError: no RAM there
+            where = "is outside guest memory" if not out else f"runs off guest memory after {len(out)} bytes"
+            raise UcallError(f"a ucall's string at {gpa:#x} {where}") from None
         if chunk == b"\0":
             return out.decode(errors="replace")
         out += chunk
@@ -232,7 +269,9 @@ class _Watchdog:
         with self._lock:
             if not self._done:
                 self.fired = True
-                self.vcpu.kick()
+                # A vCPU closed under the run: its run() raises StaleHandleError, nothing to kick.
+                with contextlib.suppress(StaleHandleError):
+                    self.vcpu.kick()
 
     def __enter__(self) -> _Watchdog:
         self._start = time.monotonic()
