@@ -75,6 +75,7 @@ NAMING = re.compile(
     r"fileno|from|setup|write|read|load|view|host|region|overlapping|preferred|vcpu_init|"
     r"finalize|core|sysreg|csr|isa|timer|config|fpr|vector|reg|dump|disable|"
     r"encrypt|memory|interrupt|ioctl|init|notify|"
+    r"pre_fault|"          # vcpu.pre_fault_memory(): KVM_PRE_FAULT_MEMORY's own verb
     r"save|restore)")      # save_/restore_: snapshots (vm.save_state(), kvm.restore_vm())
 
 

@@ -242,7 +242,9 @@ def _save_stopped(vm: X86Vm, memory: bool, track_dirty: bool, base: VmState | No
         if irqchip:
             for name, chip in _CHIPS:
                 structs[name] = vm.get_irqchip(chip)
-        if any(c == "create_pit2" for c, _ in setup):
+        # KVM_GET_PIT2 reads the PIT whichever call made it (create_pit is create_pit2 with
+        # KVM_PIT_SPEAKER_DUMMY); the restore makes it with the same call.
+        if any(c in ("create_pit2", "create_pit") for c, _ in setup):
             structs["pit2"] = vm.get_pit2()
         if vm.check_extension(abi.Capability.ADJUST_CLOCK):
             structs["clock"] = vm.get_clock()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .._layout import capacity, check_field, check_flex, check_int, expect, fill
 from ..abi import x86_64 as abi
 from ..errors import KvmError, KvmUnsupported
+from ..memory import PAGE_SIZE
 from ..vcpu import Vcpu
 from . import _cpuid, _msrs
 
@@ -207,6 +208,32 @@ class X86Vcpu(Vcpu):
         the guest has not enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW)."""
         self.vm.require(abi.Capability.KVMCLOCK_CTRL, "KVM_KVMCLOCK_CTRL")
         self.ioctl(abi.KVM_KVMCLOCK_CTRL)
+
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> None:
+        """KVM_PRE_FAULT_MEMORY (KVM_CAP_PRE_FAULT_MEMORY): map guest memory gpa..gpa+size
+        into the stage-2 page tables now, as if this vCPU had touched it, so its first
+        accesses take no fault. gpa and size are page-aligned and size is not 0; a range any
+        byte of which no memory region backs raises GuestMemoryError before any ioctl.
+
+        The kernel may stop partway (a signal, or memory slots changing: EINTR or EAGAIN,
+        or success with part of the range left): this call asks again for what is left
+        until all of it is mapped. flags: 0, the only value the kernel accepts today."""
+        gpa = check_int(gpa, ctypes.c_uint64, "gpa")
+        size = check_int(size, ctypes.c_uint64, "size")
+        if size == 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
+            raise ValueError(f"pre_fault_memory(): gpa {gpa:#x} and size {size:#x} must be "
+                             f"multiples of {PAGE_SIZE:#x}, and size not 0")
+        self.vm.memory._pieces(gpa, size)       # GuestMemoryError for an unbacked byte
+        req = fill(abi.kvm_pre_fault_memory, gpa=gpa, size=size, flags=flags)
+        self.vm.require(abi.Capability.PRE_FAULT_MEMORY, "KVM_PRE_FAULT_MEMORY")
+        while req.size:
+            # The kernel moves gpa and size past what it mapped, so asking again with the
+            # same struct goes on where it stopped.
+            try:
+                self.ioctl(abi.KVM_PRE_FAULT_MEMORY, req)
+            except KvmError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
 
     def translate(self, linear_address: int) -> abi.kvm_translation:
         """KVM_TRANSLATE: walk the guest's page tables -> kvm_translation."""

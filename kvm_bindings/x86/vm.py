@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = ["X86Vm"]
 
+# KVM_MIN_ALLOC_MMU_PAGES: the kernel refuses a smaller shadow MMU (EINVAL).
+_MIN_MMU_PAGES = 64
+
 
 class X86Vm(Vm):
     """A VM on an x86 host: everything Vm does, the x86-only VM ioctls, and X86Vcpu vCPUs."""
@@ -91,6 +94,35 @@ class X86Vm(Vm):
         self.ioctl(abi.KVM_SET_BOOT_CPU_ID, vcpu_id)
         self._record("boot_cpu_id", "set_boot_cpu_id", vcpu_id=vcpu_id)
 
+    def set_nr_mmu_pages(self, pages: int) -> None:
+        """KVM_SET_NR_MMU_PAGES (KVM_CAP_MMU_SHADOW_CACHE_CONTROL): cap the shadow MMU's
+        page-table pages for this VM at `pages` (at least 64; the default grows with guest
+        memory). Only shadow paging uses them: under EPT/NPT it changes nothing. A restore
+        sets it again."""
+        pages = check_int(pages, ctypes.c_ulong, "pages")
+        if pages < _MIN_MMU_PAGES:
+            raise ValueError(f"set_nr_mmu_pages(): at least {_MIN_MMU_PAGES} pages, not {pages}")
+        self.require(abi.Capability.MMU_SHADOW_CACHE_CONTROL, "KVM_SET_NR_MMU_PAGES")
+        self.ioctl(abi.KVM_SET_NR_MMU_PAGES, pages)
+        self._record("nr_mmu_pages", "set_nr_mmu_pages", pages=pages)
+
+    def get_nr_mmu_pages(self) -> int:
+        """KVM_GET_NR_MMU_PAGES (KVM_CAP_MMU_SHADOW_CACHE_CONTROL): the shadow MMU's page
+        limit, on kernels that still have the ioctl. Upstream withdrew it (the capability now
+        announces only KVM_SET_NR_MMU_PAGES): where the kernel does not know it, KvmError
+        (ENOTTY) says so."""
+        self.require(abi.Capability.MMU_SHADOW_CACHE_CONTROL, "KVM_GET_NR_MMU_PAGES")
+        try:
+            return self.ioctl(abi.KVM_GET_NR_MMU_PAGES)
+        except KvmError as e:
+            # ENOTTY on a VM fd: the kernel has no such ioctl, not a refusal of this VM.
+            if e.errno != errno.ENOTTY:
+                raise
+            raise KvmError("KVM_GET_NR_MMU_PAGES", errno.ENOTTY,
+                           "this kernel no longer has the ioctl: it was withdrawn upstream, "
+                           "and KVM_CAP_MMU_SHADOW_CACHE_CONTROL now announces only "
+                           "KVM_SET_NR_MMU_PAGES; keep the value you set") from None
+
     # -- memory encryption (SEV, TDX)
     def _encryption_ioctl(self, number: int, name: str, arg: object) -> None:
         try:
@@ -149,8 +181,9 @@ class X86Vm(Vm):
     def create_pit2(self, flags: int = 0) -> None:
         """KVM_CREATE_PIT2: the in-kernel i8254 timer."""
         self.require(abi.Capability.PIT2, "KVM_CREATE_PIT2")
-        self.ioctl(abi.KVM_CREATE_PIT2, fill(abi.kvm_pit_config, flags=flags))
-        self._record("pit2", "create_pit2", flags=flags)
+        self._pit_ioctl(abi.KVM_CREATE_PIT2, "KVM_CREATE_PIT2",
+                        fill(abi.kvm_pit_config, flags=flags))
+        self._record("pit", "create_pit2", flags=flags)
 
     def get_pit2(self) -> abi.kvm_pit_state2:
         """KVM_GET_PIT2 -> kvm_pit_state2 (after create_pit2())."""
@@ -159,6 +192,57 @@ class X86Vm(Vm):
     def set_pit2(self, state: abi.kvm_pit_state2) -> None:
         """KVM_SET_PIT2."""
         self.ioctl(abi.KVM_SET_PIT2, expect(state, abi.kvm_pit_state2, "set_pit2()"))
+
+    def create_pit(self) -> None:
+        """KVM_CREATE_PIT (KVM_CAP_PIT): the legacy form of create_pit2(), the same in-kernel
+        i8254 with KVM_PIT_SPEAKER_DUMMY set. One PIT per VM, made either way, after
+        create_irqchip(); get_pit()/set_pit() and get_pit2()/set_pit2() both reach it, and
+        snapshots save it through get_pit2() and make it again with create_pit()."""
+        self.require(abi.Capability.PIT, "KVM_CREATE_PIT")
+        self._pit_ioctl(abi.KVM_CREATE_PIT, "KVM_CREATE_PIT", None)
+        self._record("pit", "create_pit")
+
+    def get_pit(self) -> abi.kvm_pit_state:
+        """KVM_GET_PIT -> kvm_pit_state (KVM_CAP_PIT): the three channels of the in-kernel
+        PIT, without kvm_pit_state2's flags."""
+        self.require(abi.Capability.PIT, "KVM_GET_PIT")
+        state = abi.kvm_pit_state()
+        self._pit_ioctl(abi.KVM_GET_PIT, "KVM_GET_PIT", state)
+        return state
+
+    def set_pit(self, state: abi.kvm_pit_state) -> None:
+        """KVM_SET_PIT (KVM_CAP_PIT): the three channels, as get_pit() returned them; each
+        channel's count is loaded again, so count_load_time is stamped anew."""
+        expect(state, abi.kvm_pit_state, "set_pit()")
+        self.require(abi.Capability.PIT, "KVM_SET_PIT")
+        self._pit_ioctl(abi.KVM_SET_PIT, "KVM_SET_PIT", state)
+
+    def set_pit_reinject(self, enabled: bool) -> None:
+        """KVM_REINJECT_CONTROL (KVM_CAP_REINJECT_CONTROL): whether the in-kernel PIT makes
+        up the ticks a guest missed (True, the kernel's default) or drops them. Needs the PIT;
+        the kernel has no call to read it back. A restore sets it again."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"set_pit_reinject() takes a bool, not {type(enabled).__name__}")
+        self.require(abi.Capability.REINJECT_CONTROL, "KVM_REINJECT_CONTROL")
+        self._pit_ioctl(abi.KVM_REINJECT_CONTROL, "KVM_REINJECT_CONTROL",
+                        fill(abi.kvm_reinject_control, pit_reinject=int(enabled)))
+        self._record("pit_reinject", "set_pit_reinject", enabled=enabled)
+
+    def _pit_ioctl(self, number: int, name: str, arg: object) -> None:
+        try:
+            self.ioctl(number, arg, name=name)
+        except KvmError as e:
+            # The kernel's answers without the PIT (ENXIO) or its irqchip (ENOENT).
+            if e.errno == errno.ENXIO:
+                raise KvmError(name, e.errno, "this VM has no in-kernel PIT: create_pit2() "
+                                              "or create_pit() first") from None
+            if e.errno == errno.ENOENT:
+                raise KvmError(name, e.errno, "the in-kernel PIT needs the in-kernel PIC: "
+                                              "create_irqchip() first") from None
+            if e.errno == errno.EEXIST:
+                raise KvmError(name, e.errno, "this VM has its PIT already (one per VM, "
+                                              "from create_pit2() or create_pit())") from None
+            raise
 
     def get_clock(self) -> abi.kvm_clock_data:
         """KVM_GET_CLOCK: the guest's kvmclock (kvm_clock_data)."""
