@@ -198,11 +198,11 @@ def test_a_guest_waits_in_vain_without_the_pit_programmed(vm):
 def test_pit_reinject_is_accepted_with_the_in_kernel_pit(vm):
     vm.create_irqchip()
     vm.create_pit2()
-    vm.set_pit_reinject(False)
-    vm.set_pit_reinject(True)
     # The kernel has no call to read it back: what a restore replays is the last one made.
-    assert [c for c in vm._setup.values() if c[0] == "set_pit_reinject"] == \
-        [("set_pit_reinject", {"enabled": True})]
+    for enabled in (False, True, False):
+        vm.set_pit_reinject(enabled)
+        assert [c for c in vm._setup.values() if c[0] == "set_pit_reinject"] == \
+            [("set_pit_reinject", {"enabled": enabled})]
 
 
 def test_pit_reinject_without_the_pit_says_to_create_it(vm):
@@ -242,8 +242,9 @@ def test_a_vm_with_the_legacy_pit_is_restored_with_its_pit_state_and_setup(kvm, 
     vm.set_pit(pit)
     vm.create_vcpu(0)
     state = vm.save_state()
-    assert [c for c, _ in state.values["setup"]][-3:] == \
-        ["create_pit", "set_pit_reinject", "set_nr_mmu_pages"]
+    assert state.values["setup"][-3:] == [["create_pit", {}],
+                                          ["set_pit_reinject", {"enabled": False}],
+                                          ["set_nr_mmu_pages", {"pages": 128}]]
     with kvm.restore_vm(state) as restored:
         got = restored.get_pit().channels[2]
         assert (got.count, got.mode) == (0x2345, 3)
