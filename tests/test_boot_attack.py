@@ -274,8 +274,15 @@ def test_every_cut_of_an_elf_header_or_program_header_is_refused(small_machine):
     vm, vcpu = small_machine
     image = elf()
     for cut in range(0, EHDR.size + PHDR.size):
-        refused(BootError, vm, vcpu, bytes(image[:cut]))
-    refused(BootError, vm, vcpu, bytes(image[:0x1800]))     # cut inside the segment's bytes
+        message = refused(BootError, vm, vcpu, bytes(image[:cut]))
+        if cut < 4:                 # not even the ELF magic: neither format
+            assert "neither a bzImage" in message, (cut, message)
+        elif cut < EHDR.size:
+            assert f"cut short: {cut} bytes, less than an ELF header" in message, (cut, message)
+        else:
+            assert "program headers" in message and "not all inside the file" in message
+    message = refused(BootError, vm, vcpu, bytes(image[:0x1800]))   # inside the segment's bytes
+    assert "segment 0" in message and "does not fit the file" in message
 
 
 @pytest.mark.parametrize("fields, says", [
