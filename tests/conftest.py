@@ -156,6 +156,16 @@ def real_mode(vm, assemble):
     return start
 
 
+@pytest.fixture
+def kit_vm(kvm):
+    """A VM as the test kit's plugin makes it: its memory layout (2 MiB at 0) and TSS."""
+    from kvm_bindings.testing import MEMORY_SIZE, TSS_ADDR
+    with kvm.create_vm() as v:
+        v.set_tss_addr(TSS_ADDR)
+        v.add_memory(0, MEMORY_SIZE)
+        yield v
+
+
 GDT_ADDR = 0x500
 
 

@@ -15,8 +15,6 @@ import pytest
 
 from kvm_bindings import HltExit, IoExit
 from kvm_bindings.testing import (
-    MEMORY_SIZE,
-    TSS_ADDR,
     AssemblyError,
     Done,
     GuestAssertionError,
@@ -43,15 +41,6 @@ REGISTER = {"long": "%rax", "protected": "%eax", "real": "%ax"}
 def toolchain() -> None:
     need(shutil.which("gcc") is not None and shutil.which("ld") is not None,
          "gcc and GNU ld are not installed", REQUIRE_TOOLS or REQUIRE_KVM)
-
-
-@pytest.fixture
-def kit_vm(kvm):
-    """A VM as the plugin's vm fixture makes it (tests/conftest.py's vm has only 64 KiB)."""
-    with kvm.create_vm() as v:
-        v.set_tss_addr(TSS_ADDR)
-        v.add_memory(0, MEMORY_SIZE)
-        yield v
 
 
 @pytest.fixture

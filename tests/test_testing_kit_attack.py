@@ -19,7 +19,6 @@ import pytest
 from kvm_bindings import StaleHandleError
 from kvm_bindings.testing import (
     MEMORY_SIZE,
-    TSS_ADDR,
     AssemblyError,
     GuestTimeoutError,
     MissingToolError,
@@ -214,14 +213,6 @@ def test_assemble_from_many_threads_at_once_gives_each_its_own_guest(private_tmp
 
 
 # ---- ucalls(): guests whose records lie -----------------------------------------------------
-
-@pytest.fixture
-def kit_vm(kvm):
-    with kvm.create_vm() as v:
-        v.set_tss_addr(TSS_ADDR)
-        v.add_memory(0, MEMORY_SIZE)
-        yield v
-
 
 @pytest.fixture
 def guest(kit_vm):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvm_bindings import HltExit, IoExit, x86
-from kvm_bindings.testing import MEMORY_SIZE, load_guest, run_guest
 from kvm_bindings.testing import assemble as kit_assemble
+from kvm_bindings.testing import load_guest, run_guest
 
 from .conftest import GDT_ADDR, LOAD_ADDR
 
@@ -27,20 +27,15 @@ READS_EFER = """
 """
 
 
-def _kit_vcpu(vm):
-    """vCPU 0 of vm, its RAM grown from the fixture's 64 KiB to the kit's layout (2 MiB)."""
-    vm.add_memory(0x10000, MEMORY_SIZE - 0x10000)
-    return vm.create_vcpu(0)
-
-
 def test_real_mode_runs_code_at_the_entry_point(real_mode):
     vcpu = real_mode("hlt")
     assert isinstance(vcpu.run(), HltExit)
     assert vcpu.get_regs().rip == LOAD_ADDR + 1          # just past the hlt
 
 
-def test_protected_mode_has_pe_set_and_reaches_past_1mib(vm):
-    vcpu = _kit_vcpu(vm)
+def test_protected_mode_has_pe_set_and_reaches_past_1mib(kit_vm):
+    vm = kit_vm
+    vcpu = vm.create_vcpu(0)
     load_guest(vcpu, kit_assemble(READS_CR0, mode="protected"), mode="protected")
     [cr0] = (event.value for event in run_guest(vcpu))      # as the guest reads it
     assert cr0 & x86.CR0_PE and not cr0 & x86.CR0_PG
@@ -48,8 +43,9 @@ def test_protected_mode_has_pe_set_and_reaches_past_1mib(vm):
     assert vm.memory.read(0x100000, 4) == b"2222"
 
 
-def test_long_mode_guest_writes_a_64_bit_value(vm):
-    vcpu = _kit_vcpu(vm)
+def test_long_mode_guest_writes_a_64_bit_value(kit_vm):
+    vm = kit_vm
+    vcpu = vm.create_vcpu(0)
     load_guest(vcpu, kit_assemble(READS_EFER))
     sregs = vcpu.get_sregs()
     assert sregs.efer & x86.EFER_LMA and sregs.cs.l == 1
@@ -97,8 +93,9 @@ def _in_long_mode(vm, vcpu) -> None:
     assert vcpu.get_sregs().efer & x86.EFER_LMA
 
 
-def test_protected_mode_after_long_mode_turns_paging_and_long_mode_off(vm):
-    vcpu = _kit_vcpu(vm)
+def test_protected_mode_after_long_mode_turns_paging_and_long_mode_off(kit_vm):
+    vm = kit_vm
+    vcpu = vm.create_vcpu(0)
     _in_long_mode(vm, vcpu)
     load_guest(vcpu, kit_assemble(READS_CR0, mode="protected"), mode="protected")
     sregs = vcpu.get_sregs()
