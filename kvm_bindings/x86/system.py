@@ -1,7 +1,9 @@
-"""X86Kvm: the x86 calls of /dev/kvm (supported and emulated CPUID, MSR lists, feature MSRs)."""
+"""X86Kvm: the x86 calls of /dev/kvm (supported and emulated CPUID, MSR lists, feature MSRs,
+the machine-check capabilities)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar, cast
@@ -67,6 +69,15 @@ class X86Kvm(Kvm):
         CPUID leaves KVM can offer a guest, as a kvm_cpuid2."""
         return self._cpuid(abi.KVM_GET_SUPPORTED_HV_CPUID, "KVM_GET_SUPPORTED_HV_CPUID",
                            abi.Capability.SYS_HYPERV_CPUID, start=16)
+
+    def get_mce_cap_supported(self) -> int:
+        """KVM_X86_GET_MCE_CAP_SUPPORTED (KVM_CAP_MCE): the IA32_MCG_CAP bits a vCPU's
+        machine-check unit can be given with vcpu.setup_mce() (kvm_bindings.x86.mce names
+        them; the bank count in the low byte is 0 here: KVM_CAP_MCE's value is the most)."""
+        self.require(abi.Capability.MCE, "KVM_X86_GET_MCE_CAP_SUPPORTED")
+        caps = ctypes.c_uint64()
+        self.ioctl(abi.KVM_X86_GET_MCE_CAP_SUPPORTED, caps)
+        return caps.value
 
     def _index_list(self, number: int, name: str) -> list[int]:
         probe = abi.kvm_msr_list.alloc(0)

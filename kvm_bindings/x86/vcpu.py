@@ -12,7 +12,7 @@ from ..abi import x86_64 as abi
 from ..errors import KvmError, KvmUnsupported
 from ..memory import PAGE_SIZE
 from ..vcpu import Vcpu
-from . import _cpuid, _msrs
+from . import _cpuid, _msrs, mce
 
 if TYPE_CHECKING:
     from .vm import X86Vm
@@ -163,6 +163,14 @@ class X86Vcpu(Vcpu):
         expect(cpuid, abi.kvm_cpuid2, "set_cpuid2()")
         self.ioctl(abi.KVM_SET_CPUID2, check_flex(cpuid, "set_cpuid2()"))
 
+    def set_cpuid(self, cpuid: abi.kvm_cpuid) -> None:
+        """KVM_SET_CPUID: the legacy form of set_cpuid2(), a kvm_cpuid whose entries have no
+        subleaf index or flags (each becomes subleaf 0 of its leaf, so leaves with subleaves,
+        such as 4, 7, 0xb and 0xd, get only their first). For VMMs written against it;
+        prefer set_cpuid2(). get_cpuid2() reads back what was set."""
+        expect(cpuid, abi.kvm_cpuid, "set_cpuid()")
+        self.ioctl(abi.KVM_SET_CPUID, check_flex(cpuid, "set_cpuid()"))
+
     def get_cpuid2(self, max_entries: int = 256) -> abi.kvm_cpuid2:
         """KVM_GET_CPUID2: what was set, as a kvm_cpuid2."""
         cpuid = abi.kvm_cpuid2.alloc(check_field(max_entries, abi.kvm_cpuid2, "nent", "max_entries"))
@@ -234,6 +242,97 @@ class X86Vcpu(Vcpu):
             except KvmError as e:
                 if e.errno != errno.EAGAIN:
                     raise
+
+    # -- machine checks
+    def setup_mce(self, mcg_cap: int) -> None:
+        """KVM_X86_SETUP_MCE (KVM_CAP_MCE): give this vCPU's machine-check unit the
+        IA32_MCG_CAP mcg_cap: a bank count from 1 to KVM_CAP_MCE's value in the low byte,
+        and feature bits (kvm_bindings.x86.mce.MCG_*) among kvm.get_mce_cap_supported()'s.
+        Every bank's IA32_MCi_CTL, and IA32_MCG_CTL with MCG_CTL_P, start all ones (errors
+        reported). Without this call a vCPU has KVM_CAP_MCE's count of banks and no
+        feature bits. ValueError for a count or bit the kernel would refuse."""
+        mcg_cap = check_int(mcg_cap, ctypes.c_uint64, "mcg_cap")
+        most = self.vm.require(abi.Capability.MCE, "KVM_X86_SETUP_MCE")
+        banks = mcg_cap & mce.MCG_CAP_COUNT
+        if not 1 <= banks <= most:
+            raise ValueError(f"setup_mce(): {banks} banks (mcg_cap's low byte); this host "
+                             f"offers 1 to {most}")
+        # The kernel also lets through bits 16-23 (the extended MSR count, unused by KVM).
+        extra = mcg_cap & ~(self.vm.kvm.get_mce_cap_supported() | mce.MCG_CAP_COUNT | 0xFF0000)
+        if extra:
+            raise ValueError(f"setup_mce(): mcg_cap bits {extra:#x} are not among those this "
+                             f"host supports (kvm.get_mce_cap_supported())")
+        self.ioctl(abi.KVM_X86_SETUP_MCE, ctypes.c_uint64(mcg_cap))
+
+    def inject_mce(self, bank: int, status: int, *, addr: int = 0, misc: int = 0,
+                   mcg_status: int = mce.MCG_STATUS_MCIP | mce.MCG_STATUS_EIPV) -> bool:
+        """KVM_X86_SET_MCE (KVM_CAP_MCE): report an error in machine-check bank `bank`: its
+        IA32_MCi_STATUS becomes status (which must have MCI_STATUS_VAL), and ADDR and MISC
+        addr and misc (kvm_bindings.x86.mce names the bits). True if the bank now holds the
+        error, False if the kernel left it out, as hardware would:
+
+        - An uncorrected error (MCI_STATUS_UC) also sets IA32_MCG_STATUS to mcg_status and
+          raises #MC in the guest. It is left out while reporting is off: IA32_MCG_CTL (with
+          MCG_CTL_P) or the bank's IA32_MCi_CTL not all ones. A vCPU's banks start off;
+          setup_mce() turns them on, or the guest does. If a machine check is still in
+          progress (MCG_STATUS_MCIP) or the guest has not set CR4.MCE, the vCPU shuts down
+          instead (the next run() returns a ShutdownExit).
+        - A corrected error only fills the bank, for the guest to poll (marking an earlier
+          corrected one overwritten, MCI_STATUS_OVER); over an uncorrected one it is left out
+          and that one is marked overwritten.
+
+        ValueError for a bank the vCPU does not have (see setup_mce()) or a status without
+        MCI_STATUS_VAL."""
+        req = fill(abi.kvm_x86_mce, bank=bank, status=status, addr=addr, misc=misc,
+                   mcg_status=mcg_status)
+        self.vm.require(abi.Capability.MCE, "KVM_X86_SET_MCE")
+        if not status & mce.MCI_STATUS_VAL:
+            raise ValueError("inject_mce(): status must have MCI_STATUS_VAL (bit 63) set: "
+                             "the kernel refuses a bank without an error")
+        banks = self.get_msrs([mce.MSR_IA32_MCG_CAP]).get(mce.MSR_IA32_MCG_CAP, 0) & mce.MCG_CAP_COUNT
+        if bank >= banks:
+            raise ValueError(f"inject_mce(): bank {bank}, but this vCPU has {banks} machine-check "
+                             f"banks (0 to {banks - 1}; setup_mce() sets how many)")
+        self.ioctl(abi.KVM_X86_SET_MCE, req)
+        # The kernel does not say whether it kept the error: the bank does.
+        held = self.get_msrs([mce.msr_mc_status(bank)]).get(mce.msr_mc_status(bank), 0)
+        return (held | mce.MCI_STATUS_OVER) == (status | mce.MCI_STATUS_OVER)
+
+    # -- the virtual APIC's task priority
+    def set_vapic_addr(self, gpa: int) -> None:
+        """KVM_SET_VAPIC_ADDR (KVM_CAP_VAPIC): keep the local APIC's task priority in the
+        guest's memory at gpa (0 turns it off). Before each entry KVM writes the 32-bit word
+        there: TPR in bits 0-7, the highest in-service vector's class in bits 12-15, the
+        highest pending vector in bits 24-31; after each exit it takes the TPR back from bits
+        0-7. So a guest can raise its TPR with a plain store, no APIC access (the
+        paravirtual TPR of old Windows guests). Needs the in-kernel irqchip; the word must
+        lie in guest memory (GuestMemoryError before any ioctl)."""
+        gpa = check_field(gpa, abi.kvm_vapic_addr, "vapic_addr", "gpa")
+        if gpa:
+            self.vm.memory._pieces(gpa, ctypes.sizeof(ctypes.c_uint32))
+        self.vm.require(abi.Capability.VAPIC, "KVM_SET_VAPIC_ADDR")
+        self._require_lapic("KVM_SET_VAPIC_ADDR")
+        self.ioctl(abi.KVM_SET_VAPIC_ADDR, fill(abi.kvm_vapic_addr, vapic_addr=gpa))
+
+    def set_tpr_access_reporting(self, enabled: bool) -> None:
+        """KVM_TPR_ACCESS_REPORTING (KVM_CAP_VAPIC): with enabled, each guest access to the
+        local APIC's TPR register that KVM emulates (through its MMIO page) stops the next
+        run() with a TprAccessExit (.rip: the accessing instruction, already done; .is_write).
+        What a VMM patching TPR accesses into vapic stores watches for. Needs the in-kernel
+        irqchip; accesses that hardware virtualises (APICv, AVIC, x2APIC's MSR) are not seen."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"set_tpr_access_reporting() takes a bool, not {type(enabled).__name__}")
+        self.vm.require(abi.Capability.VAPIC, "KVM_TPR_ACCESS_REPORTING")
+        # The kernel takes it without one too, and then never reports: refused here.
+        self._require_lapic("KVM_TPR_ACCESS_REPORTING")
+        self.ioctl(abi.KVM_TPR_ACCESS_REPORTING, fill(abi.kvm_tpr_access_ctl, enabled=int(enabled)))
+
+    def _require_lapic(self, name: str) -> None:
+        try:
+            self.get_lapic()
+        except KvmError as e:
+            raise KvmError(name, e.errno or errno.ENXIO, "this vCPU has no in-kernel local APIC: "
+                                          "vm.create_irqchip() before creating it") from None
 
     def translate(self, linear_address: int) -> abi.kvm_translation:
         """KVM_TRANSLATE: walk the guest's page tables -> kvm_translation."""
