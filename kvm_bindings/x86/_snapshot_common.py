@@ -24,7 +24,7 @@ _COMPLETE_ON_RUN = frozenset({abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO, abi.KVM_EXIT_X
 # The setup calls a restore makes again, by name: a snapshot names nothing else.
 _REPLAYED = frozenset({"enable_cap", "enable_dirty_ring", "set_tss_addr", "set_identity_map_addr",
                        "set_boot_cpu_id", "create_irqchip", "create_pit2", "create_pit",
-                       "set_pit_reinject", "set_nr_mmu_pages", "set_msr_filter",
+                       "set_pit_reinject", "set_nr_mmu_pages", "set_msr_filter", "set_pmu_event_filter",
                        "set_gsi_routing", "add_coalesced_mmio"})
 _CHIPS = (("pic_master", abi.KVM_IRQCHIP_PIC_MASTER), ("pic_slave", abi.KVM_IRQCHIP_PIC_SLAVE),
           ("ioapic", abi.KVM_IRQCHIP_IOAPIC))

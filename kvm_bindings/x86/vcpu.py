@@ -301,12 +301,14 @@ class X86Vcpu(Vcpu):
     # -- the virtual APIC's task priority
     def set_vapic_addr(self, gpa: int) -> None:
         """KVM_SET_VAPIC_ADDR (KVM_CAP_VAPIC): keep the local APIC's task priority in the
-        guest's memory at gpa (0 turns it off). Before each entry KVM writes the 32-bit word
-        there: TPR in bits 0-7, the highest in-service vector's class in bits 12-15, the
-        highest pending vector in bits 24-31; after each exit it takes the TPR back from bits
-        0-7. So a guest can raise its TPR with a plain store, no APIC access (the
-        paravirtual TPR of old Windows guests). Needs the in-kernel irqchip; the word must
-        lie in guest memory (GuestMemoryError before any ioctl)."""
+        guest's memory at gpa (0 turns it off). At exits KVM takes the TPR from the 32-bit
+        word's bits 0-7 (software-assisted KVM, one exit late), so a guest can raise its
+        TPR with a plain store, no APIC access (the paravirtual TPR of old Windows guests).
+        When KVM next evaluates interrupts (one arriving, or set_lapic()) it writes the
+        word: TPR in bits 0-7, the highest in-service vector's class in bits 12-15, the
+        highest pending vector in bits 24-31; a TPR the guest writes through the APIC alone
+        is not copied there. Needs the in-kernel irqchip; the word must lie in guest memory
+        (GuestMemoryError before any ioctl)."""
         gpa = check_field(gpa, abi.kvm_vapic_addr, "vapic_addr", "gpa")
         if gpa:
             self.vm.memory._pieces(gpa, ctypes.sizeof(ctypes.c_uint32))
@@ -319,7 +321,10 @@ class X86Vcpu(Vcpu):
         local APIC's TPR register that KVM emulates (through its MMIO page) stops the next
         run() with a TprAccessExit (.rip: the accessing instruction, already done; .is_write).
         What a VMM patching TPR accesses into vapic stores watches for. Needs the in-kernel
-        irqchip; accesses that hardware virtualises (APICv, AVIC, x2APIC's MSR) are not seen."""
+        irqchip; accesses that hardware virtualises (APICv, AVIC, x2APIC's MSR) are not seen.
+        KVM reports at its next entry: a host that emulates several instructions before one
+        (software-assisted KVM does) reports only after its next exit to user space, with
+        .rip and .is_write overwritten by that exit's data (kvm_run shares the space)."""
         if not isinstance(enabled, bool):
             raise TypeError(f"set_tpr_access_reporting() takes a bool, not {type(enabled).__name__}")
         self.vm.require(abi.Capability.VAPIC, "KVM_TPR_ACCESS_REPORTING")

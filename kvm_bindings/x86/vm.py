@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, ClassVar, cast
 
-from .._layout import check_int, expect, fill
+from .._layout import check_field, check_int, expect, fill
 from ..abi import x86_64 as abi
 from ..errors import KvmError, KvmUnsupported
 from ..memory import MemoryRegion
@@ -251,6 +252,47 @@ class X86Vm(Vm):
     def set_clock(self, clock: abi.kvm_clock_data) -> None:
         """KVM_SET_CLOCK."""
         self.ioctl(abi.KVM_SET_CLOCK, expect(clock, abi.kvm_clock_data, "set_clock()"))
+
+    def set_pmu_event_filter(self, action: int, events: Iterable[int], *,
+                             fixed_counter_bitmap: int = 0, flags: int = 0) -> None:
+        """KVM_SET_PMU_EVENT_FILTER (KVM_CAP_PMU_EVENT_FILTER): which performance-monitoring
+        events the guest's counters may count. action abi.KVM_PMU_EVENT_ALLOW counts only
+        the listed events, abi.KVM_PMU_EVENT_DENY all but them; an event is an event-select
+        value (event number and unit mask, as the guest writes them to its event-select
+        MSR). fixed_counter_bitmap: the fixed counters (Intel) the action applies to, by
+        bit. flags abi.KVM_PMU_EVENT_FLAG_MASKED_EVENTS makes each event a masked-event
+        pattern (KVM_CAP_PMU_EVENT_MASKED_EVENTS). A new filter replaces the last one (DENY
+        with no events lifts it); vCPUs apply it from their next entry. The kernel refuses
+        more events than it takes (E2BIG). A restore sets it again."""
+        action = check_field(action, abi.kvm_pmu_event_filter, "action")
+        if action not in (abi.KVM_PMU_EVENT_ALLOW, abi.KVM_PMU_EVENT_DENY):
+            raise ValueError(f"set_pmu_event_filter(): action is KVM_PMU_EVENT_ALLOW or "
+                             f"KVM_PMU_EVENT_DENY, not {action}")
+        if isinstance(events, (str, bytes)) or not isinstance(events, Iterable):
+            raise TypeError(f"set_pmu_event_filter() takes the events as an iterable of ints, "
+                            f"not {type(events).__name__}")
+        selectors = [check_int(e, ctypes.c_uint64, f"events[{i}]") for i, e in enumerate(events)]
+        filt = abi.kvm_pmu_event_filter.alloc(len(selectors))
+        fill(filt, action=action, fixed_counter_bitmap=fixed_counter_bitmap, flags=flags)
+        slots = filt.flex_array()
+        for i, selector in enumerate(selectors):
+            slots[i] = selector
+        if flags & ~abi.KVM_PMU_EVENT_FLAGS_VALID_MASK:
+            raise ValueError(f"set_pmu_event_filter(): unknown flags {flags:#x}")
+        self.require(abi.Capability.PMU_EVENT_FILTER, "KVM_SET_PMU_EVENT_FILTER")
+        if flags & abi.KVM_PMU_EVENT_FLAG_MASKED_EVENTS:
+            self.require(abi.Capability.PMU_EVENT_MASKED_EVENTS,
+                         "KVM_SET_PMU_EVENT_FILTER with KVM_PMU_EVENT_FLAG_MASKED_EVENTS")
+        try:
+            self.ioctl(abi.KVM_SET_PMU_EVENT_FILTER, filt)
+        except KvmError as e:
+            if e.errno != errno.E2BIG:
+                raise
+            raise KvmError("KVM_SET_PMU_EVENT_FILTER", e.errno,
+                           f"{len(selectors)} events are more than this kernel takes in one "
+                           f"filter") from None
+        self._record("pmu_event_filter", "set_pmu_event_filter", action=action,
+                     events=selectors, fixed_counter_bitmap=fixed_counter_bitmap, flags=flags)
 
     def set_msr_filter(self, ranges: list[tuple[int, int, int, bytes]], *,
                        default_deny: bool = False) -> None:
