@@ -354,3 +354,28 @@ def test_the_mce_calls_name_kvm_cap_mce_where_it_is_missing(kvm, vm, monkeypatch
         with pytest.raises(KvmUnsupported, match="KVM_CAP_MCE"):
             call()
     assert issued == []
+
+
+# ---- snapshots -----------------------------------------------------------------------------
+
+def test_a_snapshot_keeps_the_bank_count_and_what_the_banks_hold(kvm, vm):
+    vcpu = vm.create_vcpu(0)
+    cap = 5 | (kvm.get_mce_cap_supported() & mce.MCG_CTL_P)
+    vcpu.setup_mce(cap)
+    vcpu.set_sregs(_with_cr4_mce(vcpu.get_sregs()))
+    assert vcpu.inject_mce(4, UNCORRECTED, addr=0xABC000, misc=0x86)
+    assert vcpu.inject_mce(2, CORRECTED, addr=0x5000)
+    vcpu.set_msrs({mce.msr_mc_ctl(3): 0})             # the guest turned bank 3 off
+    banks = [f(b) for b in range(5) for f in (mce.msr_mc_ctl, mce.msr_mc_status,
+                                               mce.msr_mc_addr, mce.msr_mc_misc)]
+    watched = [mce.MSR_IA32_MCG_CAP, mce.MSR_IA32_MCG_STATUS, *banks]
+    before = vcpu.get_msrs(watched)
+    assert before[mce.msr_mc_status(4)] == UNCORRECTED and before[mce.msr_mc_ctl(3)] == 0
+    state = vm.save_state()
+    with kvm.restore_vm(state) as copy:
+        assert copy.vcpus[0].get_msrs(watched) == before
+    # And in place, over banks changed since the save.
+    assert vcpu.inject_mce(1, CORRECTED)
+    vcpu.set_msrs({mce.msr_mc_ctl(3): 2**64 - 1})
+    vm.load_state(state)
+    assert vcpu.get_msrs(watched) == before

@@ -99,6 +99,13 @@ def _restore_vcpu(vcpu: X86Vcpu, state: VcpuState) -> None:
         _step(f"{where}: KVM_SET_SREGS2", vcpu.set_sregs2, s["sregs2"])
     else:
         _step(f"{where}: KVM_SET_SREGS", vcpu.set_sregs, s["sregs"])
+    # The machine-check unit before the MSRs: how many banks there are (and whether
+    # IA32_MCG_CTL exists) decides which of the saved bank MSRs KVM takes.
+    mcg_cap = v.get("mcg_cap")
+    if mcg_cap is not None:
+        if type(mcg_cap) is not int:
+            raise SnapshotError(f"{where}: mcg_cap {mcg_cap!r} is not an IA32_MCG_CAP value")
+        _step(f"{where}: KVM_X86_SETUP_MCE", vcpu.setup_mce, mcg_cap)
     msrs = {int(i): int(val) for i, val in v.get("msrs", ())}
     deadline = msrs.pop(_MSR_IA32_TSC_DEADLINE, None)
     _set_msrs(vcpu, msrs, where)

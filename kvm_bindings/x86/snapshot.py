@@ -29,7 +29,7 @@ from ..backing import Backing
 from ..errors import SnapshotError, StaleHandleError
 from ..memory import PAGE_SIZE
 from ..snapshot import MemorySlotState, VcpuState, VmState, host_facts, iter_runs
-from . import _cpuid
+from . import _cpuid, mce
 from ._restore import load_state, restore_vm
 from ._snapshot_common import _CHIPS, _MSR_BATCH, ARCH, _all_stopped, _calls, _complete_pending
 
@@ -97,6 +97,14 @@ def _save_vcpu(vcpu: X86Vcpu, msr_indices: list[int], irqchip: bool) -> VcpuStat
     if irqchip:
         s["lapic"] = vcpu.get_lapic()
     s["cpuid"] = _get_cpuid(vcpu)
+    if has(abi.Capability.MCE):
+        # IA32_MCG_CAP is read-only (setup_mce() sets it) and the banks' MSRs are in no index
+        # list: both saved here, so that an injected error and the bank count survive.
+        mcg_cap = vcpu.get_msrs([mce.MSR_IA32_MCG_CAP]).get(mce.MSR_IA32_MCG_CAP)
+        if mcg_cap is not None:
+            v["mcg_cap"] = mcg_cap
+            msr_indices = msr_indices + list(range(mce.msr_mc_ctl(0),
+                                                   mce.msr_mc_ctl(mcg_cap & mce.MCG_CAP_COUNT)))
     v["msrs"], v["msrs_refused"] = _read_msrs(vcpu, msr_indices)
     if has(abi.Capability.GET_TSC_KHZ):
         v["tsc_khz"] = vcpu.get_tsc_khz()
