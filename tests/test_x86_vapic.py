@@ -177,3 +177,36 @@ def test_both_name_kvm_cap_vapic_where_it_is_missing(vm, monkeypatch):
         with pytest.raises(KvmUnsupported, match="KVM_CAP_VAPIC"):
             call()
     assert issued == []
+
+
+def test_a_restored_vcpu_keeps_its_vapic_word_and_tpr_reporting(kvm, vm):
+    vcpu = _guest(vm, r"""
+        mov     $0xfee00000, %esi
+        movl    $0x1ff, 0xf0(%esi)
+        GUEST_SYNC($0x1111)                 /* saved here; the copy's TPR is set here */
+        mov     0x80000, %eax
+        GUEST_SYNC(%eax)
+        mov     0x80(%esi), %eax            /* reported, if reporting came back on */
+        GUEST_SYNC($0x2222)
+        GUEST_DONE
+    """)
+    vcpu.set_vapic_addr(VAPIC)
+    vcpu.set_tpr_access_reporting(True)
+    events = ucalls(vcpu, timeout=10)
+    assert next(events).value == 0x1111
+    state = vm.save_state()
+    vcpu.set_vapic_addr(0)                  # changed after the save: load_state puts it back
+    vcpu.set_tpr_access_reporting(False)
+    vm.load_state(state)
+    with kvm.restore_vm(state) as copy:
+        for target in (copy.vcpus[0], vcpu):
+            _set_lapic_tpr(target, 0x40)
+            reports: list = []
+
+            def handler(exit, reports=reports):
+                reports.append(exit)
+                return isinstance(exit, TprAccessExit)
+            syncs = [e.value for e in ucalls(target, handler=handler, timeout=10)
+                     if isinstance(e, Sync)]
+            assert syncs[0] & 0xFF == 0x40  # KVM wrote the word: the address came back
+            assert len(reports) == 1        # and reporting is on again

@@ -119,6 +119,17 @@ def _restore_vcpu(vcpu: X86Vcpu, state: VcpuState) -> None:
     _step(f"{where}: KVM_SET_REGS", vcpu.set_regs, s["regs"])
     if "lapic" in s:
         _step(f"{where}: KVM_SET_LAPIC", vcpu.set_lapic, s["lapic"])
+    # The paravirtual TPR word and TPR reporting (set or cleared: a load_state() may find
+    # them changed since the save). After the LAPIC, which they need.
+    vapic = v.get("vapic", {"addr": 0, "tpr_access_reporting": False})
+    if not isinstance(vapic, dict) or type(vapic.get("addr")) is not int \
+            or type(vapic.get("tpr_access_reporting")) is not bool:
+        raise SnapshotError(f"{where}: vapic {vapic!r} is not a vapic address and a bool")
+    if vapic["addr"] != vcpu._vapic_addr:
+        _step(f"{where}: KVM_SET_VAPIC_ADDR", vcpu.set_vapic_addr, vapic["addr"])
+    if vapic["tpr_access_reporting"] != vcpu._tpr_reporting:
+        _step(f"{where}: KVM_TPR_ACCESS_REPORTING", vcpu.set_tpr_access_reporting,
+              vapic["tpr_access_reporting"])
     # After the LAPIC, whose restore drops an armed deadline.
     if deadline is not None:
         _set_msrs(vcpu, {_MSR_IA32_TSC_DEADLINE: deadline}, where)

@@ -108,6 +108,8 @@ def _save_vcpu(vcpu: X86Vcpu, msr_indices: list[int], irqchip: bool) -> VcpuStat
     v["msrs"], v["msrs_refused"] = _read_msrs(vcpu, msr_indices)
     if has(abi.Capability.GET_TSC_KHZ):
         v["tsc_khz"] = vcpu.get_tsc_khz()
+    if vcpu._vapic_addr or vcpu._tpr_reporting:
+        v["vapic"] = {"addr": vcpu._vapic_addr, "tpr_access_reporting": vcpu._tpr_reporting}
     if has(abi.Capability.NESTED_STATE):
         nested = vcpu.get_nested_state()
         # Keep the bytes the kernel says it wrote (size), not the room it was given.

@@ -28,6 +28,9 @@ class X86Vcpu(Vcpu):
     """
 
     vm: X86Vm
+    # What set_vapic_addr() and set_tpr_access_reporting() last set (no ioctl reads them).
+    _vapic_addr: int = 0
+    _tpr_reporting: bool = False
 
     # -- registers
     def get_regs(self) -> abi.kvm_regs:
@@ -315,6 +318,7 @@ class X86Vcpu(Vcpu):
         self.vm.require(abi.Capability.VAPIC, "KVM_SET_VAPIC_ADDR")
         self._require_lapic("KVM_SET_VAPIC_ADDR")
         self.ioctl(abi.KVM_SET_VAPIC_ADDR, fill(abi.kvm_vapic_addr, vapic_addr=gpa))
+        self._vapic_addr = gpa          # the kernel cannot be asked: snapshots save this
 
     def set_tpr_access_reporting(self, enabled: bool) -> None:
         """KVM_TPR_ACCESS_REPORTING (KVM_CAP_VAPIC): with enabled, each guest access to the
@@ -331,6 +335,7 @@ class X86Vcpu(Vcpu):
         # The kernel takes it without one too, and then never reports: refused here.
         self._require_lapic("KVM_TPR_ACCESS_REPORTING")
         self.ioctl(abi.KVM_TPR_ACCESS_REPORTING, fill(abi.kvm_tpr_access_ctl, enabled=int(enabled)))
+        self._tpr_reporting = enabled
 
     def _require_lapic(self, name: str) -> None:
         try:
