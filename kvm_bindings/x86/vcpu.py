@@ -11,8 +11,7 @@ from .._layout import capacity, check_field, check_flex, check_int, expect, fill
 from ..abi import x86_64 as abi
 from ..errors import KvmError, KvmUnsupported
 from ..memory import PAGE_SIZE
-from ..vcpu import Vcpu
-from . import _cpuid, _msrs, mce
+from . import _cpuid, _hypervisors, _msrs, mce
 
 if TYPE_CHECKING:
     from .vm import X86Vm
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["X86Vcpu"]
 
 
-class X86Vcpu(Vcpu):
+class X86Vcpu(_hypervisors.HypervisorVcpu):
     """A vCPU of an x86 VM: everything Vcpu does, and the x86-only state ioctls.
 
     Each setter takes only its own struct: the kernel reads sizeof(that struct) bytes

@@ -11,7 +11,7 @@ from .._layout import check_field, check_int, expect, fill
 from ..abi import x86_64 as abi
 from ..errors import KvmError, KvmUnsupported
 from ..memory import MemoryRegion
-from ..vm import Vm
+from . import _hypervisors
 from .vcpu import X86Vcpu
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ __all__ = ["X86Vm"]
 _MIN_MMU_PAGES = 64
 
 
-class X86Vm(Vm):
+class X86Vm(_hypervisors.HypervisorVm):
     """A VM on an x86 host: everything Vm does, the x86-only VM ioctls, and X86Vcpu vCPUs."""
 
     _vcpu_class: ClassVar[type[Vcpu]] = X86Vcpu
