@@ -1,9 +1,11 @@
-"""python -m kvm_bindings demo | info [--json] | conformance [--json] [--junit FILE] [--device PATH]"""
+"""python -m kvm_bindings demo | info [--json] | calls [--markdown]
+| conformance [--json] [--junit FILE] [--device PATH]"""
 
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import json
 import sys
 import time
@@ -11,7 +13,8 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from . import Kvm, KvmError, abi
+from . import Kvm, KvmError, _calls, abi
+from ._calls import Call
 
 LOAD_ADDR = 0x1000   # where guests/greeting.bin was linked (ld -Ttext=0x1000)
 
@@ -45,6 +48,30 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if text.startswith(b"Hello") and e.reason == abi.ExitReason.HLT else 1
 
 
+# The package declaring each arch's own calls (<package>._calls); the core's are in _calls.
+_ARCH_PACKAGES = {"x86_64": "x86", "arm64": "arm64", "riscv64": "riscv64"}
+
+
+def call_tables() -> dict[str, tuple[Call, ...]]:
+    """{"all": the arch-neutral calls, and for each arch: its own calls}."""
+    tables = {"all": _calls.CALLS}
+    for arch, package in _ARCH_PACKAGES.items():
+        tables[arch] = importlib.import_module(f"kvm_bindings.{package}._calls").CALLS
+    return tables
+
+
+def host_calls() -> list[Call]:
+    """Every call of this host's classes: the arch-neutral ones, then the host arch's."""
+    return [*_calls.CALLS, *call_tables().get(abi.HOST_ARCH or "", ())]
+
+
+def _supported(kvm: Kvm, call: Call) -> bool:
+    if call.capability is None:
+        return True
+    cap = abi.Capability.__members__.get(call.capability.removeprefix("KVM_CAP_"))
+    return cap is not None and kvm.check_extension(cap) > 0
+
+
 def info(args: argparse.Namespace) -> int:
     """What this host's KVM supports."""
     from .x86 import X86Kvm
@@ -69,17 +96,43 @@ def info(args: argparse.Namespace) -> int:
                 report[key] = get()
             except KvmError as e:
                 report[key] = f"unavailable: {e}"
+        report["calls"] = {fd: [{"method": c.method, "ioctls": list(c.ioctls),
+                                 "capability": c.capability, "supported": _supported(kvm, c)}
+                                for c in group]
+                           for fd, group in _calls.by_fd(host_calls()).items()}
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
         return 0
     caps = report.pop("capabilities")
+    calls = report.pop("calls")
     for k, v in report.items():
         print(f"{k:26} {v}")
     have = sum(1 for v in caps.values() if v)
     print(f"capabilities               {have} of {len(caps)} present")
     for name, value in caps.items():
         print(f"  {name:40} {value}")
+    every = [c for group in calls.values() for c in group]
+    print(f"calls                      {sum(c['supported'] for c in every)} of {len(every)} "
+          f"supported")
+    for fd, group in calls.items():
+        print(f"  {fd} fd")
+        for c in group:
+            mark = "yes" if c["supported"] else "no"
+            print(f"    {c['method']:36} {mark:4} {c['capability'] or ''}".rstrip())
+    return 0
+
+
+def calls(args: argparse.Namespace) -> int:
+    """List the calls that issue KVM ioctls, by fd, with the capability each needs."""
+    if args.markdown:
+        sys.stdout.write(_calls.markdown(call_tables()))
+        return 0
+    for fd, group in _calls.by_fd(host_calls()).items():
+        print(f"{fd} fd")
+        for c in group:
+            print(f"  {c.method:36} {', '.join(c.ioctls)}"
+                  + (f" ({c.capability})" if c.capability else ""))
     return 0
 
 
@@ -96,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help=info.__doc__)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=info)
+    p = sub.add_parser("calls", help=calls.__doc__, description=f"{calls.__doc__} Without "
+                       "--markdown: this host's calls; with it: every arch's, as README lists them.")
+    p.add_argument("--markdown", action="store_true", help="README's tables, every arch")
+    p.set_defaults(func=calls)
     p = sub.add_parser("conformance", help=conformance.__doc__,
                        description=f"{conformance.__doc__} Exit status 0: every check passed "
                        "or was skipped with a reason; 1: a check failed; 2: could not run.")

@@ -193,3 +193,52 @@ def test_abi_page_numbers_come_from_the_modules(built):
     members = {r[0] for r in rows if r}
     for member in host.ExitReason:
         assert member.name in members, member
+
+
+README_CALLS = re.compile(r"<!-- calls: begin [^\n]*-->\n(.*?)<!-- calls: end -->", re.S)
+
+
+def readme_calls(text: str) -> str | None:
+    """The list of calls in README's runtime section, or None if the section has none."""
+    runtime = text.partition("\n## The runtime\n")[2].partition("\n## ")[0]
+    found = README_CALLS.search(runtime)
+    return found.group(1) if found else None
+
+
+def test_readme_lists_every_call_as_the_tables_render_it():
+    """README's list of calls is what `python -m kvm_bindings calls --markdown` renders from
+    the call tables: a call added to a table without its README line fails here."""
+    from kvm_bindings import _calls
+    from kvm_bindings.__main__ import call_tables
+
+    listed = readme_calls((ROOT / "README.md").read_text())
+    assert listed is not None, "README's runtime section has no <!-- calls: begin/end --> list"
+    assert listed == _calls.markdown(call_tables()), (
+        "README's list of calls differs from the call tables: put the output of "
+        "`python -m kvm_bindings calls --markdown` between its markers")
+
+
+def test_the_readme_check_notices_a_call_without_its_line():
+    from kvm_bindings import _calls
+    from kvm_bindings.__main__ import call_tables
+
+    tables = call_tables()
+    grown = dict(tables, x86_64=(*tables["x86_64"],
+                                 _calls.Call("vcpu", "vcpu.setup_mce", ("KVM_X86_SETUP_MCE",),
+                                             "KVM_CAP_MCE")))
+    listed = readme_calls((ROOT / "README.md").read_text())
+    assert listed != _calls.markdown(grown)
+    assert "| `vcpu.setup_mce` | `KVM_X86_SETUP_MCE` | `KVM_CAP_MCE` | x86_64 |" in \
+        _calls.markdown(grown)
+    assert readme_calls("# x\n\n## The runtime\n\ntext\n\n## Next\n") is None
+
+
+def test_a_call_several_arches_declare_alike_is_one_row_naming_them():
+    from kvm_bindings import _calls
+
+    call = _calls.Call("vcpu", "vcpu.inject_interrupt", ("KVM_INTERRUPT",), None)
+    other = call._replace(capability="KVM_CAP_X")
+    text = _calls.markdown({"all": (), "x86_64": (call,), "arm64": (other,), "riscv64": (call,)})
+    assert "| `vcpu.inject_interrupt` | `KVM_INTERRUPT` | — | x86_64, riscv64 |" in text
+    assert "| `vcpu.inject_interrupt` | `KVM_INTERRUPT` | `KVM_CAP_X` | arm64 |" in text
+    assert text.count("vcpu.inject_interrupt") == 2
