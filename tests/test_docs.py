@@ -224,11 +224,11 @@ def test_the_readme_check_notices_a_call_without_its_line():
 
     tables = call_tables()
     grown = dict(tables, x86_64=(*tables["x86_64"],
-                                 _calls.Call("vcpu", "vcpu.setup_mce", ("KVM_X86_SETUP_MCE",),
-                                             "KVM_CAP_MCE")))
+                                 _calls.Call("vcpu", "vcpu.made_up_call", ("KVM_MADE_UP",),
+                                             "KVM_CAP_MADE_UP")))
     listed = readme_calls((ROOT / "README.md").read_text())
     assert listed != _calls.markdown(grown)
-    assert "| `vcpu.setup_mce` | `KVM_X86_SETUP_MCE` | `KVM_CAP_MCE` | x86_64 |" in \
+    assert "| `vcpu.made_up_call` | `KVM_MADE_UP` | `KVM_CAP_MADE_UP` | x86_64 |" in \
         _calls.markdown(grown)
     assert readme_calls("# x\n\n## The runtime\n\ntext\n\n## Next\n") is None
 
