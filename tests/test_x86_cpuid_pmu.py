@@ -100,10 +100,17 @@ def test_set_cpuid_sends_the_legacy_layout(vm, monkeypatch):
 
 # ---- KVM_SET_PMU_EVENT_FILTER: what the kernel takes -------------------------------------------
 
-def test_the_kernel_takes_the_filters_set_pmu_event_filter_builds(vm):
+def test_the_kernel_takes_the_filters_set_pmu_event_filter_builds(vm, monkeypatch):
+    real, sent = vm.ioctl, []
+
+    def spy(number, arg=None, **kw):         # passes each call on to the kernel
+        sent.append(number)
+        return real(number, arg, **kw)
+    monkeypatch.setattr(vm, "ioctl", spy)
     vm.set_pmu_event_filter(abi.KVM_PMU_EVENT_DENY, [0xC0, 0x76, 0x01C2])
     vm.set_pmu_event_filter(abi.KVM_PMU_EVENT_ALLOW, [])          # counts nothing
     vm.set_pmu_event_filter(abi.KVM_PMU_EVENT_DENY, iter(range(0x10, 0x20)))
+    assert sent.count(abi.KVM_SET_PMU_EVENT_FILTER) == 3
     assert vm._setup["pmu_event_filter"] == ("set_pmu_event_filter", {
         "action": abi.KVM_PMU_EVENT_DENY, "events": list(range(0x10, 0x20)),
         "fixed_counter_bitmap": 0, "flags": 0})

@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = [
     "MCG_CAP_COUNT", "MCG_CMCI_P", "MCG_CTL_P", "MCG_LMCE_P", "MCG_SER_P", "MCG_STATUS_EIPV",
     "MCG_STATUS_LMCES", "MCG_STATUS_MCIP", "MCG_STATUS_RIPV", "MCI_STATUS_ADDRV",
-    "MCI_STATUS_EN", "MCI_STATUS_MISCV", "MCI_STATUS_OVER", "MCI_STATUS_PCC", "MCI_STATUS_S",
+    "MCI_STATUS_AR", "MCI_STATUS_EN", "MCI_STATUS_MISCV", "MCI_STATUS_OVER", "MCI_STATUS_PCC", "MCI_STATUS_S",
     "MCI_STATUS_UC", "MCI_STATUS_VAL", "MSR_IA32_MCG_CAP", "MSR_IA32_MCG_STATUS",
     "MSR_IA32_MCG_CTL", "msr_mc_ctl", "msr_mc_status", "msr_mc_addr", "msr_mc_misc",
 ]
@@ -36,6 +36,7 @@ MCI_STATUS_MISCV = 1 << 59  # IA32_MCi_MISC holds information
 MCI_STATUS_ADDRV = 1 << 58  # IA32_MCi_ADDR holds the address
 MCI_STATUS_PCC = 1 << 57    # the processor context is corrupt
 MCI_STATUS_S = 1 << 56      # signalled as a machine check (SER)
+MCI_STATUS_AR = 1 << 55     # action required (SER)
 
 MSR_IA32_MCG_CAP = 0x179
 MSR_IA32_MCG_STATUS = 0x17A

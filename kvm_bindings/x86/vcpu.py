@@ -163,7 +163,7 @@ class X86Vcpu(_hypervisors.HypervisorVcpu):
     def set_cpuid2(self, cpuid: abi.kvm_cpuid2) -> None:
         """KVM_SET_CPUID2 with a kvm_cpuid2 (e.g. kvm.get_supported_cpuid())."""
         expect(cpuid, abi.kvm_cpuid2, "set_cpuid2()")
-        self.ioctl(abi.KVM_SET_CPUID2, check_flex(cpuid, "set_cpuid2()"))
+        self._set_cpuid(abi.KVM_SET_CPUID2, "KVM_SET_CPUID2", check_flex(cpuid, "set_cpuid2()"))
 
     def set_cpuid(self, cpuid: abi.kvm_cpuid) -> None:
         """KVM_SET_CPUID: the legacy form of set_cpuid2(), a kvm_cpuid whose entries have no
@@ -171,7 +171,16 @@ class X86Vcpu(_hypervisors.HypervisorVcpu):
         such as 4, 7, 0xb and 0xd, get only their first). For VMMs written against it;
         prefer set_cpuid2(). get_cpuid2() reads back what was set."""
         expect(cpuid, abi.kvm_cpuid, "set_cpuid()")
-        self.ioctl(abi.KVM_SET_CPUID, check_flex(cpuid, "set_cpuid()"))
+        self._set_cpuid(abi.KVM_SET_CPUID, "KVM_SET_CPUID", check_flex(cpuid, "set_cpuid()"))
+
+    def _set_cpuid(self, number: int, name: str, cpuid: abi.kvm_cpuid | abi.kvm_cpuid2) -> None:
+        try:
+            self.ioctl(number, cpuid, name=name)
+        except KvmError as e:
+            if e.errno != errno.E2BIG:
+                raise
+            raise KvmError(name, e.errno, f"{cpuid.nent} entries are more than this kernel "
+                                          f"takes in one CPUID (its KVM_MAX_CPUID_ENTRIES)") from None
 
     def get_cpuid2(self, max_entries: int = 256) -> abi.kvm_cpuid2:
         """KVM_GET_CPUID2: what was set, as a kvm_cpuid2."""
@@ -233,6 +242,7 @@ class X86Vcpu(_hypervisors.HypervisorVcpu):
         if size == 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
             raise ValueError(f"pre_fault_memory(): gpa {gpa:#x} and size {size:#x} must be "
                              f"multiples of {PAGE_SIZE:#x}, and size not 0")
+        self.fd  # noqa: B018 - a closed vCPU (or VM) refuses before the memory check
         self.vm.memory._pieces(gpa, size)       # GuestMemoryError for an unbacked byte
         req = fill(abi.kvm_pre_fault_memory, gpa=gpa, size=size, flags=flags)
         self.vm.require(abi.Capability.PRE_FAULT_MEMORY, "KVM_PRE_FAULT_MEMORY")
@@ -279,6 +289,9 @@ class X86Vcpu(_hypervisors.HypervisorVcpu):
           setup_mce() turns them on, or the guest does. If a machine check is still in
           progress (MCG_STATUS_MCIP) or the guest has not set CR4.MCE, the vCPU shuts down
           instead (the next run() returns a ShutdownExit).
+        - An uncorrected error with mcg_status 0 and none of MCI_STATUS_PCC, _S and _AR is
+          one that needs no action (UCNA): it fills the bank whether reporting is on or not,
+          and raises no #MC (a corrected-error interrupt, if the guest enabled CMCI).
         - A corrected error only fills the bank, for the guest to poll (marking an earlier
           corrected one overwritten, MCI_STATUS_OVER); over an uncorrected one it is left out
           and that one is marked overwritten.
@@ -287,18 +300,28 @@ class X86Vcpu(_hypervisors.HypervisorVcpu):
         MCI_STATUS_VAL."""
         req = fill(abi.kvm_x86_mce, bank=bank, status=status, addr=addr, misc=misc,
                    mcg_status=mcg_status)
+        bank, status = req.bank, req.status         # plain ints from here on
         self.vm.require(abi.Capability.MCE, "KVM_X86_SET_MCE")
         if not status & mce.MCI_STATUS_VAL:
             raise ValueError("inject_mce(): status must have MCI_STATUS_VAL (bit 63) set: "
                              "the kernel refuses a bank without an error")
-        banks = self.get_msrs([mce.MSR_IA32_MCG_CAP]).get(mce.MSR_IA32_MCG_CAP, 0) & mce.MCG_CAP_COUNT
+        bank_msrs = [mce.msr_mc_status(bank), mce.msr_mc_addr(bank), mce.msr_mc_misc(bank)]
+        before = self.get_msrs([mce.MSR_IA32_MCG_CAP, *bank_msrs])
+        banks = before.get(mce.MSR_IA32_MCG_CAP, 0) & mce.MCG_CAP_COUNT
         if bank >= banks:
             raise ValueError(f"inject_mce(): bank {bank}, but this vCPU has {banks} machine-check "
                              f"banks (0 to {banks - 1}; setup_mce() sets how many)")
         self.ioctl(abi.KVM_X86_SET_MCE, req)
-        # The kernel does not say whether it kept the error: the bank does.
-        held = self.get_msrs([mce.msr_mc_status(bank)]).get(mce.msr_mc_status(bank), 0)
-        return (held | mce.MCI_STATUS_OVER) == (status | mce.MCI_STATUS_OVER)
+        # The kernel does not say whether it kept the error: the bank does. Kept over an
+        # earlier error, it is marked overwritten, except on the UCNA path; so an error
+        # identical to the one the bank holds still tells keeping from leaving out.
+        after = self.get_msrs(bank_msrs)
+        ucna = (status & mce.MCI_STATUS_UC and not req.mcg_status
+                and not status & (mce.MCI_STATUS_PCC | mce.MCI_STATUS_S | mce.MCI_STATUS_AR))
+        expected = status
+        if before.get(bank_msrs[0], 0) & mce.MCI_STATUS_VAL and not ucna:
+            expected |= mce.MCI_STATUS_OVER
+        return [after.get(i) for i in bank_msrs] == [expected, req.addr, req.misc]
 
     # -- the virtual APIC's task priority
     def set_vapic_addr(self, gpa: int) -> None:
@@ -311,6 +334,7 @@ class X86Vcpu(_hypervisors.HypervisorVcpu):
         highest pending vector in bits 24-31; a TPR the guest writes through the APIC alone
         is not copied there. Needs the in-kernel irqchip; the word must lie in guest memory
         (GuestMemoryError before any ioctl)."""
+        self.fd  # noqa: B018 - a closed vCPU (or VM) refuses before the memory check
         gpa = check_field(gpa, abi.kvm_vapic_addr, "vapic_addr", "gpa")
         if gpa:
             self.vm.memory._pieces(gpa, ctypes.sizeof(ctypes.c_uint32))

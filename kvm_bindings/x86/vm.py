@@ -268,7 +268,7 @@ class X86Vm(_hypervisors.HypervisorVm):
         if action not in (abi.KVM_PMU_EVENT_ALLOW, abi.KVM_PMU_EVENT_DENY):
             raise ValueError(f"set_pmu_event_filter(): action is KVM_PMU_EVENT_ALLOW or "
                              f"KVM_PMU_EVENT_DENY, not {action}")
-        if isinstance(events, (str, bytes)) or not isinstance(events, Iterable):
+        if isinstance(events, (str, bytes, bytearray, memoryview)) or not isinstance(events, Iterable):
             raise TypeError(f"set_pmu_event_filter() takes the events as an iterable of ints, "
                             f"not {type(events).__name__}")
         selectors = [check_int(e, ctypes.c_uint64, f"events[{i}]") for i, e in enumerate(events)]
