@@ -18,7 +18,7 @@ import re
 
 import pytest
 
-from kvm_bindings import KvmError, KvmUnsupported, StaleHandleError, abi
+from kvm_bindings import KvmError, KvmUnsupported, SnapshotError, StaleHandleError, abi
 
 XEN = abi.Capability.XEN_HVM
 HYPERV = abi.Capability.HYPERV_EVENTFD
@@ -514,3 +514,40 @@ def test_on_this_kernel_each_call_works_or_names_what_the_kernel_lacks(vm, vcpu,
         _calls(vm, vcpu)[call][0]()
     if value:                           # the capability, without the call's feature bit
         assert feature in str(e.value)
+
+
+# ---- snapshots ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, named", [
+    (lambda vm, vcpu: vm.set_xen_hvm_config(flags=abi.KVM_XEN_HVM_CONFIG_SHARED_INFO),
+     "set_xen_hvm_config()"),
+    (lambda vm, vcpu: vm.set_xen_hvm_attr(abi.kvm_xen_hvm_attr(
+        type=abi.KVM_XEN_ATTR_TYPE_LONG_MODE)), "set_xen_hvm_attr()"),
+    (lambda vm, vcpu: vcpu.set_xen_vcpu_attr(abi.kvm_xen_vcpu_attr(
+        type=abi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_ID)), "vcpu 0: set_xen_vcpu_attr()"),
+    (lambda vm, vcpu: vm.add_hyperv_eventfd(0x42, 7), "add_hyperv_eventfd(0x42)"),
+])
+def test_a_snapshot_refuses_state_it_would_not_carry(vm, vcpu, monkeypatch, call, named):
+    with monkeypatch.context() as m:        # the call as a kernel with the feature takes it
+        _report(m, vm, {XEN: ALL_XEN, HYPERV: 1})
+        _record(m, vm, vcpu)
+        call(vm, vcpu)
+    with pytest.raises(SnapshotError, match=re.escape(named)):
+        vm.save_state()
+
+
+def test_a_removed_hyperv_eventfd_no_longer_stops_a_snapshot(vm, vcpu, monkeypatch):
+    with monkeypatch.context() as m:
+        _report(m, vm, {HYPERV: 1})
+        _record(m, vm)
+        vm.add_hyperv_eventfd(0x42, 7)
+        vm.add_hyperv_eventfd(0x43, 8)
+        vm.remove_hyperv_eventfd(0x42)
+    with pytest.raises(SnapshotError, match=r"add_hyperv_eventfd\(0x43\)") as e:
+        vm.save_state()
+    assert "0x42" not in str(e.value)
+    with monkeypatch.context() as m:
+        _report(m, vm, {HYPERV: 1})
+        _record(m, vm)
+        vm.remove_hyperv_eventfd(0x43)
+    vm.save_state()

@@ -65,6 +65,10 @@ def _require_xen(vm: Vm, features: int, what: str) -> int:
 class HypervisorVm(Vm):
     """The VM calls of KVM's Xen HVM emulation and of its Hyper-V eventfds (x86)."""
 
+    #: The calls made whose state snapshots do not carry: save_state() refuses while any
+    #: is in effect, rather than save a VM that would come back without it.
+    _unsaved: frozenset[str] = frozenset()
+
     # -- Xen HVM
     def set_xen_hvm_config(self, *, flags: int = 0, msr: int = 0, blob_addr_32: int = 0,
                            blob_addr_64: int = 0, blob_size_32: int = 0,
@@ -87,6 +91,7 @@ class HypervisorVm(Vm):
                              "must be 0")
         _require_xen(self, config.flags, "KVM_XEN_HVM_CONFIG")
         self.ioctl(abi.KVM_XEN_HVM_CONFIG, config)
+        self._unsaved = self._unsaved | {"set_xen_hvm_config()"}
 
     def get_xen_hvm_attr(self, attr_type: int) -> abi.kvm_xen_hvm_attr:
         """KVM_XEN_HVM_GET_ATTR -> kvm_xen_hvm_attr (KVM_CAP_XEN_HVM with
@@ -106,6 +111,7 @@ class HypervisorVm(Vm):
         expect(attr, abi.kvm_xen_hvm_attr, "set_xen_hvm_attr()")
         self._require_hvm_attr(attr, "KVM_XEN_HVM_SET_ATTR")
         self.ioctl(abi.KVM_XEN_HVM_SET_ATTR, attr)
+        self._unsaved = self._unsaved | {"set_xen_hvm_attr()"}
 
     def _require_hvm_attr(self, attr: abi.kvm_xen_hvm_attr, what: str) -> None:
         feature = _HVM_ATTR_FEATURE.get(attr.type, abi.KVM_XEN_HVM_CONFIG_SHARED_INFO)
@@ -129,6 +135,7 @@ class HypervisorVm(Vm):
         req = self._hyperv_eventfd(conn_id, {"fd": eventfd}, "add_hyperv_eventfd")
         self.require(abi.Capability.HYPERV_EVENTFD, "KVM_HYPERV_EVENTFD")
         self.ioctl(abi.KVM_HYPERV_EVENTFD, req)
+        self._unsaved = self._unsaved | {f"add_hyperv_eventfd({req.conn_id:#x})"}
 
     def remove_hyperv_eventfd(self, conn_id: int) -> None:
         """KVM_HYPERV_EVENTFD with KVM_HYPERV_EVENTFD_DEASSIGN: undo add_hyperv_eventfd()
@@ -137,6 +144,7 @@ class HypervisorVm(Vm):
                                    "remove_hyperv_eventfd")
         self.require(abi.Capability.HYPERV_EVENTFD, "KVM_HYPERV_EVENTFD")
         self.ioctl(abi.KVM_HYPERV_EVENTFD, req)
+        self._unsaved = self._unsaved - {f"add_hyperv_eventfd({req.conn_id:#x})"}
 
     @staticmethod
     def _hyperv_eventfd(conn_id: int, fields: dict[str, int], call: str
@@ -151,6 +159,9 @@ class HypervisorVm(Vm):
 
 class HypervisorVcpu(Vcpu):
     """The vCPU calls of KVM's Xen HVM emulation (x86)."""
+
+    #: As HypervisorVm._unsaved, for this vCPU.
+    _unsaved: frozenset[str] = frozenset()
 
     def get_xen_vcpu_attr(self, attr_type: int) -> abi.kvm_xen_vcpu_attr:
         """KVM_XEN_VCPU_GET_ATTR -> kvm_xen_vcpu_attr (KVM_CAP_XEN_HVM with
@@ -171,6 +182,7 @@ class HypervisorVcpu(Vcpu):
         expect(attr, abi.kvm_xen_vcpu_attr, "set_xen_vcpu_attr()")
         self._require_vcpu_attr(attr, "KVM_XEN_VCPU_SET_ATTR")
         self.ioctl(abi.KVM_XEN_VCPU_SET_ATTR, attr)
+        self._unsaved = self._unsaved | {"set_xen_vcpu_attr()"}
 
     def _require_vcpu_attr(self, attr: abi.kvm_xen_vcpu_attr, what: str) -> None:
         self.fd  # noqa: B018 - a closed vCPU says so, whatever its VM answers

@@ -225,6 +225,11 @@ def save_state(vm: X86Vm, *, memory: bool = True, track_dirty: bool = False,
     except StaleHandleError:
         raise StaleHandleError("save_state() asks /dev/kvm which MSRs to save: keep the Kvm "
                                "that made this VM open") from None
+    unsaved = sorted(vm._unsaved) + [f"vcpu {v.id}: {c}" for v in vm.vcpus for c in sorted(v._unsaved)]
+    if unsaved:
+        raise SnapshotError(f"this VM has state snapshots do not carry in this version (Xen HVM "
+                            f"emulation, Hyper-V eventfds): {', '.join(unsaved)}; a restore "
+                            f"would come back without it")
     setup = _calls(vm._setup)
     irqchip = any(c == "create_irqchip" for c, _ in setup)
     split = any(c == "enable_cap" and a["cap"] == abi.Capability.SPLIT_IRQCHIP for c, a in setup)
