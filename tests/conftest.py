@@ -94,6 +94,22 @@ GUESTS = ROOT / "tests" / "guests"
 BUNDLED_GUESTS = ROOT / "kvm_bindings" / "guests"
 
 
+def without_capability(monkeypatch, obj, cap) -> None:
+    """Make obj (a Kvm or Vm) say it lacks cap, as a kernel without it would. The other
+    answers are taken now: check_extension is an ioctl, which a test may then replace."""
+    from kvm_bindings import abi
+    answers = {c: obj.check_extension(c) for c in abi.Capability}
+    monkeypatch.setattr(obj, "check_extension", lambda c: 0 if c == cap else answers[c])
+
+
+def no_ioctls(monkeypatch, *objs) -> list:
+    """Record (instead of issuing) every ioctl on these objects: [(number, arg), ...]."""
+    issued: list = []
+    for obj in objs:
+        monkeypatch.setattr(obj, "ioctl", lambda *a, **k: issued.append(a))
+    return issued
+
+
 def guest_source(name: str) -> Path:
     """tests/guests/<name>.S, or the bundled kvm_bindings/guests/<name>.S."""
     own = GUESTS / f"{name}.S"

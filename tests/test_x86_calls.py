@@ -12,6 +12,8 @@ from kvm_bindings import GuestMemoryError, KvmError, KvmUnsupported, abi
 from kvm_bindings.testing import MEMORY_SIZE, GuestTimeoutError, load_guest, run_guest
 from kvm_bindings.testing import assemble as kit_assemble
 
+from .conftest import no_ioctls, without_capability
+
 
 def _kit_vcpu(vm):
     """vCPU 0 of vm, its RAM grown from the fixture's 64 KiB to the kit's layout (2 MiB)."""
@@ -19,19 +21,8 @@ def _kit_vcpu(vm):
     return vm.create_vcpu(0)
 
 
-def _without(monkeypatch, obj, cap) -> None:
-    """Make obj (a VM) say it lacks cap, as a kernel without it would."""
-    # The answers are taken now: check_extension is an ioctl, which a test may then replace.
-    answers = {c: obj.check_extension(c) for c in abi.Capability}
-    monkeypatch.setattr(obj, "check_extension", lambda c: 0 if c == cap else answers[c])
 
 
-def _no_ioctls(monkeypatch, *objs) -> list:
-    """Record (instead of issuing) every ioctl on these objects."""
-    issued: list = []
-    for obj in objs:
-        monkeypatch.setattr(obj, "ioctl", lambda *a, **k: issued.append(a))
-    return issued
 
 
 # ---- KVM_SET_NR_MMU_PAGES / KVM_GET_NR_MMU_PAGES ------------------------------------------
@@ -48,7 +39,7 @@ def test_the_kernel_takes_64_mmu_pages_and_refuses_63_as_set_nr_mmu_pages_does(v
 @pytest.mark.parametrize("bad, kind", [("128", TypeError), (True, TypeError), (1.5, TypeError),
                                        (-1, OverflowError), (2**64, OverflowError)])
 def test_set_nr_mmu_pages_refuses_what_is_not_an_unsigned_long(vm, monkeypatch, bad, kind):
-    issued = _no_ioctls(monkeypatch, vm)
+    issued = no_ioctls(monkeypatch, vm)
     with pytest.raises(kind):
         vm.set_nr_mmu_pages(bad)
     assert issued == []
@@ -127,7 +118,7 @@ def test_pit_calls_without_a_pit_say_what_to_create(vm):
 
 
 def test_set_pit_takes_only_a_kvm_pit_state(vm, monkeypatch):
-    issued = _no_ioctls(monkeypatch, vm)
+    issued = no_ioctls(monkeypatch, vm)
     for wrong in (abi.kvm_pit_state2(), bytes(ctypes.sizeof(abi.kvm_pit_state)), None):
         with pytest.raises(TypeError, match="kvm_pit_state"):
             vm.set_pit(wrong)
@@ -216,14 +207,14 @@ def test_pit_reinject_without_the_pit_says_to_create_it(vm):
 
 @pytest.mark.parametrize("bad", [0, 1, None, "yes"])
 def test_pit_reinject_takes_a_bool(vm, monkeypatch, bad):
-    issued = _no_ioctls(monkeypatch, vm)
+    issued = no_ioctls(monkeypatch, vm)
     with pytest.raises(TypeError, match="bool"):
         vm.set_pit_reinject(bad)
     assert issued == []
 
 
 def test_the_reinject_request_holds_the_flag_and_zeroed_padding(vm, monkeypatch):
-    issued = _no_ioctls(monkeypatch, vm)
+    issued = no_ioctls(monkeypatch, vm)
     monkeypatch.setattr(vm, "check_extension", lambda cap: 1)
     vm.set_pit_reinject(True)
     [(number, req)] = issued
@@ -261,7 +252,7 @@ def test_a_vm_with_the_legacy_pit_is_restored_with_its_pit_state_and_setup(kvm, 
 
 def test_pre_fault_memory_refuses_a_range_outside_guest_memory_before_any_ioctl(vm, monkeypatch):
     vcpu = vm.create_vcpu(0)
-    issued = _no_ioctls(monkeypatch, vm, vcpu)
+    issued = no_ioctls(monkeypatch, vm, vcpu)
     with pytest.raises(GuestMemoryError, match="0x10000"):
         vcpu.pre_fault_memory(0xF000, 0x2000)        # the fixture's RAM ends at 0x10000
     with pytest.raises(GuestMemoryError):
@@ -275,7 +266,7 @@ def test_pre_fault_memory_refuses_a_range_outside_guest_memory_before_any_ioctl(
     (0x1000, 4096.0, TypeError)])
 def test_pre_fault_memory_refuses_bad_ranges_before_any_ioctl(vm, monkeypatch, gpa, size, kind):
     vcpu = vm.create_vcpu(0)
-    issued = _no_ioctls(monkeypatch, vm, vcpu)
+    issued = no_ioctls(monkeypatch, vm, vcpu)
     with pytest.raises(kind):
         vcpu.pre_fault_memory(gpa, size)
     assert issued == []
@@ -350,7 +341,7 @@ def test_a_guest_touches_pre_faulted_memory(vm):
 def test_each_call_names_the_capability_it_lacks(vm, monkeypatch, cap, ioctl, call):
     vm.create_irqchip()
     vcpu = vm.create_vcpu(0)
-    _without(monkeypatch, vm, getattr(abi.Capability, cap))
+    without_capability(monkeypatch, vm, getattr(abi.Capability, cap))
     with pytest.raises(KvmUnsupported) as e:
         call(vm, vcpu)
     assert e.value.capability == f"KVM_CAP_{cap}" and e.value.ioctl == ioctl

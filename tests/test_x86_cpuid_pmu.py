@@ -13,6 +13,8 @@ from kvm_bindings import KvmError, KvmUnsupported, abi
 from kvm_bindings.testing import MEMORY_SIZE, Sync, load_guest, ucalls
 from kvm_bindings.testing import assemble as kit_assemble
 
+from .conftest import no_ioctls
+
 SIGNATURE = b"PyKvmLegacy!"
 
 
@@ -25,10 +27,6 @@ def _syncs(vcpu, **kw):
     return [e.value for e in ucalls(vcpu, timeout=10, **kw) if isinstance(e, Sync)]
 
 
-def _no_ioctls(monkeypatch, obj) -> list:
-    issued: list = []
-    monkeypatch.setattr(obj, "ioctl", lambda *a, **k: issued.append(a))
-    return issued
 
 
 def _legacy_cpuid(kvm) -> abi.kvm_cpuid:
@@ -69,7 +67,7 @@ def test_set_cpuid_is_what_the_guest_reads_and_get_cpuid2_returns(kvm, vm):
 
 def test_set_cpuid_takes_only_a_kvm_cpuid_that_holds_its_entries(vm, monkeypatch):
     vcpu = vm.create_vcpu(0)
-    issued = _no_ioctls(monkeypatch, vcpu)
+    issued = no_ioctls(monkeypatch, vcpu)
     for wrong in (abi.kvm_cpuid2.alloc(1), [(0, 0, 0, 0, 0)], None):
         with pytest.raises(TypeError, match="kvm_cpuid"):
             vcpu.set_cpuid(wrong)
@@ -85,7 +83,7 @@ def test_set_cpuid_sends_the_legacy_layout(vm, monkeypatch):
     cpuid = abi.kvm_cpuid.alloc(2)
     for slot, values in zip(cpuid.flex_array(), [(1, 2, 3, 4, 5), (0x80000001, 6, 7, 8, 9)]):
         slot.function, slot.eax, slot.ebx, slot.ecx, slot.edx = values
-    issued = _no_ioctls(monkeypatch, vcpu)
+    issued = no_ioctls(monkeypatch, vcpu)
     vcpu.set_cpuid(cpuid)
     [(number, sent)] = issued
     assert number == abi.KVM_SET_CPUID and sent is cpuid
@@ -122,7 +120,7 @@ def test_an_action_the_kernel_refuses_is_refused_first(vm, monkeypatch):
     with pytest.raises(KvmError) as kernel:
         vm.ioctl(abi.KVM_SET_PMU_EVENT_FILTER, filt)
     assert kernel.value.errno == errno.EINVAL
-    issued = _no_ioctls(monkeypatch, vm)
+    issued = no_ioctls(monkeypatch, vm)
     with pytest.raises(ValueError, match="KVM_PMU_EVENT_ALLOW or KVM_PMU_EVENT_DENY, not 2"):
         vm.set_pmu_event_filter(2, [0xC0])
     with pytest.raises(ValueError, match="unknown flags 0x2"):
@@ -143,7 +141,7 @@ def test_too_many_events_is_the_kernels_e2big_said_plainly(vm):
 
 def test_the_filter_sent_is_the_generated_layout_with_its_events_after(vm, monkeypatch):
     monkeypatch.setattr(vm, "check_extension", lambda c: 1)     # (it is an ioctl too)
-    issued = _no_ioctls(monkeypatch, vm)
+    issued = no_ioctls(monkeypatch, vm)
     vm.set_pmu_event_filter(abi.KVM_PMU_EVENT_DENY, [0x11, 0x2233, 2**64 - 1],
                             fixed_counter_bitmap=0b101)
     [(number, filt)] = issued
@@ -166,7 +164,7 @@ def test_masked_events_need_their_capability(vm, monkeypatch):
         return answers[c]
     monkeypatch.setattr(vm, "check_extension",
                         lambda c: 0 if c == abi.Capability.PMU_EVENT_MASKED_EVENTS else real(c))
-    issued = _no_ioctls(monkeypatch, vm)
+    issued = no_ioctls(monkeypatch, vm)
     with pytest.raises(KvmUnsupported, match="KVM_CAP_PMU_EVENT_MASKED_EVENTS"):
         vm.set_pmu_event_filter(abi.KVM_PMU_EVENT_DENY, [0],
                                 flags=abi.KVM_PMU_EVENT_FLAG_MASKED_EVENTS)

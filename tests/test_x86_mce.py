@@ -17,6 +17,8 @@ from kvm_bindings.testing import assemble as kit_assemble
 from kvm_bindings.testing.ucall import UnexpectedExitError
 from kvm_bindings.x86 import mce
 
+from .conftest import no_ioctls, without_capability
+
 # An IDT at 1 MiB whose vector 18 (#MC) goes to mc_handler. The handler reports
 # IA32_MCG_STATUS, then STATUS, ADDR and MISC of the bank in %r12, then finishes.
 PROLOGUE = r"""
@@ -90,17 +92,8 @@ def _syncs(vcpu, at=None, **kw):
     return values
 
 
-def _without(monkeypatch, obj, cap) -> None:
-    # The answers are taken now: check_extension is an ioctl, which a test may then replace.
-    answers = {c: obj.check_extension(c) for c in abi.Capability}
-    monkeypatch.setattr(obj, "check_extension", lambda c: 0 if c == cap else answers[c])
 
 
-def _no_ioctls(monkeypatch, *objs) -> list:
-    issued: list = []
-    for obj in objs:
-        monkeypatch.setattr(obj, "ioctl", lambda *a, **k: issued.append(a))
-    return issued
 
 
 # ---- what the host offers ------------------------------------------------------------------
@@ -170,7 +163,7 @@ def test_setup_mce_refuses_a_feature_bit_the_host_lacks(vm, kvm):
                                        (-1, OverflowError), (2**64, OverflowError)])
 def test_setup_mce_refuses_what_is_not_a_u64_before_any_ioctl(vm, monkeypatch, bad, kind):
     vcpu = vm.create_vcpu(0)
-    issued = _no_ioctls(monkeypatch, vcpu)
+    issued = no_ioctls(monkeypatch, vcpu)
     with pytest.raises(kind):
         vcpu.setup_mce(bad)
     assert issued == []
@@ -313,7 +306,7 @@ def test_inject_mce_refuses_a_status_without_val_as_the_kernel_does(vm):
                                               ("mcg_status", None, TypeError)])
 def test_inject_mce_refuses_out_of_range_fields_before_any_ioctl(vm, monkeypatch, field, bad, kind):
     vcpu = vm.create_vcpu(0)
-    issued = _no_ioctls(monkeypatch, vcpu)
+    issued = no_ioctls(monkeypatch, vcpu)
     args = {"bank": 1, "status": CORRECTED, "addr": 0, "misc": 0, "mcg_status": 0}
     args[field] = bad
     bank, status = args.pop("bank"), args.pop("status")
@@ -325,7 +318,7 @@ def test_inject_mce_refuses_out_of_range_fields_before_any_ioctl(vm, monkeypatch
 def test_inject_mce_sends_every_field_where_kvm_x86_mce_has_it(vm, monkeypatch):
     vcpu = vm.create_vcpu(0)
     monkeypatch.setattr(vcpu, "get_msrs", lambda idx: dict.fromkeys(idx, 0) | {mce.MSR_IA32_MCG_CAP: 32})
-    issued = _no_ioctls(monkeypatch, vcpu)
+    issued = no_ioctls(monkeypatch, vcpu)
     vcpu.inject_mce(7, UNCORRECTED, addr=0x1111, misc=0x2222, mcg_status=0x5)
     [(number, req)] = issued
     assert number == abi.KVM_X86_SET_MCE
@@ -346,9 +339,9 @@ def test_inject_mce_sends_every_field_where_kvm_x86_mce_has_it(vm, monkeypatch):
 
 def test_the_mce_calls_name_kvm_cap_mce_where_it_is_missing(kvm, vm, monkeypatch):
     vcpu = vm.create_vcpu(0)
-    _without(monkeypatch, kvm, abi.Capability.MCE)
-    _without(monkeypatch, vm, abi.Capability.MCE)
-    issued = _no_ioctls(monkeypatch, kvm, vcpu)
+    without_capability(monkeypatch, kvm, abi.Capability.MCE)
+    without_capability(monkeypatch, vm, abi.Capability.MCE)
+    issued = no_ioctls(monkeypatch, kvm, vcpu)
     for call in (kvm.get_mce_cap_supported, lambda: vcpu.setup_mce(2),
                  lambda: vcpu.inject_mce(1, CORRECTED)):
         with pytest.raises(KvmUnsupported, match="KVM_CAP_MCE"):

@@ -13,6 +13,8 @@ from kvm_bindings import GuestMemoryError, KvmError, KvmUnsupported, TprAccessEx
 from kvm_bindings.testing import MEMORY_SIZE, Sync, load_guest, ucalls
 from kvm_bindings.testing import assemble as kit_assemble
 
+from .conftest import no_ioctls
+
 VAPIC = 0x80000                         # the guest's TPR word, in the kit's RAM
 TPR = 0x80                              # APIC_TASKPRI: offset in the APIC page and in kvm_lapic_state
 
@@ -38,10 +40,6 @@ def _set_lapic_tpr(vcpu, value: int) -> None:
     vcpu.set_lapic(lapic)
 
 
-def _no_ioctls(monkeypatch, obj) -> list:
-    issued: list = []
-    monkeypatch.setattr(obj, "ioctl", lambda *a, **k: issued.append(a))
-    return issued
 
 
 def test_the_vapic_word_carries_the_tpr_both_ways_until_turned_off(vm):
@@ -137,7 +135,7 @@ def test_both_need_the_in_kernel_local_apic(vm):
 def test_set_vapic_addr_wants_the_word_in_guest_memory(vm, monkeypatch):
     vm.create_irqchip()
     vcpu = vm.create_vcpu(0)                    # the fixture's 64 KiB at 0
-    issued = _no_ioctls(monkeypatch, vcpu)
+    issued = no_ioctls(monkeypatch, vcpu)
     for gpa in (0x10000, 0xFFFE, 0xFEE00080):
         with pytest.raises(GuestMemoryError):
             vcpu.set_vapic_addr(gpa)
@@ -152,7 +150,7 @@ def test_set_vapic_addr_wants_the_word_in_guest_memory(vm, monkeypatch):
 def test_the_requests_are_the_generated_structs_with_the_values_given(vm, monkeypatch):
     vm.create_irqchip()
     vcpu = vm.create_vcpu(0)
-    issued = _no_ioctls(monkeypatch, vcpu)     # get_lapic is an ioctl too: recorded, harmless
+    issued = no_ioctls(monkeypatch, vcpu)     # get_lapic is an ioctl too: recorded, harmless
     vcpu.set_vapic_addr(0xFFFC)
     vcpu.set_tpr_access_reporting(True)
     sent = [(n, bytes(ctypes.string_at(ctypes.addressof(a), ctypes.sizeof(a))))
@@ -172,7 +170,7 @@ def test_both_name_kvm_cap_vapic_where_it_is_missing(vm, monkeypatch):
     answers = {c: vm.check_extension(c) for c in abi.Capability}   # before ioctls are replaced
     monkeypatch.setattr(vm, "check_extension",
                         lambda c: 0 if c == abi.Capability.VAPIC else answers[c])
-    issued = _no_ioctls(monkeypatch, vcpu)
+    issued = no_ioctls(monkeypatch, vcpu)
     for call in (lambda: vcpu.set_vapic_addr(0x1000), lambda: vcpu.set_tpr_access_reporting(True)):
         with pytest.raises(KvmUnsupported, match="KVM_CAP_VAPIC"):
             call()
