@@ -120,6 +120,14 @@ def check_int(value: Any, ctype: Any, what: str, bits: int | None = None, where:
     return int(value)
 
 
+def check_bool(value: Any, what: str) -> bool:
+    """value if it is True or False, else TypeError naming `what` (an int 1 is refused: a
+    flag the kernel takes as a number is set from a bool, never from a count)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False (a bool), not {type(value).__name__}")
+    return value
+
+
 def check_field(value: Any, cls: Any, name: str, what: str | None = None,
                 index: int | None = None) -> int:
     """value checked against member `name` of cls (element `index` of an array member), with

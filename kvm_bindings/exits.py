@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
 
 from . import abi
-from ._layout import fill
+from ._layout import check_bool, fill
 from .errors import StaleExitError
 
 if TYPE_CHECKING:
@@ -537,8 +537,7 @@ class MsrExit(PayloadExit[abi.kvm_run_msr]):
 
     def reply(self, data: int | None = None, error: bool = False) -> None:
         """For RDMSR, the value the guest reads; error=True injects #GP instead."""
-        if not isinstance(error, bool):
-            raise TypeError(f"error must be True or False, not {type(error).__name__}")
+        check_bool(error, "error")
         if data is not None:
             self._write_back(data=data, error=int(error))
         else:

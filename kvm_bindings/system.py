@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from . import abi
 from ._fd import CapabilityOwner, _ioctl, anon_inode_name, check_unowned
-from ._layout import check_int
+from ._layout import check_bool, check_int
 from .errors import KvmError, KvmUnavailable
 from .vm import Vm, _no_snapshots
 
@@ -39,8 +39,7 @@ class Kvm(CapabilityOwner):
     def __init__(self, path: str = DEFAULT_PATH, *, cloexec: bool = True) -> None:
         """Open path. cloexec=False leaves the fd open across exec() (O_CLOEXEC off), for a
         launcher that execs the program that uses it; that program takes it with from_fd()."""
-        if not isinstance(cloexec, bool):
-            raise TypeError(f"cloexec must be True or False, not {type(cloexec).__name__}")
+        check_bool(cloexec, "cloexec")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:

@@ -62,6 +62,13 @@ def _require_xen(vm: Vm, features: int, what: str) -> int:
     return supported
 
 
+def _require_xen_attr(vm: Vm, features: dict[int, int], attr_type: int, what: str) -> None:
+    """An attribute call needs SHARED_INFO, and the feature its type needs (features: the
+    VM's or the vCPU's table; a type not listed needs only SHARED_INFO)."""
+    feature = features.get(attr_type, abi.KVM_XEN_HVM_CONFIG_SHARED_INFO)
+    _require_xen(vm, abi.KVM_XEN_HVM_CONFIG_SHARED_INFO | feature, what)
+
+
 class HypervisorVm(Vm):
     """The VM calls of KVM's Xen HVM emulation and of its Hyper-V eventfds (x86)."""
 
@@ -99,7 +106,7 @@ class HypervisorVm(Vm):
         KVM_XEN_ATTR_TYPE_* value; its value is in the matching member of u (u.long_mode,
         u.shared_info.gfn, ...)."""
         attr = fill(abi.kvm_xen_hvm_attr, {"type": "attr_type"}, type=attr_type)
-        self._require_hvm_attr(attr, "KVM_XEN_HVM_GET_ATTR")
+        _require_xen_attr(self, _HVM_ATTR_FEATURE, attr.type, "KVM_XEN_HVM_GET_ATTR")
         self.ioctl(abi.KVM_XEN_HVM_GET_ATTR, attr)
         return attr
 
@@ -109,13 +116,9 @@ class HypervisorVm(Vm):
         the matching member of attr.u. The types added later need their own feature bit
         (EVTCHN and XEN_VERSION: EVTCHN_SEND; RUNSTATE_UPDATE_FLAG; SHARED_INFO_HVA)."""
         expect(attr, abi.kvm_xen_hvm_attr, "set_xen_hvm_attr()")
-        self._require_hvm_attr(attr, "KVM_XEN_HVM_SET_ATTR")
+        _require_xen_attr(self, _HVM_ATTR_FEATURE, attr.type, "KVM_XEN_HVM_SET_ATTR")
         self.ioctl(abi.KVM_XEN_HVM_SET_ATTR, attr)
         self._unsaved = self._unsaved | {"set_xen_hvm_attr()"}
-
-    def _require_hvm_attr(self, attr: abi.kvm_xen_hvm_attr, what: str) -> None:
-        feature = _HVM_ATTR_FEATURE.get(attr.type, abi.KVM_XEN_HVM_CONFIG_SHARED_INFO)
-        _require_xen(self, abi.KVM_XEN_HVM_CONFIG_SHARED_INFO | feature, what)
 
     def inject_xen_evtchn(self, port: int, vcpu: int,
                           priority: int = abi.KVM_IRQ_ROUTING_XEN_EVTCHN_PRIO_2LEVEL) -> None:
@@ -186,6 +189,5 @@ class HypervisorVcpu(Vcpu):
 
     def _require_vcpu_attr(self, attr: abi.kvm_xen_vcpu_attr, what: str) -> None:
         self.fd  # noqa: B018 - a closed vCPU says so, whatever its VM answers
-        feature = _VCPU_ATTR_FEATURE.get(attr.type, abi.KVM_XEN_HVM_CONFIG_SHARED_INFO)
-        _require_xen(self.vm, abi.KVM_XEN_HVM_CONFIG_SHARED_INFO | feature, what)
+        _require_xen_attr(self.vm, _VCPU_ATTR_FEATURE, attr.type, what)
 

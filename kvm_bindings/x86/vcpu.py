@@ -7,7 +7,7 @@ import errno
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from .._layout import capacity, check_field, check_flex, check_int, expect, fill
+from .._layout import capacity, check_bool, check_field, check_flex, check_int, expect, fill
 from ..abi import x86_64 as abi
 from ..errors import KvmError, KvmUnsupported
 from ..memory import PAGE_SIZE
@@ -352,8 +352,7 @@ class X86Vcpu(_hypervisors.HypervisorVcpu):
         KVM reports at its next entry: a host that emulates several instructions before one
         (software-assisted KVM does) reports only after its next exit to user space, with
         .rip and .is_write overwritten by that exit's data (kvm_run shares the space)."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"set_tpr_access_reporting() takes a bool, not {type(enabled).__name__}")
+        check_bool(enabled, "set_tpr_access_reporting()'s enabled")
         self.vm.require(abi.Capability.VAPIC, "KVM_TPR_ACCESS_REPORTING")
         # The kernel takes it without one too, and then never reports: refused here.
         self._require_lapic("KVM_TPR_ACCESS_REPORTING")
@@ -364,8 +363,9 @@ class X86Vcpu(_hypervisors.HypervisorVcpu):
         try:
             self.get_lapic()
         except KvmError as e:
-            raise KvmError(name, e.errno or errno.ENXIO, "this vCPU has no in-kernel local APIC: "
-                                          "vm.create_irqchip() before creating it") from None
+            raise KvmError(name, e.errno or errno.ENXIO,
+                           "this vCPU has no in-kernel local APIC: vm.create_irqchip() before "
+                           "creating it") from None
 
     def translate(self, linear_address: int) -> abi.kvm_translation:
         """KVM_TRANSLATE: walk the guest's page tables -> kvm_translation."""

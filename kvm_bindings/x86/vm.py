@@ -7,7 +7,7 @@ import errno
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, ClassVar, cast
 
-from .._layout import check_field, check_int, expect, fill
+from .._layout import check_bool, check_field, check_int, expect, fill
 from ..abi import x86_64 as abi
 from ..errors import KvmError, KvmUnsupported
 from ..memory import MemoryRegion
@@ -222,8 +222,7 @@ class X86Vm(_hypervisors.HypervisorVm):
         """KVM_REINJECT_CONTROL (KVM_CAP_REINJECT_CONTROL): whether the in-kernel PIT makes
         up the ticks a guest missed (True, the kernel's default) or drops them. Needs the PIT;
         the kernel has no call to read it back. A restore sets it again."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"set_pit_reinject() takes a bool, not {type(enabled).__name__}")
+        check_bool(enabled, "set_pit_reinject()'s enabled")
         self.require(abi.Capability.REINJECT_CONTROL, "KVM_REINJECT_CONTROL")
         self._pit_ioctl(abi.KVM_REINJECT_CONTROL, "KVM_REINJECT_CONTROL",
                         fill(abi.kvm_reinject_control, pit_reinject=int(enabled)))
