@@ -110,6 +110,17 @@ def no_ioctls(monkeypatch, *objs) -> list:
     return issued
 
 
+def set_kit_env(monkeypatch, device: str | None, require: bool) -> None:
+    """Set (or, for None and False, unset) the test kit's KVM_BINDINGS_DEVICE and
+    KVM_BINDINGS_REQUIRE_KVM for a pytester run."""
+    for name, value in (("KVM_BINDINGS_DEVICE", device),
+                        ("KVM_BINDINGS_REQUIRE_KVM", "1" if require else None)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
 def guest_source(name: str) -> Path:
     """tests/guests/<name>.S, or the bundled kvm_bindings/guests/<name>.S."""
     own = GUESTS / f"{name}.S"

@@ -30,7 +30,7 @@ from kvm_bindings.testing import (
     ucalls,
 )
 
-from .conftest import REQUIRE_KVM, REQUIRE_TOOLS, ROOT, need
+from .conftest import REQUIRE_KVM, REQUIRE_TOOLS, ROOT, need, set_kit_env
 
 pytest_plugins = ["pytester"]
 
@@ -97,12 +97,7 @@ def fixture_run(pytester, monkeypatch):
     monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
 
     def run(device: str | None, require: bool):
-        for name, value in (("KVM_BINDINGS_DEVICE", device), ("KVM_BINDINGS_REQUIRE_KVM",
-                                                              "1" if require else None)):
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, value)
+        set_kit_env(monkeypatch, device, require)
         return pytester.runpytest_subprocess("-rsE", "-p", "no:cacheprovider")
     return run
 

@@ -31,7 +31,7 @@ from kvm_bindings.testing import (
 )
 from kvm_bindings.testing import assembler as assembler_module
 
-from .conftest import REQUIRE_KVM, REQUIRE_TOOLS, ROOT, need
+from .conftest import REQUIRE_KVM, REQUIRE_TOOLS, ROOT, need, set_kit_env
 
 pytest_plugins = ["pytester"]
 
@@ -421,12 +421,7 @@ def plugin_run(pytester, monkeypatch):
         if conftest is not None:
             pytester.makeconftest(conftest)
         pytester.makepyfile(test_user=test)
-        for name, value in (("KVM_BINDINGS_DEVICE", device),
-                            ("KVM_BINDINGS_REQUIRE_KVM", "1" if require else None)):
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, value)
+        set_kit_env(monkeypatch, device, require)
         return pytester.runpytest_subprocess("-rsE", "-p", "no:cacheprovider")
     return run
 
