@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import gc
 import mmap
 import os
 from collections.abc import Iterator
@@ -67,18 +68,17 @@ def _no_access_page() -> Iterator[int]:
         _libc.munmap(addr, mmap.PAGESIZE)
 
 
-def _open_fds() -> set[int]:
-    """This process's open fds. (Listing /proc/self/fd opens one more fd, and listing it by
-    an fd of our own dup()s that one: whichever it is, it is closed by the time of the
-    fstat, which leaves it out. Kept, its number would look open when a probe's new fd
-    took it.)"""
-    out = set()
+def _open_fds() -> dict[int, str]:
+    """This process's open fds, each with what /proc names it. (Listing /proc/self/fd opens
+    one more fd, and listing it by an fd of our own dup()s that one: whichever it is, it is
+    closed by the time of the readlink, which leaves it out. Kept, its number would look
+    open when a probe's new fd took it.)"""
+    out = {}
     for name in os.listdir("/proc/self/fd"):
         try:
-            os.fstat(int(name))
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue
-        out.add(int(name))
     return out
 
 
@@ -90,19 +90,30 @@ def _probe(fd: int, number: int, size: int, fault: int) -> int:
     """The errno the kernel answers (0 for success); an fd it returned is closed.
 
     An ioctl that makes an fd returns it (one taking a struct faults on the no-access page
-    first), so only that fd is closed: the return value, if it is an fd that was not open
-    before and /proc names it a KVM one. Closing every fd that appeared meanwhile would
-    close other threads' files. Between the ioctl and the close only C functions run, so
-    a Ctrl-C cannot land between them and leave the fd open."""
-    before = _open_fds()
-    ret = _ioctl(fd, number, fault if size else 0)
+    first), so only that fd is closed: the return value, if /proc names it a KVM fd and it
+    was not that file before the ioctl. A number open before may be new all the same:
+    another thread, or a collection finalizing some unreachable object, can close a file
+    between the listing and the ioctl, and the kernel hands the number straight back. So
+    a number is new if it was not open or /proc named it otherwise; the collector is off
+    across that window, so that an old KVM fd of the same name cannot go the same way.
+    Closing every fd that appeared meanwhile would close other threads' files. Between the
+    ioctl and the close only C functions run, so a Ctrl-C cannot land between them and
+    leave the fd open."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        before = _open_fds()
+        ret = _ioctl(fd, number, fault if size else 0)
+    finally:
+        if collecting:
+            gc.enable()
     err = ctypes.get_errno() if ret < 0 else 0
-    if ret > 0 and ret not in before:
+    if ret > 0:
         try:
             made = os.readlink(f"/proc/self/fd/{ret}")
         except OSError:
             made = ""
-        if made.startswith(_KVM_FD_NAMES):
+        if made.startswith(_KVM_FD_NAMES) and before.get(ret) != made:
             os.close(ret)
     return err
 
